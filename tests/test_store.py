@@ -1,0 +1,340 @@
+"""The SQLite store driven the way the service and the trainer drive it, checked row by row."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+
+import pytest
+import pytest_asyncio
+
+from bot.store import MIGRATIONS, Message, RatingError, ReplyStats, Store
+from training import logs
+from training.errors import UserError
+
+STATS = ReplyStats(latency_ms=420.0, first_token_ms=80.0, prompt_tokens=120, completion_tokens=24)
+SAMPLING = {"temperature": 0.7, "top_p": 0.9}
+
+
+@pytest_asyncio.fixture
+async def store(tmp_path):
+    async with Store.open(tmp_path / "rolebot.db") as store:
+        yield store
+
+
+async def exchange(
+    store: Store, text: str, *, user: str = "alice", chat: str = "c1", answer: str = "臣妾在。"
+) -> tuple[Message, Message]:
+    """One user message and the bot's completed reply, as the service logs them."""
+    asked = await store.add_user_message(
+        "telegram", chat, user, text, display_name=user.title(), platform_message_id=f"{text}-in"
+    )
+    reply = await store.start_reply(
+        asked.id, adapter_version="v1", prompt=f"<persona>\n{text}\n", sampling=SAMPLING
+    )
+    reply = await store.finish_reply(
+        reply.id, answer, STATS, platform_message_ids=[f"{text}-out"]
+    )
+    return asked, reply
+
+
+def rows(path, sql, params=()):
+    """What any other process would see: a fresh connection, so only committed rows."""
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def test_migrations_reach_the_version_training_reads():
+    assert len(MIGRATIONS) == logs.SCHEMA_VERSION
+
+
+@pytest.mark.asyncio
+async def test_fresh_database_is_migrated_in_wal_mode_and_reopens(tmp_path):
+    path = tmp_path / "data" / "rolebot.db"
+    async with Store.open(path) as store:
+        await exchange(store, "嬛嬛")
+
+    assert rows(path, "PRAGMA user_version") == [(logs.SCHEMA_VERSION,)]
+    assert rows(path, "PRAGMA journal_mode") == [("wal",)]
+    tables = {name for (name,) in rows(path, "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"users", "conversations", "messages", "message_platform_ids", "ratings",
+            "adapter_versions", "adapter_activations", "training_runs"} <= tables
+
+    store = await Store.open(path)
+    try:
+        assert (await store.counts()).messages == 2
+        assert rows(path, "PRAGMA user_version") == [(logs.SCHEMA_VERSION,)]
+    finally:
+        await store.close()
+
+
+@pytest.mark.asyncio
+async def test_foreign_keys_are_enforced(store):
+    with pytest.raises(LookupError):
+        await store.start_reply(999, adapter_version="v1", prompt="p", sampling={})
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.link_platform_messages(999, ["x"])
+
+
+@pytest.mark.asyncio
+async def test_fifty_concurrent_writers_are_all_committed(store):
+    messages = await asyncio.gather(
+        *(store.add_user_message("discord", "general", f"user{i}", f"hello {i}") for i in range(50))
+    )
+
+    assert len({m.id for m in messages}) == 50
+    assert len({m.conversation_id for m in messages}) == 1
+    assert rows(store.path, "SELECT COUNT(*) FROM messages") == [(50,)]
+    assert rows(store.path, "SELECT COUNT(*) FROM users") == [(50,)]
+
+
+@pytest.mark.asyncio
+async def test_a_write_cancelled_at_any_point_leaves_the_store_usable(store):
+    for steps in range(12):
+        task = asyncio.create_task(store.add_user_message("discord", "general", "bob", "hi"))
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    message = await store.add_user_message("discord", "general", "bob", "still here")
+    assert (await store.message(message.id)).text == "still here"
+    # Whatever committed did so whole: every message has its user and conversation.
+    assert rows(store.path, "SELECT COUNT(*) FROM messages WHERE user_id IS NULL") == [(0,)]
+
+
+@pytest.mark.asyncio
+async def test_conversation_history_and_reset(store):
+    await exchange(store, "first", answer="one")
+    asked, reply = await exchange(store, "second", answer="two")
+    before = await store.current_conversation("telegram", "c1")
+    assert before.id == asked.conversation_id
+
+    history = await store.recent_history(before.id, limit=3)
+    assert [(m.role, m.text) for m in history] == [
+        ("assistant", "one"), ("user", "second"), ("assistant", "two")
+    ]
+    assert reply.reply_to == asked.id and reply.adapter_version == "v1"
+
+    after = await store.new_conversation("telegram", "c1")
+    assert after.id != before.id
+    assert await store.current_conversation("telegram", "c1") == after
+    assert await store.recent_history(after.id, limit=10) == []
+    assert (await store.current_conversation("telegram", "other-chat")).id not in (before.id, after.id)
+
+
+@pytest.mark.asyncio
+async def test_reply_stores_prompt_sampling_and_stats_for_retraining(store):
+    _, reply = await exchange(store, "嬛嬛")
+
+    assert rows(
+        store.path,
+        "SELECT status, prompt, sampling, latency_ms, first_token_ms, prompt_tokens, "
+        "completion_tokens FROM messages WHERE id = ?",
+        (reply.id,),
+    ) == [("complete", "<persona>\n嬛嬛\n", '{"temperature": 0.7, "top_p": 0.9}', 420.0, 80.0,
+           120, 24)]
+
+
+@pytest.mark.asyncio
+async def test_reactions_find_a_split_reply_by_any_of_its_platform_messages(store):
+    asked = await store.add_user_message("discord", "chan", "bob", "tell me a story",
+                                         platform_message_id="100")
+    reply = await store.start_reply(asked.id, adapter_version="v1", prompt="p", sampling={})
+    await store.link_platform_messages(reply.id, ["101"])
+    await store.finish_reply(reply.id, "long story", STATS, platform_message_ids=["101", "102"])
+
+    found = await store.message_by_platform_id("discord", "chan", "102")
+    assert found.id == reply.id and found.platform_message_ids == ("101", "102")
+    assert (await store.message_by_platform_id("discord", "chan", "100")).id == asked.id
+    assert await store.message_by_platform_id("discord", "other-chan", "102") is None
+
+
+@pytest.mark.asyncio
+async def test_rating_is_upserted_changed_and_removed(store):
+    _, reply = await exchange(store, "嬛嬛")
+
+    await store.rate(reply.id, "telegram", "bob", 1)
+    await store.rate(reply.id, "telegram", "bob", 1)
+    assert [r.value for r in await store.ratings(reply.id)] == [1]
+
+    await store.rate(reply.id, "telegram", "bob", -1)
+    assert rows(store.path, "SELECT value FROM ratings") == [(-1,)]
+
+    # The 👍 reaction going away must not remove the 👎 that replaced it.
+    assert await store.unrate(reply.id, "telegram", "bob", 1) is False
+    assert await store.unrate(reply.id, "telegram", "bob", -1) is True
+    assert await store.ratings(reply.id) == []
+    assert await store.unrate(reply.id, "telegram", "bob") is False
+
+
+@pytest.mark.asyncio
+async def test_bad_ratings_are_refused_with_a_user_error(store):
+    asked, reply = await exchange(store, "嬛嬛")
+
+    with pytest.raises(RatingError, match="not in the log"):
+        await store.rate(12345, "telegram", "bob", 1)
+    with pytest.raises(RatingError, match="only the bot's replies"):
+        await store.rate(asked.id, "telegram", "bob", 1)
+    for value in (0, 2, -2):
+        with pytest.raises(UserError, match="use \\+1 or -1"):
+            await store.rate(reply.id, "telegram", "bob", value)
+    assert rows(store.path, "SELECT COUNT(*) FROM ratings") == [(0,)]
+
+
+@pytest.mark.asyncio
+async def test_forget_deletes_the_users_messages_replies_and_ratings(store):
+    _, alice_reply = await exchange(store, "alice asks", user="alice")
+    _, bob_reply = await exchange(store, "bob asks", user="bob")
+    await store.rate(alice_reply.id, "telegram", "alice", 1)
+    await store.rate(alice_reply.id, "telegram", "bob", 1)
+    await store.rate(bob_reply.id, "telegram", "alice", -1)
+    await store.rate(bob_reply.id, "telegram", "bob", 1)
+
+    result = await store.forget_user("telegram", "alice")
+
+    assert (result.messages, result.replies, result.ratings) == (1, 1, 3)
+    assert rows(store.path, "SELECT text FROM messages ORDER BY id") == [("bob asks",), ("臣妾在。",)]
+    assert rows(store.path, "SELECT value FROM ratings") == [(1,)]
+    assert rows(store.path, "SELECT COUNT(*) FROM message_platform_ids") == [(2,)]
+    alice = await store.user("telegram", "alice")
+    assert alice.forgotten_at is not None and alice.display_name == ""
+    assert await store.forget_user("telegram", "nobody") == type(result)(0, 0, 0)
+
+
+@pytest.mark.asyncio
+async def test_training_never_sees_a_forgotten_user_even_after_they_return(store):
+    await exchange(store, "before forgetting", user="alice")
+    await store.forget_user("telegram", "alice")
+    _, reply = await exchange(store, "alice again", user="alice")
+    await store.rate(reply.id, "telegram", "bob", 1)
+    _, bob_reply = await exchange(store, "bob asks", user="bob")
+    await store.rate(bob_reply.id, "telegram", "alice", 1)
+
+    assert logs.rated_replies(store.path) == []
+    assert logs.ratings_since(store.path, 0) == 0 == await store.ratings_since(0)
+
+
+@pytest.mark.asyncio
+async def test_reply_forgotten_while_streaming_finishes_quietly(store):
+    asked = await store.add_user_message("telegram", "c1", "alice", "hi")
+    reply = await store.start_reply(asked.id, adapter_version="v1", prompt="p", sampling={})
+    await store.forget_user("telegram", "alice")
+
+    assert await store.finish_reply(reply.id, "too late", STATS) is None
+
+
+@pytest.mark.asyncio
+async def test_replies_cut_off_by_a_restart_are_marked_interrupted(tmp_path):
+    path = tmp_path / "rolebot.db"
+    async with Store.open(path) as store:
+        asked = await store.add_user_message("telegram", "c1", "alice", "hi")
+        reply = await store.start_reply(asked.id, adapter_version="v1", prompt="p", sampling={})
+        assert reply.status == "generating"
+        assert await store.recent_history(asked.conversation_id, 10) == [asked]
+
+    async with Store.open(path) as store:
+        assert await store.mark_unfinished_interrupted() == 1
+        assert (await store.message(reply.id)).status == "interrupted"
+        # A late finish from the old process does not overwrite the mark.
+        late = await store.finish_reply(reply.id, "partial", STATS)
+        assert late.status == "interrupted"
+        assert await store.mark_unfinished_interrupted() == 0
+
+
+@pytest.mark.asyncio
+async def test_training_snapshot_ignores_writes_made_after_it_started(store):
+    _, first = await exchange(store, "first", answer="一")
+    _, second = await exchange(store, "second", answer="二")
+    await store.rate(first.id, "telegram", "bob", 1)
+    await store.rate(first.id, "telegram", "carol", -1)
+    await store.rate(first.id, "telegram", "dave", 1)
+    before = time.time()
+
+    with logs.open_snapshot(store.path) as snapshot:
+        await store.rate(second.id, "telegram", "bob", 1)
+        await store.rate(first.id, "telegram", "carol", 1)
+
+        assert snapshot.ratings_since(before) == 0
+        [seen] = snapshot.rated_replies()
+
+    assert (seen.message_id, seen.text, seen.user_text) == (first.id, "一", "first")
+    assert (seen.prompt, seen.adapter_version) == ("<persona>\nfirst\n", "v1")
+    assert (seen.score, seen.ups, seen.downs) == (1, 2, 1)
+    assert [(r.text, r.score) for r in logs.rated_replies(store.path)] == [("一", 3), ("二", 1)]
+    assert logs.ratings_since(store.path, before) == 2 == await store.ratings_since(before)
+
+
+@pytest.mark.asyncio
+async def test_database_from_a_newer_rolebot_is_refused(tmp_path):
+    path = tmp_path / "rolebot.db"
+    async with Store.open(path):
+        pass
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {logs.SCHEMA_VERSION + 1}")
+    conn.close()
+
+    with pytest.raises(UserError, match="newer than this rolebot"):
+        await Store.open(path)
+    with pytest.raises(UserError, match="newer than this rolebot"):
+        logs.rated_replies(path)
+
+
+def test_training_reports_a_missing_or_unmigrated_database(tmp_path):
+    with pytest.raises(UserError, match="no chat log database"):
+        logs.rated_replies(tmp_path / "missing.db")
+    sqlite3.connect(tmp_path / "empty.db").close()
+    with pytest.raises(UserError, match="older than this rolebot"):
+        logs.rated_replies(tmp_path / "empty.db")
+
+
+@pytest.mark.asyncio
+async def test_adapter_activation_and_rollback_walk_back_through_history(store):
+    for version in ("v1", "v2", "v3"):
+        await store.add_adapter_version("甄嬛", version, {"loss": 1.0})
+        await store.activate_adapter("甄嬛", version)
+    await store.activate_adapter("甄嬛", "v3")  # already active: no new history entry
+
+    assert (await store.rollback_adapter("甄嬛")).version == "v2"
+    assert (await store.rollback_adapter("甄嬛")).version == "v1"
+    assert (await store.active_adapter("甄嬛")).version == "v1"
+    with pytest.raises(UserError, match="no earlier adapter version"):
+        await store.rollback_adapter("甄嬛")
+    with pytest.raises(UserError, match="not registered"):
+        await store.activate_adapter("甄嬛", "v9")
+
+    await store.activate_adapter("甄嬛", "v3")
+    assert [(a.version, a.active) for a in await store.adapter_versions("甄嬛")] == [
+        ("v1", False), ("v2", False), ("v3", True)
+    ]
+    assert (await store.active_adapter("甄嬛")).meta == {"loss": 1.0}
+    assert (await store.rollback_adapter("甄嬛")).version == "v1"
+
+
+@pytest.mark.asyncio
+async def test_training_runs_one_at_a_time_and_status_counts(store):
+    assert await store.last_run() is None
+    run = await store.start_run("admin", requested_by="telegram:alice")
+    with pytest.raises(UserError, match="still running"):
+        await store.start_run("schedule")
+    finished = await store.finish_run(
+        run.id, "succeeded", candidate_version="v2", metrics={"eval_loss": 1.2}
+    )
+    assert (finished.status, finished.metrics, finished.finished_at is not None) == (
+        "succeeded", {"eval_loss": 1.2}, True
+    )
+
+    stale = await store.start_run("schedule")
+    assert await store.fail_unfinished_runs() == 1
+    assert (await store.last_run()).id == stale.id
+    assert (await store.last_run("succeeded")).id == run.id
+
+    _, reply = await exchange(store, "嬛嬛")
+    await store.rate(reply.id, "telegram", "bob", 1)
+    counts = await store.counts()
+    assert (counts.users, counts.messages, counts.replies, counts.ratings) == (2, 2, 1, 1)
+    assert await store.ratings_since(run.started_at) == 1

@@ -1,0 +1,141 @@
+"""Rated chat logs as training sees them: a read-only, consistent snapshot of the bot's store.
+
+The bot (``bot/store.py``) owns the database and its migrations; this module only reads it, with
+plain ``sqlite3`` in the training subprocess. Both sides agree on the layout through
+``SCHEMA_VERSION``: the store migrates up to it, and the reader refuses any other version.
+
+Timestamps in the store are unix seconds (float, UTC).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.errors import UserError
+
+# The store's schema version this reader understands; bot/store.py migrates to exactly this.
+SCHEMA_VERSION = 1
+
+# The ratings training may use: votes on finished replies, with nothing from a forgotten user
+# (neither their question nor their vote). Forgetting deletes those rows; the filters also keep
+# out anything such a user wrote afterwards.
+_TRAINABLE_RATINGS = """
+FROM ratings AS r
+JOIN users AS rater ON rater.id = r.user_id AND rater.forgotten_at IS NULL
+JOIN messages AS m ON m.id = r.message_id
+LEFT JOIN messages AS q ON q.id = m.reply_to
+LEFT JOIN users AS asker ON asker.id = q.user_id
+WHERE m.role = 'assistant' AND m.status = 'complete' AND m.prompt IS NOT NULL
+  AND asker.forgotten_at IS NULL
+"""
+
+_RATED_REPLIES_SQL = f"""
+SELECT m.id AS message_id, m.conversation_id, m.prompt, m.text,
+       COALESCE(q.text, '') AS user_text, m.adapter_version, m.created_at,
+       SUM(r.value) AS score, SUM(r.value = 1) AS ups, SUM(r.value = -1) AS downs
+{_TRAINABLE_RATINGS}
+GROUP BY m.id
+ORDER BY m.id
+"""
+
+# Shared with bot/store.py so /status and the scheduler count exactly what training would use.
+# A changed vote counts as new: its rated_at moves.
+NEW_RATINGS_SQL = f"SELECT COUNT(*) {_TRAINABLE_RATINGS} AND r.rated_at > ?"
+
+
+@dataclass(frozen=True)
+class RatedReply:
+    """One assistant reply with its votes: the exact prompt the model saw and what it answered."""
+
+    message_id: int
+    conversation_id: int
+    prompt: str
+    text: str
+    user_text: str  # the user message this reply answered ('' if none)
+    adapter_version: str | None
+    created_at: float
+    score: int  # sum of votes: ups - downs
+    ups: int
+    downs: int
+
+
+class LogSnapshot:
+    """Reads inside one read transaction, so every query sees the same committed state."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def rated_replies(self) -> list[RatedReply]:
+        """Every finished assistant reply with at least one vote, oldest first."""
+        rows = self._conn.execute(_RATED_REPLIES_SQL).fetchall()
+        return [RatedReply(**dict(row)) for row in rows]
+
+    def ratings_since(self, timestamp: float) -> int:
+        """Votes cast or changed after ``timestamp`` (unix seconds)."""
+        return self._conn.execute(NEW_RATINGS_SQL, (timestamp,)).fetchone()[0]
+
+
+@contextmanager
+def open_snapshot(path: str | Path) -> Iterator[LogSnapshot]:
+    """Open the store read-only and hold one snapshot of it until the block ends.
+
+    WAL lets the bot keep writing meanwhile; those writes stay invisible here.
+    """
+    conn = _connect_read_only(Path(path))
+    try:
+        conn.execute("BEGIN")
+        # The first read pins the snapshot, so the version check also fixes what we see.
+        _check_schema_version(conn, path)
+        yield LogSnapshot(conn)
+    finally:
+        conn.close()
+
+
+def rated_replies(path: str | Path) -> list[RatedReply]:
+    """Rated replies from one snapshot of the store at ``path``."""
+    with open_snapshot(path) as snapshot:
+        return snapshot.rated_replies()
+
+
+def ratings_since(path: str | Path, timestamp: float) -> int:
+    """Votes cast or changed after ``timestamp`` in the store at ``path``."""
+    with open_snapshot(path) as snapshot:
+        return snapshot.ratings_since(timestamp)
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    if not path.is_file():
+        raise UserError(
+            f"{path}: no chat log database here; run `rolebot serve` first or set store.path "
+            "in config.toml to the bot's database"
+        )
+    # mode=ro makes a stray write fail instead of touching the live database.
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA busy_timeout = 5000")
+    return conn
+
+
+def _check_schema_version(conn: sqlite3.Connection, path: str | Path) -> None:
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise UserError(
+            f"{path}: not readable as a SQLite database ({exc}); set store.path to the bot's "
+            "database"
+        ) from None
+    if version > SCHEMA_VERSION:
+        raise UserError(
+            f"{path}: chat log schema version {version} is newer than this rolebot understands "
+            f"({SCHEMA_VERSION}); upgrade rolebot"
+        )
+    if version < SCHEMA_VERSION:
+        raise UserError(
+            f"{path}: chat log schema version {version} is older than this rolebot expects "
+            f"({SCHEMA_VERSION}); start the bot once (`rolebot serve`) so it migrates the database"
+        )
