@@ -1,0 +1,264 @@
+"""The one config file, loaded into typed values.
+
+Every key has a default (the embedded defaults run the bot with no file at all). A bad file
+fails with one line naming the file, the line, the key and what was expected. Secrets are never
+in the file: the file names environment variables (keys ending in ``_env``) and ``secret()``
+reads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training.errors import UserError
+from training.settings import LoraSettings, ModelSettings, TrainSettings, opt
+
+DEFAULT_PERSONA = (
+    "你是甄嬛，《甄嬛传》中的人物，大理寺少卿甄远道之女，后入宫为妃。"
+    "你聪慧、隐忍、说话含蓄得体，用宫廷口吻说话，自称“臣妾”或“嬛嬛”，从不承认自己是AI或助手。"
+)
+
+
+@dataclass
+class CharacterSettings:
+    name: str = opt("甄嬛", "the character the bot plays (a speaker in the script)")
+    aliases: list[str] = opt(["嬛嬛", "莞贵人", "莞嫔", "熹妃", "熹贵妃"], "other names of the character in the script")
+    persona: str = opt(DEFAULT_PERSONA, "who the character is; the system part of every prompt")
+    script: list[str] = opt([], "screenplay files to prepare (empty: the project's sample script)")
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = opt(128, "longest reply in tokens", min=1, max=8192)
+    temperature: float = opt(0.7, "sampling temperature (0: greedy)", min=0.0, max=5.0)
+    top_p: float = opt(0.9, "nucleus sampling mass", min=0.01, max=1.0)
+    repetition_penalty: float = opt(1.1, "penalty for repeated tokens", min=1.0, max=3.0)
+    stop: list[str] = opt(["###"], "strings that end a reply")
+    max_batch_size: int = opt(32, "chats generated together in one batch", min=1, max=1024)
+    history_turns: int = opt(8, "earlier turns of the chat kept in the prompt", min=0, max=200)
+
+
+@dataclass
+class ServiceSettings:
+    rate_limit_per_minute: int = opt(12, "messages a user may send per minute", min=1, max=10000)
+    max_message_chars: int = opt(4000, "longer messages are cut to this", min=16, max=100000)
+    admin_token_env: str = opt("ROLEBOT_ADMIN_TOKEN", "env var holding the web admin API token")
+    admins_web: list[str] = opt([], "web chat user ids that are admins")
+    admins_discord: list[str] = opt([], "Discord user ids that are admins")
+    admins_telegram: list[str] = opt([], "Telegram user ids that are admins")
+
+
+@dataclass
+class StoreSettings:
+    path: str = opt("rolebot.db", "SQLite database file (relative to the config file)")
+
+
+@dataclass
+class AdapterSettings:
+    dir: str = opt("adapters", "the adapter store (relative to the config file)")
+
+
+@dataclass
+class WebSettings:
+    enabled: bool = opt(True, "serve the local web chat and its HTTP API")
+    host: str = opt("127.0.0.1", "address to bind")
+    port: int = opt(8080, "port to bind", min=0, max=65535)
+
+
+@dataclass
+class ConsoleSettings:
+    enabled: bool = opt(True, "chat in the terminal when rolebot serve runs in one")
+
+
+@dataclass
+class DiscordSettings:
+    token_env: str = opt("DISCORD_BOT_TOKEN", "env var holding the bot token (unset: Discord off)")
+    channels: list[str] = opt([], "channel ids where every message is answered")
+    allow_dms: bool = opt(True, "answer direct messages")
+    edit_interval: float = opt(1.0, "seconds between streamed edits", min=0.2, max=30.0)
+
+
+@dataclass
+class TelegramSettings:
+    token_env: str = opt("TELEGRAM_BOT_TOKEN", "env var holding the bot token (unset: Telegram off)")
+    base_url: str = opt("https://api.telegram.org/bot", "Bot API prefix up to /bot (own Bot API servers)")
+    allow_groups: bool = opt(False, "answer in groups when mentioned or replied to")
+    edit_interval: float = opt(1.0, "seconds between streamed edits", min=0.2, max=30.0)
+
+
+@dataclass
+class SchedulerSettings:
+    enabled: bool = opt(True, "retrain on a schedule")
+    cron: str = opt("", "crontab expression (e.g. '0 4 * * *'); empty: use interval_hours")
+    interval_hours: float = opt(24.0, "hours between scheduled runs", min=0.01, max=10000.0)
+    min_new_ratings: int = opt(20, "rated replies needed since the last run", min=0)
+
+
+@dataclass
+class RetrainSettings:
+    start_from: str = opt("active", "start from the active adapter or the base", choices=["active", "base"])
+    replay_ratio: float = opt(1.0, "original pairs mixed in per rated sample", min=0.0, max=100.0)
+    preference: str = opt("none", "preference stage after SFT", choices=["none", "kto"])
+    max_steps: int = opt(60, "optimizer steps of a retrain", min=1)
+    timeout_minutes: float = opt(60.0, "a retrain running longer is killed", min=0.1)
+    nll_tolerance: float = opt(0.02, "allowed relative worsening of held-out NLL", min=0.0, max=1.0)
+
+
+@dataclass
+class Config:
+    character: CharacterSettings = field(default_factory=CharacterSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    training: TrainSettings = field(default_factory=TrainSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    service: ServiceSettings = field(default_factory=ServiceSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    adapters: AdapterSettings = field(default_factory=AdapterSettings)
+    web: WebSettings = field(default_factory=WebSettings)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
+    discord: DiscordSettings = field(default_factory=DiscordSettings)
+    telegram: TelegramSettings = field(default_factory=TelegramSettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    retrain: RetrainSettings = field(default_factory=RetrainSettings)
+    # Where relative paths in the file are resolved from; not a key of the file.
+    root: Path = field(default_factory=Path.cwd, metadata={"internal": True})
+
+    def path(self, value: str) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        return (self.root / os.path.expanduser(value)).resolve()
+
+    @property
+    def adapter_root(self) -> Path:
+        return self.path(self.adapters.dir)
+
+    @property
+    def database(self) -> Path:
+        return self.path(self.store.path)
+
+
+def secret(env_name: str) -> str | None:
+    """The value of a secret's environment variable, or None when unset or blank."""
+    value = os.environ.get(env_name, "").strip() if env_name else ""
+    return value or None
+
+
+def find_config(explicit: str | None) -> Path | None:
+    """--config, else $ROLEBOT_CONFIG, else ./config.toml if present, else None (defaults)."""
+    chosen = explicit or os.environ.get("ROLEBOT_CONFIG")
+    if chosen:
+        return Path(chosen)
+    here = Path("config.toml")
+    return here if here.exists() else None
+
+
+def load_config(explicit: str | None = None) -> Config:
+    path = find_config(explicit)
+    if path is None:
+        return Config()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found — check --config or $ROLEBOT_CONFIG") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the config file: {exc}") from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: Path) -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML: {exc}") from None
+    config = Config(root=path.resolve().parent)
+    where = _Locator(text, path)
+    sections = {f.name: f for f in dataclasses.fields(Config) if not f.metadata.get("internal")}
+    types = typing.get_type_hints(Config)
+    for name, table in data.items():
+        if name not in sections:
+            raise UserError(f"{where(name, None)}: unknown section [{name}]{_suggest(name, sections)}")
+        if not isinstance(table, dict):
+            raise UserError(f"{where(name, None)}: {name} must be a [{name}] table")
+        setattr(config, name, _build(types[name], table, name, where))
+    return config
+
+
+def _build(cls, table: dict, section: str, where) -> object:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise UserError(f"{where(section, key)}: [{section}] {key}: unknown key{_suggest(key, fields)}")
+        values[key] = _check(value, hints[key], fields[key].metadata, f"{where(section, key)}: [{section}] {key}")
+    return cls(**values)
+
+
+def _check(value, hint, meta: dict, label: str):
+    expected = _describe(hint, meta)
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(hint)
+    if ok is None:  # list[str]
+        ok = isinstance(value, list) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value)
+        if ok:
+            value = [str(v) for v in value]
+    if not ok:
+        raise UserError(f"{label}: expected {expected}, got {value!r}")
+    if hint is float:
+        value = float(value)
+    too_low = "min" in meta and value < meta["min"]
+    too_high = "max" in meta and value > meta["max"]
+    if too_low or too_high or ("choices" in meta and value not in meta["choices"]):
+        raise UserError(f"{label}: expected {expected}, got {value!r}")
+    return value
+
+
+def _describe(hint, meta: dict) -> str:
+    if "choices" in meta:
+        return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    name = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, "a list of strings")
+    if "min" in meta and "max" in meta:
+        return f"{name} from {meta['min']} to {meta['max']}"
+    if "min" in meta:
+        return f"{name} >= {meta['min']}"
+    return name
+
+
+def _suggest(word: str, known) -> str:
+    close = difflib.get_close_matches(word, list(known), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f" — {hint}known: {', '.join(known)}"
+
+
+class _Locator:
+    """Finds the line of a section or key, since tomllib reports no positions for values."""
+
+    def __init__(self, text: str, path: Path):
+        self.path = path
+        self.lines = text.splitlines()
+
+    def __call__(self, section: str, key: str | None) -> str:
+        current = None
+        for number, line in enumerate(self.lines, 1):
+            header = re.match(r"\s*\[\s*([^\]\s]+)\s*\]", line)
+            if header:
+                current = header.group(1)
+                if key is None and current == section:
+                    return f"{self.path}:{number}"
+            elif _assigns(line, key) if current == section else (current is None and key is None and _assigns(line, section)):
+                return f"{self.path}:{number}"
+        return str(self.path)
+
+
+def _assigns(line: str, key: str | None) -> bool:
+    return bool(key) and re.match(rf"\s*\"?{re.escape(key)}\"?\s*=", line) is not None

@@ -1,0 +1,1 @@
+"""rolebot's training side: screenplays to datasets, the SFT core, evaluation, adapters."""

@@ -1,0 +1,82 @@
+"""Typed settings the training side needs: model, LoRA and trainer.
+
+Defaults are the tutorial's values. ``bot.config`` composes these into the one config file;
+the metadata (``min``, ``max``, ``choices``, ``help``) drives its validation messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def opt(default, help: str, **checks):
+    """A config field: its default, a one-line help and the range or choices it accepts."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **checks})
+    return field(default=default, metadata={"help": help, **checks})
+
+
+@dataclass
+class ModelSettings:
+    base: str = opt(
+        "builtin:smollm2-135m",
+        "base model: builtin:smollm2-135m, a hub name (e.g. a *-bnb-4bit model) or a local path",
+    )
+    cache_dir: str = opt("", "where the builtin model is converted to (empty: the user cache dir)")
+    max_seq_length: int = opt(2048, "longest sample / prompt in tokens", min=64, max=131072)
+    dtype: str = opt("auto", "compute dtype", choices=["auto", "bfloat16", "float16", "float32"])
+    load_in_4bit: bool = opt(True, "load the base in 4-bit (bitsandbytes) when a CUDA GPU is present")
+    prompt_format: str = opt(
+        "alpaca", "prompt template: the tutorial's Alpaca template or the model's chat template",
+        choices=["alpaca", "chat"],
+    )
+
+
+@dataclass
+class LoraSettings:
+    r: int = opt(16, "LoRA rank", min=1, max=1024)
+    alpha: int = opt(16, "LoRA scaling factor alpha", min=1, max=4096)
+    dropout: float = opt(0.0, "LoRA dropout", min=0.0, max=0.9)
+    bias: str = opt("none", "LoRA bias", choices=["none", "all", "lora_only"])
+    target_modules: list[str] = opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "modules that get LoRA weights",
+    )
+    gradient_checkpointing: str = opt(
+        "unsloth", "gradient checkpointing", choices=["unsloth", "true", "false"]
+    )
+    random_state: int = opt(3407, "seed for the LoRA initialisation")
+    use_rslora: bool = opt(False, "rank-stabilised LoRA")
+    loftq: bool = opt(False, "LoftQ initialisation (needs an unquantised base)")
+
+
+@dataclass
+class TrainSettings:
+    batch_size: int = opt(2, "per-device batch size (samples, before packing)", min=1, max=4096)
+    grad_accum: int = opt(4, "gradient accumulation steps", min=1, max=1024)
+    warmup_steps: int = opt(5, "learning-rate warm-up steps", min=0)
+    max_steps: int = opt(60, "optimizer steps (0: use epochs)", min=0)
+    epochs: float = opt(1.0, "epochs when max_steps is 0", min=0.01, max=1000.0)
+    learning_rate: float = opt(2e-4, "peak learning rate", min=1e-8, max=1.0)
+    weight_decay: float = opt(0.01, "AdamW weight decay", min=0.0, max=1.0)
+    lr_scheduler: str = opt(
+        "linear", "learning-rate schedule", choices=["linear", "cosine", "constant", "constant_with_warmup"]
+    )
+    optim: str = opt(
+        "auto", "optimizer (auto: 8-bit AdamW on CUDA, AdamW elsewhere)",
+        choices=["auto", "adamw_8bit", "adamw_torch", "paged_adamw_8bit"],
+    )
+    seed: int = opt(3407, "training seed")
+    batching: str = opt(
+        "auto",
+        "how short samples are batched: packed (block-diagonal mask, no cross-sample attention), "
+        "padded (length-grouped), or auto (packed)",
+        choices=["auto", "packed", "padded"],
+    )
+    pack_length: int = opt(2048, "tokens per packed row", min=64, max=131072)
+    logging_steps: int = opt(1, "log the loss every N steps", min=1)
+    data: str = opt("", "training pairs (alpaca JSON); empty: prepare the sample script")
+    val: str = opt("", "held-out pairs for evaluation (alpaca JSON)")
+    overlong: str = opt(
+        "truncate", "samples longer than max_seq_length", choices=["truncate", "skip"]
+    )
