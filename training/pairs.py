@@ -1,0 +1,307 @@
+"""Training pairs for one character, from screenplay turns to the tutorial's dataset files.
+
+A pair is a line of someone else and the character's answer to it in the same scene:
+the tutorial's ``instruction`` and ``output``. Optional scene history goes into ``input``
+(Alpaca) or becomes earlier turns (ShareGPT, messages JSONL). ``prepare`` runs the whole
+step and returns a ``Report`` of what was read, kept and skipped.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.errors import UserError
+from training.screenplay import Turn, parse_scripts
+
+FORMATS = ("alpaca", "sharegpt", "jsonl")
+
+FIRST_IN_SCENE = "first line of a scene"
+SAME_SPEAKER = "previous line is the same speaker"
+NO_SPEAKER_BEFORE = "previous line has no speaker"
+SILENT = "line is only stage directions"
+SILENT_BEFORE = "previous line is only stage directions"
+JOINT = "spoken together with others under a group name (甲乙：…)"
+DUPLICATE = "exact duplicate of an earlier pair"
+
+
+@dataclass(frozen=True)
+class Character:
+    """The character the dataset teaches; the script may call them by other names."""
+
+    name: str
+    aliases: tuple[str, ...] = ()
+
+    def speaks(self, speaker: str) -> bool:
+        return speaker == self.name or speaker in self.aliases
+
+    def among(self, speaker: str) -> bool:
+        """A group speaker that includes the character, like ``甄嬛眉庄``."""
+        return not self.speaks(speaker) and any(
+            name in speaker for name in (self.name, *self.aliases))
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Someone's line (``prompt``), the character's answer, and earlier turns of the scene."""
+
+    prompt: Turn
+    reply: Turn
+    history: tuple[Turn, ...] = ()
+
+    @property
+    def episode(self) -> tuple[str, int]:
+        return (self.reply.file, self.reply.episode)
+
+
+def find_pairs(turns: list[Turn], character: Character,
+               history: int = 0) -> tuple[list[Pair], Counter[str]]:
+    """Every line of the character that answers someone else's line in the same scene."""
+    pairs: list[Pair] = []
+    skipped: Counter[str] = Counter()
+    spoken: list[Turn] = []  # this scene's dialogue so far
+    for turn in turns:
+        if spoken and (spoken[-1].file, spoken[-1].scene) != (turn.file, turn.scene):
+            spoken = []
+        if turn.kind not in ("dialogue", "unattributed"):
+            continue
+        if character.speaks(turn.speaker):
+            reason = _why_not_a_reply(turn, spoken, character)
+            if reason:
+                skipped[reason] += 1
+            else:
+                earlier = [t for t in spoken[:-1] if t.kind == "dialogue" and t.text]
+                pairs.append(Pair(spoken[-1], turn, tuple(earlier[-history:] if history else ())))
+        elif character.among(turn.speaker):
+            skipped[JOINT] += 1
+        spoken.append(turn)
+    return pairs, skipped
+
+
+def _why_not_a_reply(turn: Turn, spoken: list[Turn], character: Character) -> str:
+    if not turn.text:
+        return SILENT
+    if not spoken:
+        return FIRST_IN_SCENE
+    previous = spoken[-1]
+    if previous.kind == "unattributed":
+        # Someone spoke, but who? It may be the character herself: no pair beats a wrong one.
+        return NO_SPEAKER_BEFORE
+    if character.speaks(previous.speaker):
+        return SAME_SPEAKER
+    if not previous.text:
+        return SILENT_BEFORE
+    return ""
+
+
+def filter_pairs(pairs: list[Pair], character: Character, min_chars: int,
+                 max_chars: int) -> tuple[list[Pair], Counter[str]]:
+    """Drop exact duplicates (the first one stays) and replies outside the length bounds."""
+    kept: list[Pair] = []
+    skipped: Counter[str] = Counter()
+    seen: set[tuple] = set()
+    for pair in pairs:
+        size = len(pair.reply.text)
+        key = _record_key(pair, character)
+        if size < min_chars:
+            skipped[f"reply shorter than {min_chars} characters"] += 1
+        elif max_chars and size > max_chars:
+            skipped[f"reply longer than {max_chars} characters"] += 1
+        elif key in seen:
+            skipped[DUPLICATE] += 1
+        else:
+            seen.add(key)
+            kept.append(pair)
+    return kept, skipped
+
+
+def _record_key(pair: Pair, character: Character) -> tuple:
+    history = tuple((_who(t, character), t.text) for t in pair.history)
+    return (history, pair.prompt.text, pair.reply.text)
+
+
+def split_holdout(pairs: list[Pair], turns: list[Turn],
+                  val_episodes: int) -> tuple[list[Pair], list[Pair], list[tuple[str, int]]]:
+    """The last ``val_episodes`` episodes (in story order) become validation, unshuffled."""
+    if not val_episodes:
+        return pairs, [], []
+    episodes = list(dict.fromkeys((t.file, t.episode) for t in turns))
+    if val_episodes >= len(episodes):
+        raise UserError(f"--val-episodes {val_episodes}: the scripts have only {len(episodes)} "
+                        "episode(s) — hold out fewer so some are left for training")
+    held = episodes[-val_episodes:]
+    train = [p for p in pairs if p.episode not in held]
+    val = [p for p in pairs if p.episode in held]
+    return train, val, held
+
+
+# --- dataset formats ------------------------------------------------------------------
+
+def _who(turn: Turn, character: Character) -> str:
+    return character.name if character.speaks(turn.speaker) else turn.speaker
+
+
+def alpaca_record(pair: Pair, character: Character) -> dict[str, str]:
+    context = "\n".join(f"{_who(t, character)}：{t.text}" for t in pair.history)
+    return {"instruction": pair.prompt.text, "input": context, "output": pair.reply.text}
+
+
+def _exchange(pair: Pair, character: Character) -> list[tuple[str, str]]:
+    """(role, text) messages; the character is the assistant, everyone else the user."""
+    messages: list[tuple[str, str]] = []
+    for turn in (*pair.history, pair.prompt, pair.reply):
+        role = "assistant" if character.speaks(turn.speaker) else "user"
+        if messages and messages[-1][0] == role:
+            messages[-1] = (role, f"{messages[-1][1]}\n{turn.text}")
+        else:
+            messages.append((role, turn.text))
+    # Chat templates expect the user to open the conversation.
+    while messages[0][0] == "assistant":
+        messages.pop(0)
+    return messages
+
+
+def sharegpt_record(pair: Pair, character: Character) -> dict[str, list[dict[str, str]]]:
+    speaker = {"user": "human", "assistant": "gpt"}
+    return {"conversations": [{"from": speaker[role], "value": text}
+                              for role, text in _exchange(pair, character)]}
+
+
+def messages_record(pair: Pair, character: Character) -> dict[str, list[dict[str, str]]]:
+    return {"messages": [{"role": role, "content": text}
+                         for role, text in _exchange(pair, character)]}
+
+
+_RECORDS: dict[str, Callable[[Pair, Character], dict]] = {
+    "alpaca": alpaca_record, "sharegpt": sharegpt_record, "jsonl": messages_record}
+
+
+def render(pairs: list[Pair], character: Character, fmt: str) -> str:
+    """The file's text: a JSON array (alpaca, sharegpt) or one JSON object a line (jsonl)."""
+    records = [_RECORDS[fmt](pair, character) for pair in pairs]
+    if fmt == "jsonl":
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return json.dumps(records, ensure_ascii=False, indent=2) + "\n"
+
+
+def write_atomically(files: dict[Path, str]) -> None:
+    """Write every file or none: all go to temp files first, then each replaces its target."""
+    temps: dict[Path, Path] = {}
+    path = next(iter(files))
+    try:
+        for path, text in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # A plain open (not mkstemp) so the file gets the usual permissions, not 0600.
+            temps[path] = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            temps[path].write_text(text, encoding="utf-8", newline="\n")
+        for path, temp in temps.items():
+            os.replace(temp, path)
+    except OSError as exc:
+        for temp in temps.values():
+            temp.unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write ({exc.strerror or exc}) — "
+                        "choose a writable --output path") from None
+
+
+def validation_path(output: Path) -> Path:
+    """``data/huanhuan.json`` → ``data/huanhuan.val.json``."""
+    return output.with_name(f"{output.stem}.val{output.suffix}")
+
+
+# --- the whole step -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PrepareRequest:
+    scripts: tuple[Path, ...]
+    character: Character
+    output: Path
+    format: str = "alpaca"
+    history: int = 0
+    val_episodes: int = 0
+    min_chars: int = 2
+    max_chars: int = 400
+
+
+@dataclass(frozen=True)
+class Report:
+    """What ``prepare`` read, wrote and skipped; counts are turns (asides count on their own)."""
+
+    character: Character
+    files: tuple[str, ...]
+    episodes: int
+    scenes: int
+    dialogue_turns: int
+    character_turns: int
+    no_speaker: tuple[str, ...]  # "file:line" of spoken lines nobody is named for
+    written: tuple[tuple[str, int], ...]  # (path, pairs): training file, then validation
+    val_episodes: tuple[int, ...]
+    skipped: tuple[tuple[str, int], ...]  # (reason, count), most frequent first
+    interlocutors: tuple[tuple[str, int], ...]  # whose lines the character answers
+
+
+def prepare(request: PrepareRequest) -> Report:
+    """Scripts → pairs → (train, validation) files, written all or nothing."""
+    turns = parse_scripts(list(request.scripts))
+    files = ", ".join(str(p) for p in request.scripts)
+    _check_speakers(turns, request.character, files)
+    found, skipped = find_pairs(turns, request.character, request.history)
+    kept, dropped = filter_pairs(found, request.character, request.min_chars, request.max_chars)
+    skipped += dropped
+    if not kept:
+        reasons = "; ".join(f"{r}: {n}" for r, n in skipped.most_common(3))
+        raise UserError(f"{files}: none of {request.character.name}'s lines made a pair "
+                        f"({reasons}) — lower --min-chars, raise --max-chars or add an --alias")
+    train, val, held = split_holdout(kept, turns, request.val_episodes)
+    if not train or (request.val_episodes and not val):
+        empty = "training" if not train else "validation"
+        raise UserError(f"{files}: --val-episodes {request.val_episodes} leaves the {empty} "
+                        "set without pairs — choose another number of episodes")
+    parts = {request.output: train}
+    if request.val_episodes:
+        parts[validation_path(request.output)] = val
+    write_atomically({path: render(part, request.character, request.format)
+                      for path, part in parts.items()})
+    written = tuple((str(path), len(part)) for path, part in parts.items())
+    return _report(request, turns, skipped, kept, written, tuple(e for _, e in held))
+
+
+def _check_speakers(turns: list[Turn], character: Character, files: str) -> None:
+    speakers = Counter(t.speaker for t in turns if t.kind == "dialogue")
+    if not speakers:
+        raise UserError(f"{files}: no dialogue lines found — a script needs lines like "
+                        "「角色：台词」 or 「角色（动作）：台词」")
+    if not any(character.speaks(name) for name in speakers):
+        names = "、".join(_closest_speakers(character.name, speakers))
+        raise UserError(f"{files}: no line is spoken by {character.name} — speakers with "
+                        f"close names: {names}; pass one as --character or --alias")
+
+
+def _closest_speakers(name: str, speakers: Counter[str]) -> list[str]:
+    by_lines = [speaker for speaker, _ in speakers.most_common()]
+    close = difflib.get_close_matches(name, by_lines, n=5, cutoff=0.4)
+    containing = [s for s in by_lines if (name in s or s in name) and s not in close]
+    return (close + containing)[:5] or by_lines[:5]
+
+
+def _report(request: PrepareRequest, turns: list[Turn], skipped: Counter[str],
+            kept: list[Pair], written: tuple[tuple[str, int], ...],
+            val_episodes: tuple[int, ...]) -> Report:
+    dialogue = [t for t in turns if t.kind == "dialogue"]
+    return Report(
+        character=request.character,
+        files=tuple(str(p) for p in request.scripts),
+        episodes=len({(t.file, t.episode) for t in turns}),
+        scenes=len({(t.file, t.scene) for t in turns}),
+        dialogue_turns=len(dialogue),
+        character_turns=sum(request.character.speaks(t.speaker) for t in dialogue),
+        no_speaker=tuple(f"{t.file}:{t.line}" for t in turns if t.kind == "unattributed"),
+        written=written,
+        val_episodes=val_episodes,
+        skipped=tuple(skipped.most_common()),
+        interlocutors=tuple(Counter(p.prompt.speaker for p in kept).most_common(8)),
+    )
