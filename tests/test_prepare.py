@@ -198,6 +198,30 @@ def test_length_filters_apply_to_the_reply(tmp_path, capsys):
     assert re.search(r"^ +\d+  reply longer than 10 characters$", capsys.readouterr().out, re.M)
 
 
+def test_several_scripts_are_one_story_in_the_order_given(tmp_path):
+    text = SAMPLE_SCRIPT.read_text(encoding="utf-8")
+    cut = text.index("第三集")
+    (tmp_path / "ep01-02.txt").write_text(text[:cut], encoding="utf-8")
+    (tmp_path / "ep03.txt").write_text(text[cut:], encoding="gbk")
+    output = tmp_path / "huanhuan.json"
+    assert prepare(tmp_path / "ep01-02.txt", tmp_path / "ep03.txt", *CHARACTER,
+                   "--output", output, "--val-episodes", 1) == 0
+    assert load(output) == alpaca(EXPECTED[:EPISODE_3])
+    assert load(tmp_path / "huanhuan.val.json") == alpaca(EXPECTED[EPISODE_3:])
+
+
+def test_a_line_without_a_speaker_is_reported_not_guessed(tmp_path, capsys):
+    script = tmp_path / "script.txt"
+    script.write_text("第一集\n第1幕\n青竹：小主。\n甄嬛：嗯，进来。\n青竹：茶来了。\n"
+                      "这茶真香啊。\n甄嬛：是新茶。\n", encoding="utf-8")
+    output = tmp_path / "out.json"
+    assert prepare(script, *CHARACTER, "--output", output) == 0
+    assert load(output) == alpaca([("小主。", "嗯，进来。")])
+    report = capsys.readouterr().out
+    assert f"1 spoken line(s) name no speaker and were not used: {script}:6" in report
+    assert re.search(r"^ +1  previous line has no speaker$", report, re.M)
+
+
 @pytest.mark.parametrize(("encoding", "newline"), [
     ("utf-8-sig", "\n"), ("utf-8", "\r\n"), ("gbk", "\r\n"), ("utf-16", "\r\n"),
     ("utf-16-le", "\n")])
@@ -248,6 +272,8 @@ def test_a_character_nobody_plays_suggests_close_names(tmp_path, capsys):
     err = fails(capsys, tmp_path, SAMPLE_SCRIPT, "--character", "甄环", "--output", output)
     assert "no line is spoken by 甄环 — speakers with close names: 甄嬛" in err
     assert "pass one as --character or --alias" in err
+    err = fails(capsys, tmp_path, SAMPLE_SCRIPT, "--character", "Bob", "--output", output)
+    assert "no line is spoken by Bob — the main speakers are 甄嬛、青竹、皇帝" in err
 
 
 def test_a_script_without_dialogue(tmp_path, capsys):

@@ -99,6 +99,15 @@ def test_undecodable_bytes_name_the_line(tmp_path):
         parse_script(path)
 
 
+def test_a_damaged_utf8_file_is_not_misread_as_gbk(tmp_path):
+    data = SAMPLE_SCRIPT.read_bytes()
+    cut = data.index("嫔妾不急".encode())  # on line 26
+    path = tmp_path / "damaged.txt"
+    path.write_bytes(data[:cut] + data[cut + 1:])  # a character loses its first byte
+    with pytest.raises(UserError, match=r"damaged\.txt:26: bytes 0xab .* not valid UTF-8 — "):
+        parse_script(path)
+
+
 def test_a_missing_script_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match=r"nope\.txt: no such file — check the path"):
         parse_script(tmp_path / "nope.txt")

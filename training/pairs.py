@@ -130,7 +130,7 @@ def split_holdout(pairs: list[Pair], turns: list[Turn],
     """The last ``val_episodes`` episodes (in story order) become validation, unshuffled."""
     if not val_episodes:
         return pairs, [], []
-    episodes = list(dict.fromkeys((t.file, t.episode) for t in turns))
+    episodes = story_episodes(turns)
     if val_episodes >= len(episodes):
         raise UserError(f"--val-episodes {val_episodes}: the scripts have only {len(episodes)} "
                         "episode(s) — hold out fewer so some are left for training")
@@ -138,6 +138,11 @@ def split_holdout(pairs: list[Pair], turns: list[Turn],
     train = [p for p in pairs if p.episode not in held]
     val = [p for p in pairs if p.episode in held]
     return train, val, held
+
+
+def story_episodes(turns: list[Turn]) -> list[tuple[str, int]]:
+    """(file, episode) in story order; a title page before 第一集 is not an episode."""
+    return list(dict.fromkeys((t.file, t.episode) for t in turns if t.kind == "dialogue"))
 
 
 # --- dataset formats ------------------------------------------------------------------
@@ -250,6 +255,7 @@ def prepare(request: PrepareRequest) -> Report:
     files = ", ".join(str(p) for p in request.scripts)
     _check_speakers(turns, request.character, files)
     found, skipped = find_pairs(turns, request.character, request.history)
+    # Duplicates go before the split, so no validation pair repeats a training one.
     kept, dropped = filter_pairs(found, request.character, request.min_chars, request.max_chars)
     skipped += dropped
     if not kept:
@@ -276,16 +282,21 @@ def _check_speakers(turns: list[Turn], character: Character, files: str) -> None
         raise UserError(f"{files}: no dialogue lines found — a script needs lines like "
                         "「角色：台词」 or 「角色（动作）：台词」")
     if not any(character.speaks(name) for name in speakers):
-        names = "、".join(_closest_speakers(character.name, speakers))
-        raise UserError(f"{files}: no line is spoken by {character.name} — speakers with "
-                        f"close names: {names}; pass one as --character or --alias")
+        close = _closest_speakers(character.name, speakers)
+        found = (f"speakers with close names: {'、'.join(close)}" if close else
+                 f"the main speakers are {'、'.join(s for s, _ in speakers.most_common(5))}")
+        raise UserError(f"{files}: no line is spoken by {character.name} — {found}; "
+                        "pass one as --character or --alias")
 
 
 def _closest_speakers(name: str, speakers: Counter[str]) -> list[str]:
-    by_lines = [speaker for speaker, _ in speakers.most_common()]
-    close = difflib.get_close_matches(name, by_lines, n=5, cutoff=0.4)
-    containing = [s for s in by_lines if (name in s or s in name) and s not in close]
-    return (close + containing)[:5] or by_lines[:5]
+    """Most alike first, then most lines: for 甄环, 甄嬛 comes before 甄母."""
+    def likeness(speaker: str) -> float:
+        contained = name in speaker or speaker in name
+        return max(difflib.SequenceMatcher(None, name, speaker).ratio(), 0.5 * contained)
+
+    ranked = sorted(speakers, key=lambda s: (-likeness(s), -speakers[s]))
+    return [s for s in ranked if likeness(s) >= 0.4][:5]
 
 
 def _report(request: PrepareRequest, turns: list[Turn], skipped: Counter[str],
@@ -295,7 +306,7 @@ def _report(request: PrepareRequest, turns: list[Turn], skipped: Counter[str],
     return Report(
         character=request.character,
         files=tuple(str(p) for p in request.scripts),
-        episodes=len({(t.file, t.episode) for t in turns}),
+        episodes=len(story_episodes(turns)),
         scenes=len({(t.file, t.scene) for t in turns}),
         dialogue_turns=len(dialogue),
         character_turns=sum(request.character.speaks(t.speaker) for t in dialogue),

@@ -29,9 +29,10 @@ class Turn:
     """One thing that happens in a script, in reading order.
 
     ``text`` is what is said, with stage directions removed (it can be empty when a
-    dialogue line is only an action). ``scene`` counts scene headers within the file, so
-    ``第63幕（续）`` after a cut-away is a new scene: its first line does not answer the
-    line before the cut-away. ``scene_label`` is the header as written.
+    dialogue line is only an action); for a direction or narration, its words.
+    ``scene`` counts scene headers within the file, so ``第63幕（续）`` after a cut-away
+    is a new scene: its first line does not answer the line before the cut-away.
+    ``scene_label`` is the header as written.
     """
 
     file: str
@@ -68,11 +69,23 @@ def read_script_text(path: Path) -> str:
 def decode_script(data: bytes, name: str) -> str:
     for bom, codec in _BOMS:
         if data.startswith(bom):
-            return _decode_all(data[len(bom):], [codec], name)
+            return _decode(data[len(bom):], codec, name)
     if b"\x00" in data:
         # Chinese text never contains NUL bytes except as the high half of UTF-16 ASCII.
-        return _decode_all(data, [_utf16_byte_order(data)], name)
-    return _decode_all(data, ["utf-8", "gb18030"], name)
+        return _decode(data, _utf16_byte_order(data), name)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        utf8_error = exc
+    if _mostly_utf8(data):
+        # GB18030 would read it without complaint, as nonsense: better to say where.
+        raise _undecodable(data, utf8_error, "utf-8", name)
+    try:
+        return data.decode("gb18030")
+    except UnicodeDecodeError as gb_error:
+        # Neither fits; the one that read further is what the file was meant to be.
+        exc, codec = max((utf8_error, "utf-8"), (gb_error, "gb18030"), key=lambda e: e[0].start)
+        raise _undecodable(data, exc, codec, name) from None
 
 
 def _utf16_byte_order(data: bytes) -> str:
@@ -81,20 +94,29 @@ def _utf16_byte_order(data: bytes) -> str:
     return "utf-16-le" if odd_zeros >= data[0::2].count(0) else "utf-16-be"
 
 
-def _decode_all(data: bytes, codecs_to_try: list[str], name: str) -> str:
-    errors: list[tuple[UnicodeDecodeError, str]] = []
-    for codec in codecs_to_try:
-        try:
-            return data.decode(codec)
-        except UnicodeDecodeError as exc:
-            errors.append((exc, codec))
-    # The codec that read furthest is the one the file was most likely written in.
-    exc, codec = max(errors, key=lambda pair: pair[0].start)
+def _mostly_utf8(data: bytes) -> bool:
+    """UTF-8 with a few broken bytes, not GBK (which UTF-8 reads as mostly broken)."""
+    text = data.decode("utf-8", errors="replace")
+    broken = text.count("\ufffd")
+    return sum(ord(char) > 0x7F for char in text) - broken > 4 * broken
+
+
+def _decode(data: bytes, codec: str, name: str) -> str:
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError as exc:
+        raise _undecodable(data, exc, codec, name) from None
+
+
+_CODEC_NAMES = {"utf-8": "UTF-8", "gb18030": "UTF-8 or GBK/GB18030",
+                "utf-16-le": "UTF-16", "utf-16-be": "UTF-16"}
+
+
+def _undecodable(data: bytes, exc: UnicodeDecodeError, codec: str, name: str) -> UserError:
     line = data[: exc.start].decode(codec, errors="replace").count("\n") + 1
     bad = " ".join(f"0x{b:02x}" for b in data[exc.start : min(exc.end, exc.start + 4)])
-    tried = ", ".join(c for _, c in errors)
-    raise UserError(f"{name}:{line}: bytes {bad} are not valid text (tried {tried}) — "
-                    "re-save the script as UTF-8")
+    return UserError(f"{name}:{line}: bytes {bad} are not valid {_CODEC_NAMES[codec]} — "
+                     "fix that line or re-save the script as UTF-8")
 
 
 # --- line shapes ----------------------------------------------------------------------
@@ -113,6 +135,8 @@ _DIALOGUE = re.compile(rf"(?P<speaker>[^（()）：:]+?)\s*(?P<action>(?:{_PAREN
                        r"[：:](?P<text>.*)")
 _SEMICOLON_DIALOGUE = re.compile(rf"(?P<speaker>[^（()）；;]+?)\s*(?P<action>(?:{_PAREN}\s*)*)"
                                  r"[；;](?P<text>.*)")
+# What an aside or a parenthesised line says: ``甄嬛：妹妹`` in ``（甄嬛：妹妹）``.
+_SPEECH = re.compile(r"\s*([^：:]+?)\s*[：:](.*)", re.S)
 _NOT_IN_NAMES = set("，。！？、；;,.!?“”‘’\"'「」『』《》…—～~")
 _MAX_NAME = 12
 NARRATOR = "旁白"
@@ -237,9 +261,6 @@ def _parenthetical(inner: str, known: frozenset[str], place: _Place) -> Turn:
     if name in known:
         return place.turn("dialogue", name, text=strip_directions(speech[2]))
     return place.turn("direction", text=inner.strip())
-
-
-_SPEECH = re.compile(r"\s*([^：:]+?)\s*[：:](.*)", re.S)
 
 
 def _spoken(speaker: str, action: str, text: str, known: frozenset[str],
