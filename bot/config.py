@@ -46,6 +46,15 @@ class GenerationSettings:
 
 
 @dataclass
+class EngineSettings:
+    backend: str = opt("local", "local: host the model in this process; openai: an OpenAI-compatible server", choices=["local", "openai"])
+    base_url: str = opt("http://127.0.0.1:8000/v1", "the OpenAI-compatible server (backend = openai), e.g. vLLM")
+    model: str = opt("", "model name to request from the server (empty: the character's adapter name)")
+    api_key_env: str = opt("OPENAI_API_KEY", "env var holding the server's API key (may be unset)")
+    timeout: float = opt(120.0, "seconds before a request to the server fails", min=1.0, max=3600.0)
+
+
+@dataclass
 class ServiceSettings:
     rate_limit_per_minute: int = opt(12, "messages a user may send per minute", min=1, max=10000)
     max_message_chars: int = opt(4000, "longer messages are cut to this", min=16, max=100000)
@@ -118,6 +127,7 @@ class Config:
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: TrainSettings = field(default_factory=TrainSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
     service: ServiceSettings = field(default_factory=ServiceSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
     adapters: AdapterSettings = field(default_factory=AdapterSettings)
