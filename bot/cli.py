@@ -11,7 +11,7 @@ from bot import __version__
 from training.errors import UserError
 
 # Each name is a module in bot/commands with ``register(subparsers)``.
-COMMANDS = ["chat", "prepare"]
+COMMANDS = ["prepare", "train", "eval", "adapters", "chat"]
 
 DESCRIPTION = """\
 rolebot turns a screenplay into a LoRA fine-tune of a small or 4-bit base model and serves
@@ -49,10 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Libraries log chatter at INFO; rolebot's own loggers say what the user needs.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for name in ("bot", "training"):
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.run(args) or 0)
     except UserError as exc:

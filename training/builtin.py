@@ -80,9 +80,10 @@ def convert(name: str, target: Path) -> None:
     # without the quantization marker takes the de-quantized weights and saves normally.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    _fix_special_tokens(tokenizer, config)
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict(), strict=True)
-    _fix_special_tokens(tokenizer, config)
+    model.generation_config.pad_token_id = config.pad_token_id
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         model.save_pretrained(tmp)

@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(config, version)
     label = f"{config.character.name} ({version.name if version else 'base model, no adapter'})"
     if args.once is not None:
+        print(f"({label})", file=sys.stderr)
         reply(config, model, tokenizer, args.once, ())
         return 0
     print(f"Chatting with {label}. /reset clears the history, /quit leaves.", file=sys.stderr)

@@ -1,0 +1,39 @@
+"""Which pairs files to train on: the configured ones, or pairs prepared from the script."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from bot.config import Config
+from training.pairs import Character, PrepareRequest, prepare, validation_path
+from training.screenplay import SAMPLE_SCRIPT
+
+
+@dataclass(frozen=True)
+class DatasetFiles:
+    train: Path
+    val: Path | None
+
+
+def dataset_files(config: Config, *, quiet: bool = False) -> DatasetFiles:
+    """``[training] data`` if set; else the character's script (or the project's sample
+    script) prepared once into ``data/<character>.json`` with the last episode held out."""
+    if config.training.data:
+        return DatasetFiles(config.path(config.training.data), config.path(config.training.val) if config.training.val else None)
+    output = config.path(f"data/{config.character.name}.json")
+    val = validation_path(output)
+    if output.exists() and val.exists():
+        return DatasetFiles(output, val)
+    scripts = tuple(config.path(s) for s in config.character.script) or (SAMPLE_SCRIPT,)
+    report = prepare(PrepareRequest(
+        scripts=scripts,
+        character=Character(config.character.name, tuple(config.character.aliases)),
+        output=output,
+        val_episodes=1,
+    ))
+    if not quiet:
+        from bot.commands.prepare import render_report
+
+        print(render_report(report, "alpaca"))
+    return DatasetFiles(output, val)

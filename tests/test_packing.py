@@ -1,0 +1,82 @@
+"""Packed rows must behave exactly like separate samples, and only replies carry the loss."""
+
+from __future__ import annotations
+
+import pytest
+
+from training.evaluate import chrf, rouge_l
+from training.character import answers_in_character, breaks_character
+from training.packing import IGNORE, Collator, Encoded, PromptStyle, encode, pack, to_records
+from training.prompts import Sample
+
+
+def test_first_fit_packing_respects_capacity_and_keeps_every_sample():
+    samples = [Encoded(tuple(range(n)), tuple(range(n))) for n in (50, 30, 70, 20, 90, 10)]
+    rows = pack(samples, capacity=100, seed=3)
+    assert sorted(len(s.input_ids) for row in rows for s in row) == [10, 20, 30, 50, 70, 90]
+    assert all(sum(len(s.input_ids) for s in row) <= 100 for row in rows)
+    assert len(rows) == 3
+
+
+def test_block_mask_and_positions_restart_per_sample():
+    records = to_records([[Encoded((1, 2, 3), (IGNORE, 2, 3)), Encoded((4, 5), (IGNORE, 5))], [Encoded((6,), (6,))]])
+    batch = Collator(pad_id=0)(records)
+    mask = batch["attention_mask"]
+    assert mask.shape == (2, 1, 5, 5)
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1]
+    assert mask[0, 0, 3].tolist() == [False, False, False, True, False]  # sample 2 cannot see sample 1
+    assert mask[0, 0, 2].tolist() == [True, True, True, False, False]
+    assert batch["labels"][1].tolist() == [6, IGNORE, IGNORE, IGNORE, IGNORE]
+
+
+@pytest.mark.slow
+def test_packed_logits_equal_separate_logits_on_the_real_model(builtin_path):
+    import torch
+
+    from training.modeling import load_base
+    from training.settings import ModelSettings
+
+    model, tokenizer = load_base(ModelSettings(base=builtin_path, max_seq_length=512))
+    style = PromptStyle("alpaca", "你是甄嬛。", "甄嬛")
+    samples = [Sample("皇上吉祥！", "臣妾给皇上请安。"), Sample("你是谁？", "嫔妾甄嬛，大理寺少卿之女。"), Sample("天冷了", "多谢姐姐挂念。")]
+    encoded, _ = encode(samples, tokenizer, style, 512, "truncate")
+    model.eval()
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([e.input_ids])).logits[0] for e in encoded]
+        batch = Collator(tokenizer.pad_token_id)(to_records([encoded]))
+        packed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits[0]
+    start = 0
+    for logits in alone:
+        n = logits.shape[0]
+        assert torch.allclose(packed[start:start + n], logits, atol=2e-3), (packed[start:start + n] - logits).abs().max()
+        start += n
+
+
+@pytest.mark.slow
+def test_loss_is_on_the_reply_and_eos_only(builtin_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_path)
+    (sample,), _ = encode([Sample("皇上吉祥！", "臣妾给皇上请安。")], tokenizer, PromptStyle(), 512, "truncate")
+    target = [t for t in sample.labels if t != IGNORE]
+    assert tokenizer.decode(target) == "臣妾给皇上请安。" + tokenizer.eos_token
+    assert sample.input_ids[-len(target):] == tuple(target)
+
+
+def test_text_metrics():
+    assert chrf("臣妾给皇上请安", "臣妾给皇上请安") == pytest.approx(100)
+    assert chrf("", "臣妾") == 0.0
+    assert 0 < chrf("臣妾请安", "臣妾给皇上请安") < 100
+    assert rouge_l("臣妾给皇上请安", "臣妾给皇上请安") == pytest.approx(100)
+    assert rouge_l("abc", "xyz") == 0.0
+    assert rouge_l("臣妾请安", "臣妾给皇上请安") == pytest.approx(100 * 2 * 1.0 * (4 / 7) / (1 + 4 / 7))
+
+
+def test_character_break_detection():
+    assert breaks_character("我是一个AI助手，很高兴为您服务。")
+    assert breaks_character("As a language model, I cannot")
+    assert not breaks_character("臣妾不敢，皇上折煞臣妾了。")
+    assert answers_in_character("嫔妾甄嬛，给皇后娘娘请安。", ("甄嬛",))
+    assert not answers_in_character("我是人工智能。", ("甄嬛",))
+    assert not answers_in_character("今天天气很好。", ("甄嬛",))

@@ -1,0 +1,133 @@
+"""Is an adapter better? Held-out NLL, chrF and ROUGE-L of greedy replies, identity probes and
+character breaks, for the base model and the adapter side by side. The retrain gate reuses it."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+from training.character import IDENTITY_PROBES, answers_in_character, breaks_character
+from training.packing import Collator, PromptStyle, encode
+from training.prompts import Sample
+
+
+@dataclass(frozen=True)
+class Scores:
+    nll: float  # mean per-token NLL of the reference replies
+    chrf: float  # 0..100
+    rouge_l: float  # 0..100, character level
+    identity: float  # share of identity probes answered in character, 0..1
+    breaks: float  # share of replies (val + probes) that break character, 0..1
+    pairs: int
+
+    def as_dict(self) -> dict:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def token_nlls(model, tokenizer, samples: list[Sample], style: PromptStyle, max_len: int, batch_size: int = 8) -> list[tuple[float, int]]:
+    """(summed NLL, reply tokens) per sample, teacher-forced, loss on the reply only."""
+    import torch
+
+    os.environ["UNSLOTH_RETURN_LOGITS"] = "1"  # Unsloth otherwise skips logits to save memory
+    encoded, _ = encode(samples, tokenizer, style, max_len, "truncate")
+    collate = Collator(tokenizer.pad_token_id)
+    results = []
+    model.eval()
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        batch = collate([{"input_ids": e.input_ids, "labels": e.labels, "seq_lengths": [len(e.input_ids)]} for e in chunk])
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), labels.clamp(min=0), reduction="none"
+        ) * (labels >= 0)
+        for row in range(len(chunk)):
+            results.append((losses[row].sum().item(), int((labels[row] >= 0).sum().item())))
+    return results
+
+
+def mean_nll(model, tokenizer, samples, style: PromptStyle, max_len: int) -> float:
+    pairs = token_nlls(model, tokenizer, samples, style, max_len)
+    return sum(n for n, _ in pairs) / max(1, sum(t for _, t in pairs))
+
+
+def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8, add_special: bool = True) -> list[str]:
+    import torch
+
+    tokenizer.padding_side = "left"
+    replies = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=add_special).to(model.device)
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        new = out[:, batch["input_ids"].shape[1]:]
+        replies += [t.split("###")[0].strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return replies
+
+
+def chrf(hypothesis: str, reference: str, order: int = 6, beta: float = 2.0) -> float:
+    """Character n-gram F-score (Popović 2015), whitespace ignored; 0..100."""
+    hyp, ref = "".join(hypothesis.split()), "".join(reference.split())
+    precisions, recalls = [], []
+    for n in range(1, order + 1):
+        h = Counter(hyp[i:i + n] for i in range(len(hyp) - n + 1))
+        r = Counter(ref[i:i + n] for i in range(len(ref) - n + 1))
+        if not h or not r:
+            continue
+        overlap = sum((h & r).values())
+        precisions.append(overlap / sum(h.values()))
+        recalls.append(overlap / sum(r.values()))
+    if not precisions:
+        return 0.0
+    p, r = sum(precisions) / len(precisions), sum(recalls) / len(recalls)
+    return 0.0 if p + r == 0 else 100 * (1 + beta**2) * p * r / (beta**2 * p + r)
+
+
+def rouge_l(hypothesis: str, reference: str) -> float:
+    """ROUGE-L F1 over characters (Chinese has no spaces to split words on); 0..100."""
+    a, b = list("".join(hypothesis.split())), list("".join(reference.split()))
+    if not a or not b:
+        return 0.0
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 100 * 2 * p * r / (p + r)
+
+
+def score(model, tokenizer, samples: list[Sample], style: PromptStyle, names: tuple[str, ...], *, max_len: int, max_new_tokens: int, limit: int) -> Scores:
+    """Every metric for whatever adapter is currently enabled on ``model``."""
+    nll = mean_nll(model, tokenizer, samples, style, max_len)
+    shown = samples[:limit]
+    add_special = style.fmt != "chat"
+    replies = greedy_replies(model, tokenizer, [style.prompt(s, tokenizer) for s in shown], max_new_tokens, add_special=add_special)
+    probes = greedy_replies(model, tokenizer, [style.prompt(Sample(q), tokenizer) for q in IDENTITY_PROBES], max_new_tokens, add_special=add_special)
+    everything = replies + probes
+    return Scores(
+        nll=nll if math.isfinite(nll) else float("inf"),
+        chrf=sum(chrf(h, s.output) for h, s in zip(replies, shown)) / max(1, len(shown)),
+        rouge_l=sum(rouge_l(h, s.output) for h, s in zip(replies, shown)) / max(1, len(shown)),
+        identity=sum(answers_in_character(p, names) for p in probes) / len(probes),
+        breaks=sum(breaks_character(r) for r in everything) / max(1, len(everything)),
+        pairs=len(samples),
+    )
+
+
+def compare(model, tokenizer, samples, style: PromptStyle, names, *, max_len: int, max_new_tokens: int, limit: int) -> tuple[Scores, Scores]:
+    """(base, adapter) scores from one loaded PeftModel: the base is the adapter disabled."""
+    kwargs = dict(max_len=max_len, max_new_tokens=max_new_tokens, limit=limit)
+    with model.disable_adapter():
+        base = score(model, tokenizer, samples, style, names, **kwargs)
+    return base, score(model, tokenizer, samples, style, names, **kwargs)

@@ -1,0 +1,215 @@
+"""The SFT core: one function that makes the first adapter and every retrain.
+
+Read top to bottom: data, model, LoRA, batches, trainer, report, save. The libraries are the
+tutorial's (Unsloth ``FastLanguageModel``, PEFT through ``get_peft_model``, TRL ``SFTTrainer``);
+what rolebot adds is response-only loss, packing with a block-diagonal mask, and a versioned
+adapter store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training import report
+from training.dataset import load_samples, sha256
+from training.errors import UserError
+from training.modeling import device, load_base, unsloth
+from training.packing import Collator, PromptStyle, encode, pack, to_records
+from training.prompts import Sample
+from training.registry import Registry, Version
+from training.settings import LoraSettings, ModelSettings, TrainSettings
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    data: Path
+    model: ModelSettings
+    lora: LoraSettings
+    train: TrainSettings
+    style: PromptStyle
+    registry: Registry
+    val: Path | None = None
+    parent: Version | None = None
+    trigger: str = "cli"
+    extra: tuple[Sample, ...] = ()  # e.g. rated replies from the logs, mixed into the data
+    notes: dict = field(default_factory=dict)  # recorded in meta.json as they are
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    version: Version
+    final_loss: float
+    val_nll: float | None
+    runtime_s: float
+    samples_per_s: float
+
+
+def train(job: TrainJob, *, activate: bool = True) -> TrainResult:
+    samples = load_samples(job.data) + list(job.extra)
+    val = load_samples(job.val) if job.val else []
+    FastLanguageModel = unsloth()
+    model, tokenizer = load_base(job.model)
+    model = add_lora(FastLanguageModel, model, job.lora, job.parent)
+    encoded, dropped = encode(samples, tokenizer, job.style, job.model.max_seq_length, job.train.overlong)
+    if not encoded:
+        raise UserError(f"{job.data}: every sample is longer than [model] max_seq_length "
+                        f"{job.model.max_seq_length}; raise it or shorten the samples")
+    packed = job.train.batching in ("auto", "packed")
+    capacity = max(job.train.pack_length, max(len(e.input_ids) for e in encoded))
+    rows = pack(encoded, capacity, job.train.seed) if packed else [[e] for e in encoded]
+    trainer = build_trainer(model, tokenizer, to_records(rows), job.train, packed)
+    memory = report.Memory.start()
+    started = time.perf_counter()
+    try:
+        stats = trainer.train()
+    except _oom() as exc:
+        raise UserError(f"out of memory while training ({str(exc).splitlines()[0]}) — lower [training] "
+                        "batch_size or pack_length, or [model] max_seq_length") from None
+    runtime = time.perf_counter() - started
+    seen = stats.global_step * job.train.batch_size * job.train.grad_accum * len(encoded) / len(rows)
+    losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+    val_nll = None
+    if val:
+        from training.evaluate import mean_nll
+
+        val_nll = mean_nll(model, tokenizer, val, job.style, job.model.max_seq_length)
+    print(report.render(memory.finish(), stats.metrics, len(encoded), len(rows), dropped, seen / runtime, val_nll))
+    meta = {
+        "base_model": job.model.base,
+        "dataset": {"file": str(job.data), "sha256": sha256(job.data), "samples": len(samples),
+                    "extra_samples": len(job.extra), "val_file": str(job.val) if job.val else None,
+                    "dropped": dict(dropped)},
+        "config": {"model": _plain(job.model), "lora": _plain(job.lora), "train": _plain(job.train),
+                   "prompt": _plain(job.style)},
+        "parent_version": job.parent.name if job.parent else None,
+        "trigger": job.trigger,
+        "steps": stats.global_step,
+        "final_loss": losses[-1][1] if losses else None,
+        "losses": losses,
+        "val_nll": val_nll,
+        "runtime_s": round(runtime, 2),
+        "samples_per_s": round(seen / runtime, 3),
+        "device": _plain(device()),
+        "peak_memory_gb": memory.peak_gb,
+        "created_at": time.time(),
+        "libraries": report.library_versions(),
+        **job.notes,
+    }
+    version = save(job.registry, model, tokenizer, meta, losses)
+    if activate:
+        job.registry.activate(version.name)
+    return TrainResult(version, meta["final_loss"], val_nll, runtime, meta["samples_per_s"])
+
+
+def add_lora(FastLanguageModel, model, lora: LoraSettings, parent: Version | None):
+    """The tutorial's ``get_peft_model``; with a parent, its weights are loaded into it so a
+    continued run trains through exactly the same code path as a fresh one."""
+    checkpointing = {"unsloth": "unsloth", "true": True, "false": False}[lora.gradient_checkpointing]
+    loftq = None
+    if lora.loftq:
+        from peft import LoftQConfig
+
+        loftq = LoftQConfig(loftq_bits=4)
+    with contextlib.redirect_stdout(sys.stderr):
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=lora.r,
+            target_modules=list(lora.target_modules),
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            bias=lora.bias,
+            use_gradient_checkpointing=checkpointing,
+            random_state=lora.random_state,
+            use_rslora=lora.use_rslora,
+            loftq_config=loftq,
+        )
+    if parent is not None:
+        load_parent_weights(model, parent)
+    return model
+
+
+def load_parent_weights(model, parent: Version) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = parent.path / "adapter_model.safetensors"
+    if not weights.exists():
+        raise UserError(f"{parent.path}: no adapter_model.safetensors — cannot continue from {parent.name}")
+    result = set_peft_model_state_dict(model, load_file(str(weights)))
+    if result.unexpected_keys:
+        raise UserError(f"--from {parent.name}: its LoRA shape differs from [lora] in the config "
+                        f"({len(result.unexpected_keys)} tensors do not fit) — use the same r and target_modules")
+
+
+def build_trainer(model, tokenizer, records: list[dict], settings: TrainSettings, packed: bool):
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    optim = settings.optim if settings.optim != "auto" else ("adamw_8bit" if cuda else "adamw_torch")
+    args = SFTConfig(
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        warmup_steps=settings.warmup_steps,
+        max_steps=settings.max_steps or -1,
+        num_train_epochs=settings.epochs,
+        learning_rate=settings.learning_rate,
+        fp16=cuda and not bf16,
+        bf16=bf16,
+        logging_steps=settings.logging_steps,
+        optim=optim,
+        weight_decay=settings.weight_decay,
+        lr_scheduler_type=settings.lr_scheduler,
+        seed=settings.seed,
+        output_dir=str(Path(tempfile_dir()) / "trainer"),
+        save_strategy="no",
+        report_to="none",
+        # The rows are already tokenised, labelled and packed; TRL must not redo it.
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        packing=False,
+        padding_free=False,
+        train_sampling_strategy="random" if packed else "group_by_length",
+        dataloader_num_workers=0,
+    )
+    with contextlib.redirect_stdout(sys.stderr):
+        return SFTTrainer(
+            model=model,
+            processing_class=tokenizer,
+            train_dataset=Dataset.from_list(records),
+            args=args,
+            data_collator=Collator(tokenizer.pad_token_id),
+        )
+
+
+def save(registry: Registry, model, tokenizer, meta: dict, losses) -> Version:
+    """Write the version into a draft folder; it becomes listable only when complete."""
+    with registry.writing() as draft:
+        model.save_pretrained(draft.path)
+        tokenizer.save_pretrained(draft.path)
+        report.plot_losses(losses, draft.path / "loss.png", title=f"training loss, {len(losses)} logged steps")
+        return draft.commit(meta)
+
+
+def tempfile_dir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="rolebot-train-")
+
+
+def _oom():
+    import torch
+
+    return (torch.OutOfMemoryError,)
+
+
+def _plain(obj) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(obj)
