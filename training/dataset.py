@@ -10,7 +10,7 @@ from training.errors import UserError
 from training.prompts import Sample
 
 REQUIRED = ("instruction", "output")
-KNOWN = {"instruction", "input", "output", "source"}
+KNOWN = {"instruction", "input", "output", "source", "prompt"}
 
 
 def sha256(path: Path) -> str:
@@ -71,4 +71,8 @@ def _sample(record, path: Path, where: str) -> Sample:
     context = record.get("input") or ""
     if not isinstance(context, str):
         raise UserError(f"{path}: {where}: input must be a string")
-    return Sample(instruction=record["instruction"].strip(), output=record["output"].strip(), input=context.strip())
+    prompt = record.get("prompt") or ""
+    if not isinstance(prompt, str):
+        raise UserError(f"{path}: {where}: prompt must be a string (the exact prompt text)")
+    return Sample(instruction=record["instruction"].strip(), output=record["output"].strip(),
+                  input=context.strip(), prompt=prompt)

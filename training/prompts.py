@@ -37,6 +37,8 @@ class Sample:
     output: str = ""
     input: str = ""
     history: tuple[Exchange, ...] = ()
+    # The exact prompt text, when known: a logged reply is retrained on the prompt the bot used.
+    prompt: str = ""
 
 
 def history_text(history: tuple[Exchange, ...]) -> str:
@@ -64,6 +66,8 @@ def chat_messages(sample: Sample, persona: str, character: str) -> list[dict]:
 
 def render_prompt(sample: Sample, tokenizer, *, fmt: str, persona: str = "", character: str = "") -> str:
     """The text the model sees before its reply, in the configured format."""
+    if sample.prompt:
+        return sample.prompt
     if fmt == "chat":
         return tokenizer.apply_chat_template(
             chat_messages(sample, persona, character), tokenize=False, add_generation_prompt=True

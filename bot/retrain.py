@@ -1,0 +1,190 @@
+"""The self-improvement loop in the bot: one retrain at a time, in a subprocess, gated, then
+hot-swapped into the running engine. The scheduler and an admin's /retrain both come here."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from bot.config import Config
+from bot.datasets import dataset_files
+from bot.store import Store, TrainingRun
+from training.errors import UserError
+from training.logs import ratings_since
+from training.registry import Registry, Version
+
+log = logging.getLogger(__name__)
+Notify = Callable[[str], Awaitable[None]]
+
+
+class Retrainer:
+    def __init__(self, config: Config, store: Store, engine=None, *, echo: bool = False):
+        self.config = config
+        self.store = store
+        self.engine = engine  # None for `rolebot retrain`: nothing to hot-swap
+        self.registry = Registry(config.adapter_root, config.character.name)
+        self.lock = asyncio.Lock()
+        self.task: asyncio.Task | None = None
+        self.next_run: float | None = None  # set by the scheduler
+        self.last_run: TrainingRun | None = None
+        self.process: asyncio.subprocess.Process | None = None  # the training child, while one runs
+        self.echo = echo  # the child's progress goes to this terminal instead of the run's log
+
+    async def request(self, *, trigger: str, requested_by: str | None = None, notify: Notify | None = None) -> TrainingRun:
+        """Start a cycle in the background; refused while one runs (same lock as the schedule)."""
+        if self.lock.locked():
+            raise UserError(f"a retrain is already running (run {self.last_run.id if self.last_run else '?'}); "
+                            "wait for it to finish")
+        await self.lock.acquire()
+        try:
+            run = await self.store.start_run(trigger, requested_by)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.last_run = run
+        self.task = asyncio.create_task(self._cycle(run, notify), name=f"retrain-{run.id}")
+        return run
+
+    async def scheduled(self) -> TrainingRun | None:
+        """The scheduler's job: a cycle only when enough new ratings are waiting."""
+        waiting = self.new_ratings()
+        needed = self.config.scheduler.min_new_ratings
+        if waiting < needed:
+            log.info("scheduled retrain skipped: %d new rated replies, %d needed", waiting, needed)
+            return None
+        if self.lock.locked():
+            log.info("scheduled retrain skipped: one is running")
+            return None
+        run = await self.request(trigger="schedule")
+        await self.wait()
+        return run
+
+    async def wait(self) -> TrainingRun | None:
+        if self.task is not None:
+            await asyncio.shield(self.task)
+        return self.last_run
+
+    def new_ratings(self) -> int:
+        since = self.last_run.started_at if self.last_run else 0.0
+        try:
+            return ratings_since(self.config.database, since)
+        except UserError:
+            return 0
+
+    def state(self) -> dict:
+        last = self.last_run
+        return {
+            "running": self.lock.locked(),
+            "last_run": None if last is None else {
+                "id": last.id, "status": last.status, "reason": last.reason, "trigger": last.trigger,
+                "started_at": last.started_at, "finished_at": last.finished_at,
+                "candidate_version": last.candidate_version, "metrics": dict(last.metrics)},
+            "next_run": None if self.next_run is None else time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.next_run)),
+            "new_ratings": self.new_ratings(),
+            "active_version": self.engine.adapter_version if self.engine else _name(self.registry.active()),
+        }
+
+    async def load_last_run(self) -> None:
+        self.last_run = await self.store.last_run()
+
+    async def rollback(self) -> Version:
+        async with self.lock:
+            version = self.registry.rollback()
+            await self._activate(version)
+            return version
+
+    async def _cycle(self, run: TrainingRun, notify: Notify | None) -> None:
+        try:
+            status, reason, version, metrics = await self._train_and_gate(run)
+        except asyncio.CancelledError:
+            status, reason, version, metrics = "failed", "the bot stopped during the run", None, {}
+        except Exception as exc:  # a bug here must not kill the bot: record it
+            log.exception("retrain %s failed", run.id)
+            status, reason, version, metrics = "failed", f"{type(exc).__name__}: {exc}", None, {}
+        try:
+            self.last_run = await self.store.finish_run(run.id, status, reason=reason, candidate_version=version, metrics=metrics)
+        finally:
+            self.lock.release()
+        log.info("retrain %s %s: %s", run.id, status, reason)
+        if notify is not None:
+            try:
+                await notify(f"Retrain {run.id} {status}: {reason}")
+            except Exception:
+                log.warning("could not tell the admin about retrain %s", run.id, exc_info=True)
+
+    async def _train_and_gate(self, run: TrainingRun) -> tuple[str, str, str | None, dict]:
+        job, result_path = self._job(run)
+        code, output = await self._subprocess(job)
+        result = json.loads(result_path.read_text(encoding="utf-8")) if result_path.exists() else {}
+        if code != 0 or "error" in result:
+            reason = result.get("error") or _tail(output) or f"training exited with {code}"
+            if code < 0 and not result:
+                reason = f"training was killed (signal {-code}): {reason}"
+            return "failed", reason, None, {}
+        if not result["passed"]:
+            return "rejected", f"{result['version']} not promoted: {result['reason']}", result["version"], result["metrics"]
+        version = self.registry.activate(result["version"])
+        await self._activate(version)
+        return "succeeded", f"{version.name} is active: {result['reason']}", version.name, result["metrics"]
+
+    async def _activate(self, version: Version) -> None:
+        await self.store.add_adapter_version(self.config.character.name, version.name, version.meta)
+        await self.store.activate_adapter(self.config.character.name, version.name)
+        if self.engine is not None:
+            await self.engine.swap_adapter(version)
+
+    def _job(self, run: TrainingRun) -> tuple[Path, Path]:
+        config = self.config
+        files = dataset_files(config, quiet=True)
+        work = Path(tempfile.mkdtemp(prefix=f"rolebot-retrain-{run.id}-"))
+        active = self.registry.active() if config.retrain.start_from == "active" else None
+        train = dataclasses.replace(config.training, max_steps=config.retrain.max_steps)
+        job = {
+            "run_id": run.id, "trigger": run.trigger, "db": str(config.database),
+            "original": str(files.train), "val": str(files.val) if files.val else None,
+            "data_file": str(config.path(f"data/retrain/run-{run.id}.json")),
+            "model": dataclasses.asdict(config.model), "lora": dataclasses.asdict(config.lora),
+            "train": dataclasses.asdict(train),
+            "style": {"fmt": config.model.prompt_format, "persona": config.character.persona, "character": config.character.name},
+            "adapters": str(config.adapter_root), "character": config.character.name,
+            "parent": active.name if active else None, "replay_ratio": config.retrain.replay_ratio,
+            "tolerance": config.retrain.nll_tolerance, "result": str(work / "result.json"),
+        }
+        (work / "job.json").write_text(json.dumps(job, ensure_ascii=False), encoding="utf-8")
+        return work / "job.json", work / "result.json"
+
+    async def _subprocess(self, job: Path) -> tuple[int, str]:
+        """Train in a child process; kill it when it runs past the timeout."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "training.retrain", str(job),
+            stdout=None if self.echo else asyncio.subprocess.PIPE,
+            stderr=None if self.echo else asyncio.subprocess.STDOUT)
+        self.process = proc
+        timeout = self.config.retrain.timeout_minutes * 60
+        try:
+            output, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return -9, f"killed after the {self.config.retrain.timeout_minutes:g}-minute timeout"
+        except asyncio.CancelledError:
+            proc.kill()
+            await proc.wait()
+            raise
+        return proc.returncode, (output or b"").decode("utf-8", "replace")
+
+
+def _tail(output: str) -> str:
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    return lines[-1][:500] if lines else ""
+
+
+def _name(version: Version | None) -> str | None:
+    return version.name if version else None

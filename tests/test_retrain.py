@@ -1,0 +1,143 @@
+"""The retrain cycle on the CPU: rated replies in SQLite → subprocess SFT → gate → promotion,
+and every way it can refuse or fail without touching the active adapter."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from bot.config import load_config
+from bot.datasets import dataset_files
+from bot.retrain import Retrainer
+from bot.scheduler import RetrainSchedule, make_trigger
+from bot.store import ReplyStats, Store
+from training.dataset import load_samples
+from training.errors import UserError
+from training.packing import PromptStyle
+from training.prompts import Sample
+from training.registry import Registry
+
+pytestmark = pytest.mark.slow
+
+TINY = """
+[training]
+batch_size = 1
+grad_accum = 1
+warmup_steps = 0
+learning_rate = 1e-3
+pack_length = 512
+
+[retrain]
+start_from = "base"
+max_steps = 2
+nll_tolerance = 0.05
+replay_ratio = 1.0
+
+[scheduler]
+min_new_ratings = 5
+
+[generation]
+max_new_tokens = 8
+"""
+
+
+def project(tmp_path: Path, extra: str = "") -> Path:
+    (tmp_path / "config.toml").write_text(TINY + extra, encoding="utf-8")
+    return tmp_path / "config.toml"
+
+
+async def log_rated_replies(store: Store, config, liked: int, disliked: int) -> None:
+    """What the bot writes while people chat and rate: the prompt it used, the reply, votes."""
+    style = PromptStyle(config.model.prompt_format, config.character.persona, config.character.name)
+    pairs = load_samples(dataset_files(config, quiet=True).train)
+    for i in range(liked + disliked):
+        pair = pairs[i % len(pairs)]
+        asked = await store.add_user_message("web", f"chat{i}", f"user{i}", pair.instruction)
+        prompt = style.prompt(Sample(pair.instruction), None)
+        reply = await store.start_reply(asked.id, adapter_version=None, prompt=prompt, sampling={})
+        text = pair.output if i < liked else "我是一个AI助手，很高兴为您服务。"
+        await store.finish_reply(reply.id, text, ReplyStats(completion_tokens=8))
+        await store.rate(reply.id, "web", f"rater{i}", 1 if i < liked else -1)
+
+
+async def test_a_cycle_trains_gates_and_promotes(tmp_path):
+    config = load_config(str(project(tmp_path)))
+    async with Store.open(config.database) as store:
+        await log_rated_replies(store, config, liked=8, disliked=2)
+        retrainer = Retrainer(config, store)
+        assert retrainer.new_ratings() == 10
+        run = await retrainer.request(trigger="admin", requested_by="web:admin")
+        with pytest.raises(UserError, match="a retrain is already running"):
+            await retrainer.request(trigger="admin", requested_by="web:other")
+        done = await retrainer.wait()
+        assert done.status == "succeeded", done.reason
+        registry = Registry(config.adapter_root, "甄嬛")
+        assert registry.active().name == done.candidate_version == "v0001"
+        meta = registry.active().meta
+        assert meta["gate"]["passed"] and meta["retrain"]["run_id"] == run.id
+        assert meta["retrain"]["liked"] >= 6 and meta["retrain"]["replayed"] == meta["retrain"]["liked"]
+        assert (await store.active_adapter("甄嬛")).version == "v0001"
+        data = json.loads((tmp_path / "data/retrain" / f"run-{run.id}.json").read_text(encoding="utf-8"))
+        rated = [r for r in data if r["source"] == "rated"]
+        assert rated and all(r["prompt"].startswith(config.character.persona) for r in rated)
+        assert not any("AI助手" in r["output"] for r in data), "a 👎 reply was trained on"
+        assert retrainer.state()["new_ratings"] == 0 and retrainer.state()["last_run"]["status"] == "succeeded"
+
+
+async def test_a_crash_in_training_keeps_the_old_version_and_records_the_failure(tmp_path):
+    config = load_config(str(project(tmp_path)))
+    registry = Registry(config.adapter_root, "甄嬛")
+    async with Store.open(config.database) as store:
+        await log_rated_replies(store, config, liked=6, disliked=0)
+        retrainer = Retrainer(config, store)
+        await retrainer.request(trigger="admin", requested_by="web:admin")
+        while retrainer.process is None:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(3)
+        retrainer.process.kill()  # what the OOM killer does
+        done = await retrainer.wait()
+        assert done.status == "failed" and "killed" in done.reason, done.reason
+        assert registry.versions() == [] and registry.active() is None
+        assert (await store.last_run()).status == "failed"
+
+
+async def test_a_candidate_that_fails_the_gate_is_not_promoted(tmp_path):
+    # A learning rate this high wrecks the model: held-out NLL explodes and the gate says no.
+    config = load_config(str(project(tmp_path)))
+    config.training.learning_rate = 0.5
+    config.retrain.max_steps = 3
+    async with Store.open(config.database) as store:
+        await log_rated_replies(store, config, liked=6, disliked=0)
+        retrainer = Retrainer(config, store)
+        await retrainer.request(trigger="admin")
+        done = await retrainer.wait()
+    assert done.status == "rejected", done.reason
+    assert "not promoted" in done.reason and "held-out NLL" in done.reason
+    registry = Registry(config.adapter_root, "甄嬛")
+    assert registry.active() is None and registry.get("v0001").meta["gate"]["passed"] is False
+
+
+async def test_the_threshold_holds_the_scheduled_job_back(tmp_path):
+    config = load_config(str(project(tmp_path)))
+    async with Store.open(config.database) as store:
+        await log_rated_replies(store, config, liked=3, disliked=0)
+        retrainer = Retrainer(config, store)
+        assert await retrainer.scheduled() is None
+        assert await store.last_run() is None
+        schedule = RetrainSchedule(config.scheduler, retrainer)
+        schedule.start()
+        try:
+            assert retrainer.state()["next_run"] is not None and not retrainer.state()["running"]
+        finally:
+            schedule.stop()
+
+
+def test_a_bad_cron_expression_is_one_clear_line():
+    from bot.config import SchedulerSettings
+
+    with pytest.raises(UserError, match=r"\[scheduler\] cron: 'every day' is not a crontab expression"):
+        make_trigger(SchedulerSettings(cron="every day"))
+    assert "cron" in type(make_trigger(SchedulerSettings(cron="0 4 * * *"))).__name__.lower()

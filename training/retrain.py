@@ -1,0 +1,174 @@
+"""One retrain cycle's training side: rated logs → dataset, SFT (same core), gate.
+
+It runs as a subprocess of the bot (``python -m training.retrain JOB.json``): its own CUDA
+context, killable on timeout, and a crash there never takes the bot down. The bot reads the
+result file and decides promotion; this module never activates anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from training.dataset import load_samples
+from training.errors import UserError
+from training.logs import RatedReply, open_snapshot
+from training.packing import PromptStyle
+from training.prompts import Sample
+from training.registry import Registry, write_json_atomic
+from training.settings import LoraSettings, ModelSettings, TrainSettings
+
+
+@dataclass(frozen=True)
+class RetrainData:
+    """What a cycle trains on and what its gate judges with."""
+
+    train_file: Path
+    liked: int
+    disliked: int
+    replayed: int
+    heldout_up: tuple[Sample, ...]
+    heldout_down: tuple[Sample, ...]
+    disliked_samples: tuple[Sample, ...]  # kept for a preference (KTO) stage
+
+
+def as_sample(reply: RatedReply) -> Sample:
+    return Sample(instruction=reply.user_text, output=reply.text, prompt=reply.prompt)
+
+
+def build_data(db: Path, original: Path, out: Path, *, replay_ratio: float, seed: int, holdout: float = 0.2) -> RetrainData:
+    """Net-👍 replies become samples with the prompt the bot used, mixed with ``replay_ratio``
+    original pairs per reply so the character does not drift; the latest ``holdout`` share of
+    rated replies is kept back for the gate (time-ordered, never trained on)."""
+    with open_snapshot(db) as snapshot:
+        rated = snapshot.rated_replies()
+    rated = [r for r in rated if r.score != 0]
+    kept_back = max(0, int(len(rated) * holdout)) if len(rated) >= 5 else 0
+    train_part, held = rated[: len(rated) - kept_back], rated[len(rated) - kept_back:]
+    liked = [as_sample(r) for r in train_part if r.score > 0]
+    disliked = [as_sample(r) for r in train_part if r.score < 0]
+    originals = load_samples(original)
+    count = min(len(originals), round(replay_ratio * len(liked)))
+    replay = random.Random(seed).sample(originals, count)
+    records = [{"instruction": s.instruction, "input": s.input, "output": s.output, "source": "script"} for s in replay]
+    records += [{"instruction": s.instruction or "…", "input": "", "output": s.output, "prompt": s.prompt,
+                 "source": "rated"} for s in liked]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, records)
+    return RetrainData(
+        train_file=out, liked=len(liked), disliked=len(disliked), replayed=len(replay),
+        heldout_up=tuple(as_sample(r) for r in held if r.score > 0),
+        heldout_down=tuple(as_sample(r) for r in held if r.score < 0),
+        disliked_samples=tuple(disliked),
+    )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    reason: str
+    metrics: dict = field(default_factory=dict)
+
+
+def gate(model_settings: ModelSettings, style: PromptStyle, active: Path | None, candidate: Path,
+         val: list[Sample], up: tuple[Sample, ...], down: tuple[Sample, ...], tolerance: float) -> Verdict:
+    """The candidate must not lose more than ``tolerance`` (relative) held-out NLL, and must rank
+    held-out 👍 replies above 👎 ones at least as often as the active adapter does."""
+    from training.evaluate import token_nlls
+    from training.modeling import attach_adapter, load_base
+
+    model, tokenizer = load_base(model_settings)
+    model = attach_adapter(model, str(candidate), name="candidate")
+    if active is not None:
+        model.load_adapter(str(active), adapter_name="active")
+    max_len = model_settings.max_seq_length
+
+    def measure(name: str) -> tuple[float, float | None]:
+        if name == "active" and active is None:
+            with model.disable_adapter():
+                return measure_current()
+        model.set_adapter(name)
+        return measure_current()
+
+    def measure_current() -> tuple[float, float | None]:
+        sums = token_nlls(model, tokenizer, val, style, max_len)
+        nll = sum(s for s, _ in sums) / max(1, sum(n for _, n in sums))
+        if not up or not down:
+            return nll, None
+        per_up = [s / max(1, n) for s, n in token_nlls(model, tokenizer, list(up), style, max_len)]
+        per_down = [s / max(1, n) for s, n in token_nlls(model, tokenizer, list(down), style, max_len)]
+        wins = sum(u < d for u in per_up for d in per_down)
+        return nll, wins / (len(per_up) * len(per_down))
+
+    old_nll, old_pref = measure("active")
+    new_nll, new_pref = measure("candidate")
+    metrics = {"val_nll_active": round(old_nll, 4), "val_nll_candidate": round(new_nll, 4),
+               "preference_active": old_pref, "preference_candidate": new_pref,
+               "heldout_up": len(up), "heldout_down": len(down)}
+    limit = old_nll * (1 + tolerance)
+    if new_nll > limit:
+        return Verdict(False, f"held-out NLL {new_nll:.4f} is worse than the active {old_nll:.4f} "
+                              f"by more than {tolerance:.0%}", metrics)
+    if new_pref is not None and new_pref < old_pref:
+        return Verdict(False, f"ranks 👍 above 👎 replies in {new_pref:.0%} of held-out pairs, "
+                              f"the active adapter in {old_pref:.0%}", metrics)
+    why = "no held-out 👍/👎 pairs to compare" if new_pref is None else f"👍>👎 in {new_pref:.0%} vs {old_pref:.0%}"
+    return Verdict(True, f"held-out NLL {old_nll:.4f} → {new_nll:.4f}; {why}", metrics)
+
+
+def run_job(job: dict) -> dict:
+    """Everything the subprocess does, from the job file the bot wrote."""
+    from training.sft import TrainJob, train
+
+    model = ModelSettings(**job["model"])
+    style = PromptStyle(**job["style"])
+    registry = Registry(Path(job["adapters"]), job["character"])
+    parent = registry.get(job["parent"]) if job.get("parent") else None
+    data = build_data(Path(job["db"]), Path(job["original"]), Path(job["data_file"]),
+                      replay_ratio=job["replay_ratio"], seed=job["train"]["seed"])
+    if data.liked == 0:
+        raise UserError("no 👍-rated replies to learn from yet (outside the held-out share)")
+    result = train(TrainJob(
+        data=data.train_file, model=model, lora=LoraSettings(**job["lora"]), train=TrainSettings(**job["train"]),
+        style=style, registry=registry, val=Path(job["val"]) if job.get("val") else None, parent=parent,
+        trigger=job["trigger"], notes={"retrain": {"run_id": job["run_id"], "liked": data.liked,
+                                                   "disliked": data.disliked, "replayed": data.replayed}},
+    ), activate=False)
+    val = load_samples(Path(job["val"])) if job.get("val") else load_samples(Path(job["original"]))[:64]
+    verdict = gate(model, style, parent.path if parent else None, result.version.path, val,
+                   data.heldout_up, data.heldout_down, job["tolerance"])
+    meta = {**result.version.meta, "gate": asdict(verdict)}
+    write_json_atomic(result.version.path / "meta.json", meta)
+    return {"version": result.version.name, "passed": verdict.passed, "reason": verdict.reason,
+            "metrics": {**verdict.metrics, "liked": data.liked, "disliked": data.disliked,
+                        "replayed": data.replayed, "final_loss": result.final_loss,
+                        "runtime_s": round(result.runtime_s, 1)}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.retrain", description="one retrain cycle (run by the bot)")
+    parser.add_argument("job", type=Path, help="the job file the bot wrote")
+    args = parser.parse_args(argv)
+    job = json.loads(args.job.read_text(encoding="utf-8"))
+    result_path = Path(job["result"])
+    try:
+        result = run_job(job)
+    except UserError as exc:
+        write_json_atomic(result_path, {"error": str(exc)})
+        print(f"retrain: {exc}", file=sys.stderr)
+        return 2
+    except BaseException as exc:
+        write_json_atomic(result_path, {"error": f"{type(exc).__name__}: {exc}".strip()})
+        traceback.print_exc()
+        return 1
+    write_json_atomic(result_path, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
