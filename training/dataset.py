@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 
 from training.errors import UserError
-from training.prompts import Sample
+from training.prompts import Exchange, Sample
 
 REQUIRED = ("instruction", "output")
 KNOWN = {"instruction", "input", "output", "source", "prompt"}
+# Conversation records (rolebot prepare --format sharegpt|jsonl): role names per format.
+TURNS = {"messages": ("role", "content", "user", "assistant"), "conversations": ("from", "value", "human", "gpt")}
 
 
 def sha256(path: Path) -> str:
@@ -21,10 +23,13 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_samples(path: Path) -> list[Sample]:
+def load_samples(path: Path, character: str = "") -> list[Sample]:
     """Alpaca records from a JSON array or a JSON-lines file.
 
     Every record needs a non-empty ``instruction`` and ``output``; ``input`` is optional.
+    Conversation records (``messages`` or ShareGPT ``conversations``) are read too: the last
+    assistant turn is the output, the user turn before it the instruction, earlier turns the
+    history (assistant turns spoken by ``character``).
     """
     path = Path(path)
     try:
@@ -36,7 +41,7 @@ def load_samples(path: Path) -> list[Sample]:
     records = _parse(text, path)
     if not records:
         raise UserError(f"{path}: the dataset is empty — it needs at least one instruction/output pair")
-    return [_sample(record, path, where) for where, record in records]
+    return [_sample(record, path, where, character) for where, record in records]
 
 
 def _parse(text: str, path: Path) -> list[tuple[str, object]]:
@@ -60,9 +65,12 @@ def _parse(text: str, path: Path) -> list[tuple[str, object]]:
     return records
 
 
-def _sample(record, path: Path, where: str) -> Sample:
+def _sample(record, path: Path, where: str, character: str) -> Sample:
     if not isinstance(record, dict):
         raise UserError(f"{path}: {where}: expected an object with instruction/input/output, got {type(record).__name__}")
+    for key in TURNS:
+        if key in record:
+            return _conversation(record[key], TURNS[key], path, where, character)
     unknown = set(record) - KNOWN
     missing = [key for key in REQUIRED if not isinstance(record.get(key), str) or not record[key].strip()]
     if missing or unknown:
@@ -76,3 +84,16 @@ def _sample(record, path: Path, where: str) -> Sample:
         raise UserError(f"{path}: {where}: prompt must be a string (the exact prompt text)")
     return Sample(instruction=record["instruction"].strip(), output=record["output"].strip(),
                   input=context.strip(), prompt=prompt)
+
+
+def _conversation(turns, names: tuple[str, str, str, str], path: Path, where: str, character: str) -> Sample:
+    role_key, text_key, user, assistant = names
+    ok = isinstance(turns, list) and all(
+        isinstance(t, dict) and t.get(role_key) in (user, assistant, "system") and isinstance(t.get(text_key), str) for t in turns)
+    spoken = [t for t in turns if t[role_key] != "system"] if ok else []
+    if len(spoken) < 2 or spoken[-1][role_key] != assistant or spoken[-2][role_key] != user:
+        raise UserError(f"{path}: {where}: a conversation must end with a {user} turn and then an {assistant} "
+                        f"turn, each with {role_key!r} and {text_key!r}")
+    history = tuple(Exchange(character or "assistant" if t[role_key] == assistant else "用户", t[text_key])
+                    for t in spoken[:-2])
+    return Sample(instruction=spoken[-2][text_key].strip(), output=spoken[-1][text_key].strip(), history=history)
