@@ -250,6 +250,10 @@ class IncrementalDecoder:
 # The local engine: the model in this process, one generation thread, batches of requests.
 
 
+# How long the generation thread waits for more requests before starting a batch.
+GATHER_S = 0.005
+
+
 def _sampling_key(gen: GenerationSettings) -> tuple:
     """Requests with equal keys can share a batch (max_new_tokens and stops are per row)."""
     if gen.temperature > 0:
@@ -286,6 +290,7 @@ class _Counters:
     tokens: int = 0
     swaps: int = 0
     largest_batch: int = 0
+    last_swap_ms: float | None = None
 
 
 class LocalEngine:
@@ -447,6 +452,7 @@ class LocalEngine:
             "tokens_generated": self.counters.tokens,
             "largest_batch": self.counters.largest_batch,
             "adapter_swaps": self.counters.swaps,
+            "last_swap_ms": self.counters.last_swap_ms,
         }
 
     # -- the generation thread ---------------------------------------------------------------
@@ -461,6 +467,11 @@ class LocalEngine:
                 if self._closing:
                     return
                 head = self._queue[0]
+                if isinstance(head, _Request):
+                    self._gather()
+                    head = self._queue[0] if self._queue else None
+                if head is None or self._closing:
+                    continue
                 if isinstance(head, _Swap):
                     self._queue.popleft()
                     batch = None
@@ -475,6 +486,17 @@ class LocalEngine:
                 finally:
                     with self._wake:
                         self._running = []
+
+    def _gather(self) -> None:
+        """Wait a moment for more requests: messages that arrive together share one batch
+        instead of the first one starting alone and the rest waiting for it to finish."""
+        deadline = time.perf_counter() + GATHER_S
+        while len(self._queue) < self.config.generation.max_batch_size and not self._closing:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            self._wake.wait(left)
+        self._drop_cancelled()
 
     def _drop_cancelled(self) -> None:
         keep = deque()
@@ -615,8 +637,9 @@ class LocalEngine:
             self._loop.call_soon_threadsafe(_settle, swap.done, exc)
             return
         self.counters.swaps += 1
+        self.counters.last_swap_ms = round((time.perf_counter() - started) * 1000, 1)
         log.info("engine: now serving %s (%s, %.0f ms)", swap.version.name if swap.version else "the base model",
-                 kind, (time.perf_counter() - started) * 1000)
+                 kind, self.counters.last_swap_ms)
         self._loop.call_soon_threadsafe(_settle, swap.done, None)
 
     def _copy_weights(self, weights: dict) -> None:
@@ -801,7 +824,7 @@ class OpenAIEngine:
         import openai
 
         stops = StopFilter(gen.stop)
-        tokens = pieces = 0
+        prompt_tokens, tokens, pieces = stream.prompt_tokens, 0, 0
         first = None
         reason = "error"
         error = None
@@ -818,7 +841,8 @@ class OpenAIEngine:
             response = await self.client.completions.create(**request)
             reason = "length"
             async for chunk in response:
-                if chunk.usage is not None:
+                if chunk.usage is not None:  # the server's own count, in the last chunk
+                    prompt_tokens = chunk.usage.prompt_tokens or prompt_tokens
                     tokens = chunk.usage.completion_tokens or tokens
                 for choice in chunk.choices:
                     pieces += 1
@@ -842,7 +866,7 @@ class OpenAIEngine:
             log.warning("engine: request to %s failed: %s", self.config.engine.base_url, exc)
         self.counters.replies += 1
         self.counters.tokens += tokens or pieces
-        stream._finish(ReplyStats(stream.prompt_tokens, tokens or pieces, first, time.perf_counter() - stream.submitted,
+        stream._finish(ReplyStats(prompt_tokens, tokens or pieces, first, time.perf_counter() - stream.submitted,
                                   stream.adapter_version, reason), error)
 
     async def swap_adapter(self, version: Version | None) -> None:
