@@ -1,0 +1,113 @@
+"""The console front-end: chat with the character in the terminal that runs ``rolebot serve``.
+
+A line is a message (or a command: /reset, /forget, /status, /retrain, /rollback, /help);
+``+`` or ``-`` rates the last reply 👍 or 👎; /quit or Ctrl-D stops the bot. Whoever sits at
+the console runs the process, so the admin commands are theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from typing import TextIO
+
+from bot.config import Config
+from bot.platforms import Options
+from bot.service import Answer, IncomingMessage, Service
+from training.errors import UserError
+
+PLATFORM = "console"
+USER = "console"  # one person at one terminal: one user, one chat
+RATINGS = {"+": 1, "-": -1}
+
+
+def from_config(config: Config, service: Service, options: Options) -> Console | None:
+    if not (config.console.enabled and options.interactive):
+        return None
+    return Console(service, on_quit=options.on_quit)
+
+
+class Console:
+    name = "console"
+
+    def __init__(self, service: Service, *, fd: int | None = None, out: TextIO | None = None,
+                 on_quit=None):
+        self.service = service
+        self.fd = sys.stdin.fileno() if fd is None else fd
+        self.out = out or sys.stdout
+        self.on_quit = on_quit
+        self.last_reply: int | None = None
+        self._lines: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._buffer = b""
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        # A reader callback rather than input() in a thread: a thread blocked in input() could
+        # not be stopped, and shutdown would wait for the user to press Enter.
+        asyncio.get_running_loop().add_reader(self.fd, self._readable)
+        self._write(f"Chatting with {self.service.character}. + / - rate the last reply; "
+                    "/help lists the commands; /quit or Ctrl-D stops the bot.\n")
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.fd)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def _readable(self) -> None:
+        """Split what the terminal sent into lines; bytes stay bytes until the service decodes
+        them, so invalid UTF-8 is the service's to clean."""
+        data = os.read(self.fd, 65536)
+        if not data:
+            asyncio.get_running_loop().remove_reader(self.fd)
+            if self._buffer:
+                self._lines.put_nowait(self._buffer)
+            self._lines.put_nowait(None)
+            return
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        for line in lines:
+            self._lines.put_nowait(line)
+
+    async def _run(self) -> None:
+        self._write("你：")
+        while (line := await self._lines.get()) is not None:
+            if line.strip() in (b"/quit", b"/exit"):
+                break
+            await self._line(line)
+            self._write("你：")
+        self._write("\n")
+        if self.on_quit is not None:
+            self.on_quit()
+
+    async def _line(self, line: bytes) -> None:
+        word = line.strip().decode("utf-8", "replace")
+        if word in RATINGS:
+            self._write(await self._rate(RATINGS[word]) + "\n")
+            return
+        out = await self.service.handle(IncomingMessage(PLATFORM, USER, USER, line))
+        if isinstance(out, Answer):
+            self._write(out.text + "\n")
+            return
+        if out.notice:
+            self._write(out.notice + "\n")
+        self._write(f"{self.service.character}：")
+        async for piece in out:
+            self._write(piece)
+        result = await out.result()
+        self._write("\n" if result.status == "complete" else f"\n({result.status})\n")
+        self.last_reply = out.message_id
+
+    async def _rate(self, value: int) -> str:
+        if self.last_reply is None:
+            return "(nothing to rate yet)"
+        try:
+            await self.service.rate(PLATFORM, USER, self.last_reply, value)
+        except UserError as exc:
+            return f"({exc})"
+        return "(rated 👍)" if value > 0 else "(rated 👎)"
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()

@@ -1,0 +1,408 @@
+"""The local web chat (aiohttp): a chat page, an OpenAI-compatible chat endpoint, ratings, and an
+admin API behind a bearer token.
+
+| method and path              | what it does                                                    |
+|------------------------------|-----------------------------------------------------------------|
+| GET  /                       | the chat page (streams replies, 👍/👎 under each)                |
+| POST /v1/chat/completions    | OpenAI chat completions, streaming or not; ``user`` is the user |
+| GET  /v1/models              | the one model: the character                                    |
+| POST /api/ratings            | ``{"message_id", "user", "value": 1 or -1}``                    |
+| GET  /api/admin/status       | JSON status (admin token)                                       |
+| POST /api/admin/retrain      | start a retrain (admin token)                                   |
+| POST /api/admin/rollback     | serve the previous adapter version (admin token)                |
+
+Only the last user message of a chat request is new: the conversation the model sees is the
+one the store holds for that user, so earlier messages in the request are not used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from bot.config import Config, secret
+from bot.platforms import Options
+from bot.service import Answer, IncomingMessage, NotSetUp, Overrides, Reply, Service, UnknownMessage
+from training.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "web"
+ANONYMOUS = "anonymous"  # the user of a chat request without a ``user`` field
+# A 1 MB message must reach the service (which cuts it and says so), not die as a 413.
+MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_MESSAGE_ID = 2**63 - 1  # SQLite's largest integer
+# How an answer that is not a reply maps to HTTP: (status, OpenAI error type, code).
+ANSWER_ERRORS = {
+    "empty": (400, "invalid_request_error", "empty_message"),
+    "rate_limited": (429, "rate_limit_error", "rate_limit_exceeded"),
+    "unavailable": (503, "server_error", "unavailable"),
+    "error": (500, "server_error", "reply_failed"),
+}
+
+
+class BadRequest(Exception):
+    """A request the client must fix; becomes a 400 with an OpenAI-style error body."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_request"):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    user: str
+    text: str
+    stream: bool
+    include_usage: bool
+    overrides: Overrides
+
+
+def from_config(config: Config, service: Service, options: Options) -> WebChat | None:
+    if not config.web.enabled:
+        return None
+    return WebChat(
+        service,
+        host=options.host or config.web.host,
+        port=config.web.port if options.port is None else options.port,
+        admin_token=secret(config.service.admin_token_env),
+        admin_token_env=config.service.admin_token_env,
+    )
+
+
+class WebChat:
+    """The web front-end; ``url`` is where it listens once started (port 0: a free port)."""
+
+    name = "web"
+
+    def __init__(self, service: Service, *, host: str, port: int, admin_token: str | None,
+                 admin_token_env: str = "ROLEBOT_ADMIN_TOKEN"):
+        self.service = service
+        self.host = host
+        self.port = port
+        self.admin_token = admin_token
+        self.admin_token_env = admin_token_env
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def application(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])
+        app.router.add_get("/", self.page)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/api/ratings", self.rate)
+        app.router.add_get("/api/admin/status", self.admin_status)
+        app.router.add_post("/api/admin/retrain", self.admin_retrain)
+        app.router.add_post("/api/admin/rollback", self.admin_rollback)
+        return app
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.application(), access_log=None, shutdown_timeout=2.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        log.info("web chat on %s", self.url)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # The page
+
+    async def page(self, request: web.Request) -> web.Response:
+        html = resources.files("bot.platforms").joinpath("web_page.html").read_text(encoding="utf-8")
+        return web.Response(text=html.replace("{{character}}", self.service.character),
+                            content_type="text/html", charset="utf-8")
+
+    async def models(self, request: web.Request) -> web.Response:
+        return json_response({"object": "list", "data": [
+            {"id": self.service.character, "object": "model", "created": 0, "owned_by": "rolebot"}]})
+
+    # Chat
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/chat/completions: the last user message is the new message."""
+        try:
+            chat = parse_chat(await read_json(request))
+        except BadRequest as exc:
+            return error(400, str(exc), exc.code, param=exc.param)
+        out = await self.service.handle(IncomingMessage(PLATFORM, chat.user, chat.user, chat.text),
+                                        sampling=chat.overrides)
+        if isinstance(out, Answer) and out.kind != "answer":
+            status, kind, code = ANSWER_ERRORS[out.kind]
+            return error(status, out.text, code, kind=kind)
+        if chat.stream:
+            return await self._stream(request, out, chat)
+        return await self._complete(out)
+
+    async def _complete(self, out: Answer | Reply) -> web.Response:
+        if isinstance(out, Answer):
+            return json_response(completion(f"cmd-{uuid.uuid4().hex}", self.service.character, out.text))
+        result = await out.result()
+        if result.status == "failed" and not result.text:
+            return error(500, "the model failed to answer; try again", "reply_failed", kind="server_error")
+        body = completion(str(out.message_id), self.service.character, result.text,
+                          finish_reason=finish_reason(result.finish_reason))
+        body["usage"] = usage(result)
+        body["rolebot"] = extension(out, result.status)
+        return json_response(body)
+
+    async def _stream(self, request: web.Request, out: Answer | Reply, chat: ChatRequest) -> web.StreamResponse:
+        """Server-sent events as OpenAI sends them, ending with ``data: [DONE]``. If the client
+        goes away the reply still finishes and is logged."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        model = self.service.character
+        try:
+            if isinstance(out, Answer):
+                cid = f"cmd-{uuid.uuid4().hex}"
+                await send(response, chunk(cid, model, {"role": "assistant", "content": out.text}))
+                await send(response, chunk(cid, model, {}, "stop"))
+            else:
+                cid = str(out.message_id)
+                first = chunk(cid, model, {"role": "assistant", "content": ""})
+                first["rolebot"] = extension(out, "generating")
+                await send(response, first)
+                async for piece in out:
+                    await send(response, chunk(cid, model, {"content": piece}))
+                result = await out.result()
+                last = chunk(cid, model, {}, finish_reason(result.finish_reason))
+                last["rolebot"] = extension(out, result.status)
+                await send(response, last)
+                if chat.include_usage:
+                    await send(response, {**chunk(cid, model, {}), "choices": [], "usage": usage(result)})
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionResetError:
+            log.info("a web client left before its reply ended")
+        return response
+
+    # Ratings
+
+    async def rate(self, request: web.Request) -> web.Response:
+        """POST /api/ratings ``{"message_id": 12, "user": "u1", "value": 1}``; again changes it."""
+        try:
+            body = await read_json(request)
+            message_id = parse_message_id(body.get("message_id"))
+            user = parse_user(body.get("user"), required=True)
+            value = body.get("value")
+            if type(value) is not int or value not in (1, -1):
+                raise BadRequest(f"value must be 1 (👍) or -1 (👎), not {value!r}", "value", "invalid_value")
+        except BadRequest as exc:
+            return error(400, str(exc), exc.code, param=exc.param)
+        try:
+            rating = await self.service.rate(PLATFORM, user, message_id, value)
+        except UnknownMessage as exc:
+            return error(404, str(exc), "unknown_message", param="message_id")
+        except UserError as exc:
+            return error(400, str(exc), "invalid_rating", param="message_id")
+        return json_response({"message_id": message_id, "user": user, "value": rating.value,
+                              "rated_at": rating.rated_at})
+
+    # Admin
+
+    def _refused(self, request: web.Request) -> web.Response | None:
+        """A 401 unless the request carries the admin token; nothing else happens then."""
+        if self.admin_token is None:
+            message = f"the admin API is off: set the environment variable {self.admin_token_env}"
+        else:
+            given = request.headers.get("Authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.admin_token.encode()):
+                return None
+            message = "missing or wrong admin token: send Authorization: Bearer <token>"
+        response = error(401, message, "invalid_admin_token", kind="authentication_error")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+    async def admin_status(self, request: web.Request) -> web.Response:
+        return self._refused(request) or json_response(await self.service.status())
+
+    async def admin_retrain(self, request: web.Request) -> web.Response:
+        if refused := self._refused(request):
+            return refused
+        try:
+            run = await self.service.retrain(f"{PLATFORM}:admin-token")
+        except NotSetUp as exc:
+            return error(503, str(exc), "retrain_not_set_up", kind="server_error")
+        except UserError as exc:
+            return error(409, str(exc), "retrain_running")
+        return json_response({"run": plain(run)}, status=202)
+
+    async def admin_rollback(self, request: web.Request) -> web.Response:
+        if refused := self._refused(request):
+            return refused
+        try:
+            version = await self.service.rollback()
+        except UserError as exc:
+            return error(409, str(exc), "rollback_impossible")
+        return json_response({"active_version": version})
+
+
+# Requests
+
+
+async def read_json(request: web.Request) -> dict:
+    """The body as a JSON object. Invalid UTF-8 inside it becomes U+FFFD, as in a message."""
+    raw = await request.read()
+    try:
+        body = json.loads(raw.decode("utf-8", "replace"))
+    except ValueError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object", code="invalid_json")
+    return body
+
+
+def parse_chat(body: dict) -> ChatRequest:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list", "messages")
+    last = messages[-1]
+    if not isinstance(last, dict) or last.get("role") != "user":
+        raise BadRequest("the last message must have role 'user': it is the new message", "messages")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("stream must be true or false", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise BadRequest("stream_options must be an object", "stream_options")
+    return ChatRequest(
+        user=parse_user(body.get("user")),
+        text=content_text(last.get("content")),
+        stream=stream,
+        include_usage=options.get("include_usage") is True,
+        overrides=Overrides(
+            max_tokens=number(body, "max_completion_tokens", low=1, integer=True)
+            or number(body, "max_tokens", low=1, integer=True),
+            temperature=number(body, "temperature", low=0.0, high=2.0),
+            top_p=number(body, "top_p", low=0.01, high=1.0),
+        ),
+    )
+
+
+def content_text(content: Any) -> str:
+    """A message's content: a string, or OpenAI's list of parts of which the text ones count."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        texts = [p.get("text") for p in content if p.get("type") == "text"]
+        if texts and all(isinstance(t, str) for t in texts):
+            return "\n".join(texts)
+    raise BadRequest("the last message's content must be text", "messages")
+
+
+def parse_user(value: Any, *, required: bool = False) -> str:
+    if value is None and not required:
+        return ANONYMOUS
+    if not isinstance(value, str) or not value.strip() or len(value) > 256:
+        raise BadRequest("user must be a non-empty string of at most 256 characters", "user", "invalid_user")
+    return value.strip()
+
+
+def parse_message_id(value: Any) -> int:
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if type(value) is not int or not 1 <= value <= MAX_MESSAGE_ID:
+        raise BadRequest(f"message_id must be a reply's id (a positive integer), not {value!r}",
+                         "message_id", "invalid_message_id")
+    return value
+
+
+def number(body: dict, key: str, *, low: float, high: float | None = None, integer: bool = False):
+    """An optional numeric field from ``low`` to ``high``; None when absent."""
+    value = body.get(key)
+    if value is None:
+        return None
+    numeric = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    if not numeric or value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise BadRequest(f"{key} must be {'an integer' if integer else 'a number'} {bounds}, not {value!r}", key)
+    return value if integer else float(value)
+
+
+# Responses
+
+
+def completion(cid: str, model: str, text: str, finish_reason: str = "stop") -> dict:
+    return {
+        "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": finish_reason, "logprobs": None}],
+    }
+
+
+def chunk(cid: str, model: str, delta: dict, finish: str | None = None) -> dict:
+    return {
+        "id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+    }
+
+
+def usage(result) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+def extension(reply: Reply, status: str) -> dict:
+    """rolebot's own fields beside OpenAI's (clients ignore them)."""
+    return {"user_message_id": reply.user_message_id, "adapter_version": reply.adapter_version,
+            "notice": reply.notice, "status": status}
+
+
+def finish_reason(engine_reason: str) -> str:
+    # OpenAI knows "stop" and "length"; an interrupted reply (shutdown) ended without a limit.
+    return "length" if engine_reason == "length" else "stop"
+
+
+async def send(response: web.StreamResponse, data: dict) -> None:
+    await response.write(f"data: {dumps(data)}\n\n".encode())
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, ensure_ascii=False, default=str)
+
+
+def plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=dumps)
+
+
+def error(status: int, message: str, code: str, *, kind: str = "invalid_request_error",
+          param: str | None = None) -> web.Response:
+    """An OpenAI-style error body; the official client raises it as the matching APIError."""
+    return json_response({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler) -> web.StreamResponse:
+    """aiohttp's own errors (404, 405, 413) and any bug become JSON errors, never a crash."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error(exc.status, exc.reason if exc.status != 413 else
+                     f"the body is larger than {MAX_BODY_BYTES} bytes", exc.reason.lower().replace(" ", "_"))
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return error(500, "internal error; the server log says more", "internal_error", kind="server_error")

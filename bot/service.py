@@ -1,0 +1,528 @@
+"""The conversation service: joins platform front-ends, the engine and the store.
+
+A front-end turns what a user sent into an ``IncomingMessage`` and hands it to
+``Service.handle``. What comes back is either an ``Answer`` (a command's answer or a polite
+refusal, nothing generated) or a ``Reply`` that streams from the model. Every user message and
+every reply is in the database before the user hears of it: ``handle`` returns only after the
+user's row and the reply's row have committed, and the reply row is finished (complete,
+interrupted or failed) even when nobody reads the stream to its end.
+
+Front-ends know nothing of models; the engine knows nothing of platforms or users.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+import time
+import unicodedata
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from bot import store as db
+from bot.config import Config, GenerationSettings
+from training.errors import UserError
+from training.prompts import Exchange, Sample
+from training.registry import Registry, Version
+
+if TYPE_CHECKING:
+    from bot.engine import Engine, ReplyStream
+
+log = logging.getLogger(__name__)
+
+# What the character says when she will not answer; {name} is the character's name.
+RATE_LIMITED = "（{name}轻轻摇了摇头）您说得太快了，容我缓一缓，过一会儿再同我说话吧。"
+EMPTY = "（{name}抬眼望来）您似乎什么也没有说。"
+CUT = "（您的话太长，{name}只读了前 {chars} 个字。）"
+FORGOTTEN = "（这条话已被遗忘，{name}不再回答。）"
+UNAVAILABLE = "（{name}已经歇下了，请稍后再来。）"
+NOT_SET_UP = "retraining is not set up in this process"
+
+# How a user speaks in the prompt's history; the screenplay form the model was trained on.
+USER_SPEAKER = "用户"
+# Special-token text (<|im_start|>, <s>) and Alpaca's ### headers in user text would let a
+# message rewrite the prompt's structure; they are neutralised in the prompt, not in the log.
+TEMPLATE_MARKERS = re.compile(r"<\|[^<>|\n]{0,40}\|>|</?s>|#{3,}")
+# Removed from every message: control characters (but newlines and tabs), format characters
+# such as zero-width spaces and direction overrides.
+DROPPED_CATEGORIES = frozenset({"Cc", "Cf"})
+SURROGATE = re.compile("[\ud800-\udfff]")  # a lone half of a UTF-16 pair: not a character
+COMMAND = re.compile(r"^/([A-Za-z_]+)(?:@\S+)?(?:\s+(.*))?$", re.DOTALL)
+
+ADMIN_COMMANDS = ("status", "retrain", "rollback")
+USER_COMMANDS = ("reset", "forget", "help")
+
+ReplyStatus = Literal["complete", "interrupted", "failed", "forgotten"]
+AnswerKind = Literal["answer", "empty", "rate_limited", "unavailable", "error"]
+Notifier = Callable[[str, str], Awaitable[None]]  # (chat_id, text): send to a chat unprompted
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    """What a user sent, as any platform sees it. ``text`` may be raw bytes from a terminal."""
+
+    platform: str
+    chat_id: str
+    user_id: str
+    text: str | bytes
+    display_name: str | None = None
+    platform_message_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Per-request sampling (the OpenAI API's max_tokens, temperature, top_p)."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Text for the user that the model did not write: a command's answer or a refusal.
+
+    ``kind`` says why, so an HTTP front-end can pick a status code: ``answer`` (a command),
+    ``empty`` (nothing to answer), ``rate_limited``, ``unavailable`` (shutting down) or
+    ``error`` (the message could not be answered; the log says why).
+    """
+
+    text: str
+    kind: AnswerKind = "answer"
+
+
+@dataclass(frozen=True)
+class ReplyResult:
+    """How a reply ended; ``text`` is what the reply row holds."""
+
+    text: str
+    status: ReplyStatus
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    adapter_version: str | None
+
+
+class Reply:
+    """A reply the model is writing. ``async for piece in reply`` streams it (one reader);
+    ``await reply.result()`` waits for the end. ``message_id`` is the reply's row, known before
+    the first piece, so a platform can attach rating buttons at once."""
+
+    def __init__(self, message_id: int, user_message_id: int, adapter_version: str | None,
+                 notice: str | None):
+        self.message_id = message_id
+        self.user_message_id = user_message_id
+        self.adapter_version = adapter_version
+        self.notice = notice  # e.g. that the user's message was cut; show it beside the reply
+        self._pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        self._result: asyncio.Future[ReplyResult] = asyncio.get_running_loop().create_future()
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        while (piece := await self._pieces.get()) is not None:
+            yield piece
+
+    async def result(self) -> ReplyResult:
+        return await asyncio.shield(self._result)
+
+    def _push(self, piece: str) -> None:
+        self._pieces.put_nowait(piece)
+
+    def _finish(self, result: ReplyResult) -> None:
+        self._pieces.put_nowait(None)
+        self._result.set_result(result)
+
+
+Outgoing = Answer | Reply
+
+
+class NotSetUp(UserError):
+    """An admin action this process cannot do (no retrainer)."""
+
+
+class UnknownMessage(db.RatingError):
+    """A rating for a message id that is not in the log."""
+
+
+class RateLimiter:
+    """A sliding window per user: at most ``per_minute`` messages in any 60 seconds."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic):
+        self.per_minute = per_minute
+        self.clock = clock
+        self._seen: dict[tuple[str, str], deque[float]] = {}
+
+    def allow(self, key: tuple[str, str]) -> bool:
+        now = self.clock()
+        window = self._seen.setdefault(key, deque())
+        while window and window[0] <= now - 60.0:
+            window.popleft()
+        if len(window) >= self.per_minute:
+            return False
+        window.append(now)
+        return True
+
+
+def normalise(text: str | bytes, limit: int) -> tuple[str, bool]:
+    """Clean a message: invalid UTF-8 and lone surrogates become U+FFFD, control and
+    zero-width characters go, line ends become ``\\n``. Returns the text cut to ``limit``
+    characters and whether it was cut."""
+    # Bound the per-character work first: a 1 MB message costs no more than a long one.
+    bound = limit * 4
+    if isinstance(text, bytes):
+        long = len(text) > bound * 4
+        text = text[: bound * 4].decode("utf-8", "replace")
+    else:
+        long = len(text) > bound
+    text = SURROGATE.sub("\ufffd", text[:bound])
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = text.replace("\u2028", "\n").replace("\u2029", "\n").replace("\t", " ")
+    text = "".join(ch for ch in text if ch == "\n" or unicodedata.category(ch) not in DROPPED_CATEGORIES)
+    text = text.strip()
+    if long or len(text) > limit:
+        return text[:limit].rstrip(), True
+    return text, False
+
+
+def neutralise(text: str) -> str:
+    """User text as it may stand inside a prompt: no template markers of its own."""
+    return TEMPLATE_MARKERS.sub(lambda m: "#" if m.group().startswith("#") else "", text)
+
+
+def parse_command(text: str) -> tuple[str, str] | None:
+    """``/name args`` (also ``/name@bot`` as Telegram sends it) → ``(name, args)``."""
+    match = COMMAND.match(text)
+    return (match.group(1).lower(), (match.group(2) or "").strip()) if match else None
+
+
+class Service:
+    """One character's conversations across every platform."""
+
+    def __init__(self, config: Config, store: db.Store, engine: Engine, *,
+                 registry: Registry | None = None, retrainer: Any = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.store = store
+        self.engine = engine
+        self.registry = registry or Registry(config.adapter_root, config.character.name)
+        self.retrainer = retrainer
+        self.limiter = RateLimiter(config.service.rate_limit_per_minute, clock)
+        self.notifiers: dict[str, Notifier] = {}  # platform → how to message one of its chats
+        self._accepting = True
+        self._tasks: set[asyncio.Task] = set()
+        self._calls = 0  # handle()/rate() calls in progress, so close() can wait for them
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._swap_lock = asyncio.Lock()
+
+    @property
+    def character(self) -> str:
+        return self.config.character.name
+
+    def is_admin(self, platform: str, user_id: str) -> bool:
+        """Admins are listed per platform in [service]; whoever sits at the console runs the
+        process and is one already."""
+        if platform == "console":
+            return True
+        return str(user_id) in getattr(self.config.service, f"admins_{platform}", [])
+
+    def _say(self, template: str, **values: Any) -> str:
+        return template.format(name=self.character, **values)
+
+    # Messages
+
+    async def handle(self, msg: IncomingMessage, *, sampling: Overrides | None = None) -> Outgoing:
+        """Answer one message: a command's answer, a refusal, or a streaming reply."""
+        if not self._accepting:
+            return Answer(self._say(UNAVAILABLE), "unavailable")
+        self._enter()
+        try:
+            text, cut = normalise(msg.text, self.config.service.max_message_chars)
+            if not text:
+                return Answer(self._say(EMPTY), "empty")
+            command = parse_command(text)
+            if command:
+                return await self._command(msg, *command)
+            if not self.limiter.allow((msg.platform, str(msg.user_id))):
+                return Answer(self._say(RATE_LIMITED), "rate_limited")
+            started: asyncio.Future[Outgoing] = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(self._reply(msg, text, cut, self._settings(sampling), started))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return await asyncio.shield(started)
+        finally:
+            self._leave()
+
+    async def _reply(self, msg: IncomingMessage, text: str, cut: bool, settings: GenerationSettings,
+                     started: asyncio.Future[Outgoing]) -> None:
+        """Log the message, start the reply row, then stream the model's reply into it."""
+        try:
+            user_row = await self.store.add_user_message(
+                msg.platform, str(msg.chat_id), str(msg.user_id), text,
+                display_name=msg.display_name, platform_message_id=msg.platform_message_id)
+            prompt, trimmed = self._fit(text, await self._history(user_row))
+            stream = self.engine.generate(prompt, settings)
+            try:
+                row = await self.store.start_reply(
+                    user_row.id, adapter_version=stream.adapter_version, prompt=prompt,
+                    sampling=_sampling_json(settings))
+            except LookupError:  # the user ran /forget while this message waited
+                stream.cancel()
+                started.set_result(Answer(self._say(FORGOTTEN), "error"))
+                return
+        except asyncio.CancelledError:
+            _settle(started, Answer(self._say(UNAVAILABLE), "unavailable"))
+            raise
+        except Exception:
+            log.exception("could not start a reply to a %s message", msg.platform)
+            _settle(started, Answer(self._say(UNAVAILABLE), "error"))
+            return
+        notice = self._say(CUT, chars=len(trimmed)) if cut or trimmed != text else None
+        reply = Reply(row.id, user_row.id, stream.adapter_version, notice)
+        started.set_result(reply)
+        await self._stream(reply, stream)
+
+    async def _stream(self, reply: Reply, stream: ReplyStream) -> None:
+        pieces: list[str] = []
+        status: ReplyStatus = "failed"
+        started = time.perf_counter()
+        try:
+            async for piece in stream:
+                pieces.append(piece)
+                reply._push(piece)
+            status = _STATUS.get(stream.stats.finish_reason, "failed")
+        except asyncio.CancelledError:
+            stream.cancel()  # shutdown: the engine drops it between steps
+            status = "interrupted"
+            raise
+        except Exception:
+            log.exception("reply %d failed while streaming", reply.message_id)
+        finally:
+            stats = getattr(stream, "stats", None)
+            text = "".join(pieces).strip()
+            try:
+                row = await self.store.finish_reply(reply.message_id, text, _store_stats(stats, started),
+                                                    status=status)
+                if row is None:  # /forget deleted it while it streamed
+                    status = "forgotten"
+            except Exception:  # the row stays 'generating'; the next start marks it interrupted
+                log.exception("could not store reply %d", reply.message_id)
+            reply._finish(ReplyResult(
+                text=text,
+                status=status,
+                finish_reason=stats.finish_reason if stats else status,
+                prompt_tokens=stats.prompt_tokens if stats else 0,
+                completion_tokens=stats.completion_tokens if stats else 0,
+                adapter_version=reply.adapter_version,
+            ))
+
+    async def _history(self, user_row: db.Message) -> list[Exchange]:
+        """The chat's earlier turns, oldest first, up to [generation] history_turns."""
+        keep = self.config.generation.history_turns
+        if keep == 0:
+            return []
+        rows = await self.store.recent_history(user_row.conversation_id, keep + 8)
+        earlier = [m for m in rows if m.id < user_row.id][-keep:]
+        return [Exchange(USER_SPEAKER if m.role == "user" else self.character, neutralise(m.text))
+                for m in earlier]
+
+    def _fit(self, text: str, history: list[Exchange]) -> tuple[str, str]:
+        """The prompt within the engine's token budget: oldest turns go first, then the end
+        of the message itself. Returns the prompt and the message text it holds."""
+        budget = self.engine.max_prompt_tokens
+        while True:
+            prompt = self.engine.render(Sample(instruction=neutralise(text), history=tuple(history)))
+            used = self.engine.count_tokens(prompt)
+            if used <= budget:
+                return prompt, text
+            if history:
+                history.pop(0)
+            elif len(text) > 1:
+                text = text[: max(1, min(len(text) - 1, int(len(text) * budget / used * 0.9)))]
+            else:
+                raise UserError(f"[character] persona alone is longer than the prompt budget "
+                                f"({used} > {budget} tokens); shorten it or raise [model] max_seq_length")
+
+    def _settings(self, sampling: Overrides | None) -> GenerationSettings:
+        base = self.config.generation
+        if sampling is None:
+            return base
+        changes: dict[str, Any] = {}
+        if sampling.max_tokens is not None:
+            # [generation] max_new_tokens is the ceiling: one request cannot hold the model longer.
+            changes["max_new_tokens"] = max(1, min(sampling.max_tokens, base.max_new_tokens))
+        if sampling.temperature is not None:
+            changes["temperature"] = sampling.temperature
+        if sampling.top_p is not None:
+            changes["top_p"] = sampling.top_p
+        return dataclasses.replace(base, **changes)
+
+    # Ratings
+
+    async def rate(self, platform: str, user_id: str, message_id: int, value: int, *,
+                   display_name: str | None = None) -> db.Rating:
+        """Record (or change) a user's 👍 (+1) or 👎 (-1) on a reply. Raises ``RatingError``
+        for an unknown message, a user's own message or a value other than ±1."""
+        if type(value) is not int or value not in (1, -1):
+            raise db.RatingError(f"rating value {value!r} for message {message_id}: use 1 or -1")
+        if not self._accepting:
+            raise UserError("the bot is shutting down; rate again once it is back")
+        self._enter()
+        try:
+            return await self.store.rate(message_id, platform, str(user_id), value, display_name=display_name)
+        except db.RatingError as exc:
+            if await self.store.message(message_id) is None:
+                raise UnknownMessage(str(exc)) from None
+            raise
+        finally:
+            self._leave()
+
+    # Commands
+
+    async def _command(self, msg: IncomingMessage, name: str, args: str) -> Answer:
+        """Every command goes through here, so access control is in one place."""
+        admin = self.is_admin(msg.platform, str(msg.user_id))
+        if name in ADMIN_COMMANDS and not admin:
+            return Answer(f"/{name} is for admins only.")
+        try:
+            if name == "reset":
+                await self.store.new_conversation(msg.platform, str(msg.chat_id))
+                return Answer("A new conversation begins; earlier messages are no longer in the prompt.")
+            if name == "forget":
+                gone = await self.store.forget_user(msg.platform, str(msg.user_id))
+                return Answer(f"Forgotten: {gone.messages} of your messages, {gone.replies} replies "
+                              f"to them and {gone.ratings} ratings.")
+            if name == "status":
+                return Answer(render_status(await self.status()))
+            if name == "retrain":
+                run = await self.retrain(f"{msg.platform}:{msg.user_id}", self._notify(msg))
+                return Answer(f"Retrain run {run.id} started; you will hear when it ends.")
+            if name == "rollback":
+                return Answer(f"Rolled back: now serving adapter {await self.rollback()}.")
+        except UserError as exc:
+            return Answer(str(exc))
+        known = USER_COMMANDS + (ADMIN_COMMANDS if admin else ())
+        intro = "" if name == "help" else f"Unknown command /{name}. "
+        return Answer(intro + "Commands: " + ", ".join(f"/{c}" for c in known)
+                      + ". /reset starts a new conversation; /forget deletes your messages and ratings.")
+
+    def _notify(self, msg: IncomingMessage) -> Callable[[str], Awaitable[None]] | None:
+        send = self.notifiers.get(msg.platform)
+        return (lambda text: send(str(msg.chat_id), text)) if send else None
+
+    # Admin actions (commands and the web admin API)
+
+    async def status(self) -> dict:
+        counts = await self.store.counts()
+        versions = await asyncio.to_thread(self.registry.versions)
+        return {
+            "character": self.character,
+            "active_version": self.engine.adapter_version,
+            "versions": [v.name for v in versions],
+            "users": counts.users,
+            "conversations": counts.conversations,
+            "messages": counts.messages,
+            "replies": counts.replies,
+            "ratings": counts.ratings,
+            "replies_in_flight": len(self._tasks),
+            "retrain": await self._retrain_state(),
+            "engine": self.engine.status(),
+        }
+
+    async def _retrain_state(self) -> dict:
+        if self.retrainer is not None:
+            return self.retrainer.state()
+        last = await self.store.last_run()
+        return {"running": False, "last_run": dataclasses.asdict(last) if last else None}
+
+    async def retrain(self, requested_by: str, notify: Callable[[str], Awaitable[None]] | None = None):
+        """Start a retrain (raises ``NotSetUp`` without a retrainer, ``UserError`` if one runs)."""
+        if self.retrainer is None:
+            raise NotSetUp(NOT_SET_UP)
+        return await self.retrainer.request(trigger="admin", requested_by=requested_by, notify=notify)
+
+    async def rollback(self) -> str:
+        """Serve the adapter version active before the current one; returns its name."""
+        if self.retrainer is not None:
+            return (await self.retrainer.rollback()).name
+        async with self._swap_lock:
+            version = await asyncio.to_thread(self.registry.rollback)
+            await record_rollback(self.store, version)
+            await self.engine.swap_adapter(version)
+        return version.name
+
+    # Shutdown
+
+    def _enter(self) -> None:
+        self._calls += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._calls -= 1
+        if self._calls == 0:
+            self._idle.set()
+
+    async def close(self, grace_s: float = 5.0) -> None:
+        """Stop accepting messages; let replies in flight finish for ``grace_s`` seconds, then
+        cancel the rest (their rows are marked interrupted). The store and engine stay open:
+        whoever opened them closes them."""
+        self._accepting = False
+        pending = set(self._tasks)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await self._idle.wait()
+
+
+_STATUS: dict[str, ReplyStatus] = {"stop": "complete", "length": "complete", "interrupted": "interrupted"}
+
+
+def _settle(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _sampling_json(settings: GenerationSettings) -> dict:
+    return {k: getattr(settings, k) for k in ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "stop")}
+
+
+def _store_stats(stats, started: float) -> db.ReplyStats:
+    """The engine's measurements in the store's units; our own clock when it has none."""
+    if stats is None:
+        return db.ReplyStats(latency_ms=(time.perf_counter() - started) * 1000)
+    return db.ReplyStats(
+        latency_ms=stats.total_s * 1000,
+        first_token_ms=stats.first_token_s * 1000 if stats.first_token_s is not None else None,
+        prompt_tokens=stats.prompt_tokens,
+        completion_tokens=stats.completion_tokens,
+    )
+
+
+async def record_rollback(store: db.Store, version: Version) -> None:
+    """Make the store's active version the registry's after a rollback."""
+    try:
+        previous = await store.rollback_adapter(version.character)
+    except UserError:
+        previous = None
+    if previous is None or previous.version != version.name:
+        await store.add_adapter_version(version.character, version.name, version.meta)
+        await store.activate_adapter(version.character, version.name)
+
+
+def render_status(status: dict) -> str:
+    """/status as a few lines of text."""
+    retrain = status["retrain"]
+    last = retrain.get("last_run")
+    last_text = f"run {last['id']} {last['status']}" + (f" ({last['reason']})" if last.get("reason") else "") if last else "none"
+    return "\n".join([
+        f"{status['character']}: serving {status['active_version'] or 'the base model (no adapter)'}",
+        f"versions: {', '.join(status['versions']) or 'none'}",
+        f"messages: {status['messages']} ({status['replies']} replies), ratings: {status['ratings']}, "
+        f"users: {status['users']}",
+        f"retrain: {'running' if retrain.get('running') else 'idle'}; last run: {last_text}",
+    ])
