@@ -5,6 +5,12 @@ into one row fixes that, but plain packing lets a sample attend to the samples b
 the row. Here every packed row carries a 4D block-diagonal causal mask and positions that
 restart at each sample, so a packed sample sees exactly what it would see alone (the tests
 compare the logits).
+
+Unsloth's fast CUDA models drop any attention mask while training (they assume right
+padding), so there a 4D mask would be silently ignored and packed samples would attend to
+each other. For them the collator flattens the batch into one row and passes the samples'
+lengths as ``packed_seq_lengths``, Unsloth's own packed-sequence metadata: its attention then
+runs per sample (a varlen kernel where one exists). ``bench/train.py`` checks the logits there.
 """
 
 from __future__ import annotations
@@ -91,12 +97,20 @@ def to_records(rows: list[list[Encoded]]) -> list[dict]:
 
 
 class Collator:
-    """Pads rows to the batch's longest; rows holding several samples get a block mask."""
+    """Pads rows to the batch's longest; rows holding several samples get a block mask.
 
-    def __init__(self, pad_id: int):
+    ``flatten=True`` (for Unsloth's CUDA models, see the module's docstring): the batch becomes
+    one row of all its samples, with restarting ``position_ids`` and ``packed_seq_lengths``
+    instead of a mask, and no padding at all.
+    """
+
+    def __init__(self, pad_id: int, *, flatten: bool = False):
         self.pad_id = pad_id
+        self.flatten = flatten
 
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
+        if self.flatten:
+            return flat_batch(records)
         width = max(len(r["input_ids"]) for r in records)
         ids = torch.full((len(records), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(records), width), IGNORE, dtype=torch.long)
@@ -117,6 +131,21 @@ class Collator:
         else:
             batch["attention_mask"] = block_causal_mask(segments)
         return batch
+
+
+def flat_batch(records: list[dict]) -> dict[str, torch.Tensor]:
+    """All samples of the batch in one row: (1, tokens) ids, labels and restarting positions,
+    plus ``packed_seq_lengths`` (int32), which Unsloth turns into per-sample attention."""
+    lengths = [length for record in records for length in record["seq_lengths"]]
+    ids = [t for record in records for t in record["input_ids"]]
+    labels = [t for record in records for t in record["labels"]]
+    positions = [p for length in lengths for p in range(length)]
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "packed_seq_lengths": torch.tensor(lengths, dtype=torch.int32),
+    }
 
 
 def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:

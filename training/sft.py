@@ -184,8 +184,19 @@ def build_trainer(model, tokenizer, records: list[dict], settings: TrainSettings
             processing_class=tokenizer,
             train_dataset=Dataset.from_list(records),
             args=args,
-            data_collator=Collator(tokenizer.pad_token_id),
+            data_collator=Collator(tokenizer.pad_token_id, flatten=packed and drops_training_masks(model)),
         )
+
+
+def drops_training_masks(model) -> bool:
+    """Whether the backbone runs Unsloth's own fast forward (its CUDA path), which drops any
+    attention mask while training: packed rows must then carry ``packed_seq_lengths`` instead
+    of a block mask, or their samples would attend to each other. Elsewhere (the CPU fallback,
+    plain transformers) the 4D mask is honoured."""
+    for module in model.modules():
+        if hasattr(module, "embed_tokens"):
+            return type(module).forward.__module__.startswith("unsloth.")
+    return False
 
 
 def save(registry: Registry, model, tokenizer, meta: dict, losses) -> Version:
