@@ -49,8 +49,8 @@ class TrainResult:
 
 
 def train(job: TrainJob, *, activate: bool = True) -> TrainResult:
-    samples = load_samples(job.data) + list(job.extra)
-    val = load_samples(job.val) if job.val else []
+    samples = load_samples(job.data, job.style.character) + list(job.extra)
+    val = load_samples(job.val, job.style.character) if job.val else []
     FastLanguageModel = unsloth()
     model, tokenizer = load_base(job.model)
     model = add_lora(FastLanguageModel, model, job.lora, job.parent)
