@@ -250,8 +250,10 @@ class IncrementalDecoder:
 # The local engine: the model in this process, one generation thread, batches of requests.
 
 
-# How long the generation thread waits for more requests before starting a batch.
-GATHER_S = 0.005
+# Before starting a batch the generation thread waits until no request has arrived for
+# GATHER_QUIET_S, and never longer than GATHER_MAX_S.
+GATHER_QUIET_S = 0.004
+GATHER_MAX_S = 0.05
 
 
 def _sampling_key(gen: GenerationSettings) -> tuple:
@@ -348,6 +350,9 @@ class LocalEngine:
         self.model, self.tokenizer = await asyncio.to_thread(load_model, self.config, self._initial)
         self._device = device()
         self._peft_name = "default" if self._initial else None
+        # Every batch passes max_new_tokens; a max_length left in the generation config (Unsloth's
+        # CUDA loader sets the context size) would only make transformers warn on every batch.
+        self.model.generation_config.max_length = None
         eos = self.tokenizer.eos_token_id
         config_eos = getattr(self.model.generation_config, "eos_token_id", None)
         self._eos = {i for i in ([eos] + (config_eos if isinstance(config_eos, list) else [config_eos])) if i is not None}
@@ -488,14 +493,18 @@ class LocalEngine:
                         self._running = []
 
     def _gather(self) -> None:
-        """Wait a moment for more requests: messages that arrive together share one batch
-        instead of the first one starting alone and the rest waiting for it to finish."""
-        deadline = time.perf_counter() + GATHER_S
-        while len(self._queue) < self.config.generation.max_batch_size and not self._closing:
-            left = deadline - time.perf_counter()
-            if left <= 0:
+        """Wait while requests keep arriving (briefly): messages that arrive together share one
+        batch instead of the first starting alone and the rest waiting for it to finish."""
+        now = time.perf_counter()
+        deadline, quiet = now + GATHER_MAX_S, now + GATHER_QUIET_S
+        seen = len(self._queue)
+        while seen < self.config.generation.max_batch_size and not self._closing:
+            now = time.perf_counter()
+            if now >= min(deadline, quiet):
                 break
-            self._wake.wait(left)
+            self._wake.wait(min(deadline, quiet) - now)
+            if len(self._queue) != seen:
+                seen, quiet = len(self._queue), time.perf_counter() + GATHER_QUIET_S
         self._drop_cancelled()
 
     def _drop_cancelled(self) -> None:
@@ -604,11 +613,12 @@ class LocalEngine:
             same = same and set(old.target_modules or ()) == set(new_config.target_modules or ())
             # Saved keys are the parameter names without the adapter's name.
             tag = f".{self._peft_name}."
-            loaded = {name.replace(tag, "."): p.shape for name, p in self.model.named_parameters()
+            loaded = {name.replace(tag, "."): p for name, p in self.model.named_parameters()
                       if "lora_" in name and tag in name}
-            same = same and loaded.keys() == weights.keys() and all(loaded[k] == weights[k].shape for k in weights)
+            same = same and loaded.keys() == weights.keys() and all(loaded[k].shape == weights[k].shape for k in weights)
             if same:
-                return ("copy", weights)
+                # Staged on the model's device now, so that the swap itself is a device copy.
+                return ("copy", [(loaded[k], t.to(loaded[k].device, loaded[k].dtype)) for k, t in weights.items()])
         return ("load", str(version.path))
 
     def _apply_swap(self, swap: _Swap) -> None:
@@ -642,13 +652,12 @@ class LocalEngine:
                  kind, self.counters.last_swap_ms)
         self._loop.call_soon_threadsafe(_settle, swap.done, None)
 
-    def _copy_weights(self, weights: dict) -> None:
-        """Copy into the loaded tensors: same addresses, so captured CUDA graphs read the new values."""
-        from peft.utils import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(self.model, weights, adapter_name=self._peft_name)
-        if [k for k in result.unexpected_keys if "lora_" in k]:
-            raise RuntimeError(f"{len(result.unexpected_keys)} adapter tensors did not fit the loaded adapter")
+    @staticmethod
+    def _copy_weights(pairs: list) -> None:
+        """Copy into the loaded tensors: same addresses, so captured CUDA graphs read the new
+        values (and the version counters Unsloth's caches key on move on)."""
+        for param, value in pairs:
+            param.copy_(value)
 
     def _load_adapter(self, path: str) -> None:
         """A version of another shape: a new PEFT adapter beside the old one, then the old is dropped."""
