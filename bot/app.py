@@ -42,9 +42,13 @@ class App:
 
     @classmethod
     async def start(cls, config: Config, *, host: str | None = None, port: int | None = None,
-                    train: bool = True, interactive: bool = False,
+                    train: bool = True, retraining: bool = True, interactive: bool = False,
                     on_quit: Callable[[], None] | None = None) -> App:
-        """Open everything; whatever opened before a failure is closed again."""
+        """Open everything; whatever opened before a failure is closed again.
+
+        ``train``: train a first adapter when the character has none (else serve the base).
+        ``retraining``: /retrain, /rollback through the retrainer, and the [scheduler] job.
+        """
         from bot.engine import make_engine
 
         async with AsyncExitStack() as stack:
@@ -56,7 +60,8 @@ class App:
             engine = make_engine(config, version)
             stack.push_async_callback(engine.close)
             await engine.start()
-            service = Service(config, store, engine)
+            retrainer = await start_retraining(config, store, engine, stack) if retraining else None
+            service = Service(config, store, engine, retrainer=retrainer)
             frontends = enabled(config, service, Options(host, port, on_quit, interactive))
             for frontend in frontends:
                 await frontend.start()
@@ -91,6 +96,31 @@ async def run_app(config: Config, *, host: str | None = None, port: int | None =
               file=sys.stderr, flush=True)
         await app.stop()
         print("rolebot: stopped", file=sys.stderr, flush=True)
+
+
+async def start_retraining(config: Config, store: Store, engine: Any, stack: AsyncExitStack):
+    """The retrainer (/retrain, /rollback) and, if [scheduler] enabled, its schedule. At
+    shutdown the schedule stops and a retrain in progress is cancelled (its run recorded as
+    failed, its training process killed) before the engine and the store close."""
+    from bot.retrain import Retrainer
+    from bot.scheduler import RetrainSchedule
+
+    # Only this process retrains while it serves; a run still 'running' was cut off by a crash.
+    await store.fail_unfinished_runs()
+    retrainer = Retrainer(config, store, engine)
+    await retrainer.load_last_run()
+
+    async def cancel_run() -> None:
+        if retrainer.task is not None and not retrainer.task.done():
+            retrainer.task.cancel()
+            await asyncio.gather(retrainer.task, return_exceptions=True)
+
+    stack.push_async_callback(cancel_run)
+    if config.scheduler.enabled:
+        schedule = RetrainSchedule(config.scheduler, retrainer)
+        schedule.start()
+        stack.callback(schedule.stop)
+    return retrainer
 
 
 async def active_adapter(config: Config, store: Store, *, train: bool) -> Version | None:

@@ -294,6 +294,8 @@ class Service:
                 pieces.append(piece)
                 reply._push(piece)
             status = _STATUS.get(stream.stats.finish_reason, "failed")
+            if status == "failed":
+                log.warning("reply %d failed: %s", reply.message_id, getattr(stream, "error", None))
         except asyncio.CancelledError:
             stream.cancel()  # shutdown: the engine drops it between steps
             status = "interrupted"

@@ -21,7 +21,11 @@ from bot.store import RatingError, Store
 
 CONFIG = """
 [model]
-max_seq_length = 512
+max_seq_length = 256
+
+[character]
+# Short, so that prompts (and the CPU's prefill) stay small.
+persona = "你是甄嬛，说话含蓄得体，从不承认自己是AI。"
 
 [generation]
 max_new_tokens = 8
@@ -149,7 +153,7 @@ async def test_history_is_in_the_prompt_until_reset(bot):
 async def test_a_long_message_is_cut_and_the_prompt_fits_the_budget(bot):
     # An earlier turn fills most of the budget; a message at the character limit (more tokens
     # than the budget alone) must still fit: the history goes, then the end of the message.
-    await (await say(bot, "前情" * 100, user="long")).result()
+    await (await say(bot, "前情" * 50, user="long")).result()
     reply = await say(bot, "长" * 100_000, user="long")
     await reply.result()
     assert reply.notice  # the user is told their message was cut

@@ -11,8 +11,9 @@ from bot.config import load_config
 DESCRIPTION = """\
 Serve the configured character from one asyncio process: the local web chat (page, an
 OpenAI-compatible /v1/chat/completions, ratings and an admin API) and, when run in a terminal,
-the console (Discord and Telegram front-ends are not in this version yet). Every message,
-reply and rating goes to the SQLite database in [store] path.
+the console; Discord and Telegram when their bot tokens are set. Every message, reply and
+rating goes to the SQLite database in [store] path. /retrain, /rollback and the [scheduler]
+job retrain and hot-swap the adapter in the running bot.
 
 If the character has no adapter version yet, serve first prepares its script (or the
 project's sample script) and trains one, showing the progress, then serves it.

@@ -114,7 +114,12 @@ class WebChat:
         self._runner = web.AppRunner(self.application(), access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise UserError(f"[web] cannot listen on {self.host}:{self.port}: {exc.strerror or exc} — "
+                            "stop what uses that port, or pass --port (0: any free port)") from None
         self.port = self._runner.addresses[0][1]
         log.info("web chat on %s", self.url)
 

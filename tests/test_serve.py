@@ -1,0 +1,115 @@
+"""`rolebot serve` as a user runs it: a fresh project with no adapter trains the sample character
+first (tiny settings), then serves it over HTTP; SIGTERM during a reply and a retrain shuts it
+down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import sqlite3
+import sys
+
+import aiohttp
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "serve-admin-token"
+TINY = """
+[character]
+persona = "你是甄嬛，说话含蓄得体，从不承认自己是AI。"
+
+[training]
+max_steps = 1
+batch_size = 1
+grad_accum = 1
+warmup_steps = 0
+pack_length = 256
+
+[generation]
+max_new_tokens = 8
+temperature = 0.0
+
+[web]
+port = 8080
+
+[service]
+admin_token_env = "ROLEBOT_TEST_SERVE_TOKEN"
+"""
+
+
+async def until_serving(process: asyncio.subprocess.Process, seen: list[str]) -> str:
+    """Read the bot's stderr until it says where it serves; return the web chat's URL."""
+    while line := (await process.stderr.readline()).decode("utf-8", "replace"):
+        seen.append(line)
+        if line.startswith("rolebot: serving"):
+            return re.search(r"http://127\.0\.0\.1:\d+", line).group(0)
+    raise AssertionError("rolebot serve ended before serving:\n" + "".join(seen[-30:]))
+
+
+async def test_first_serve_trains_the_sample_character_serves_it_and_stops_cleanly_on_sigterm(tmp_path, builtin_path):
+    (tmp_path / "config.toml").write_text(TINY, encoding="utf-8")
+    stdout = open(tmp_path / "stdout.txt", "wb")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "--config", str(tmp_path / "config.toml"), "serve", "--host", "127.0.0.1", "--port", "0",
+        stdin=asyncio.subprocess.DEVNULL, stdout=stdout, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "ROLEBOT_TEST_SERVE_TOKEN": TOKEN})
+    seen: list[str] = []
+    try:
+        url = await asyncio.wait_for(until_serving(process, seen), 600)
+        log = "".join(seen)
+        assert "甄嬛 has no adapter yet" in log and "trained v0001" in log
+        assert "serving 甄嬛 (v0001)" in log
+        drain = asyncio.create_task(_drain(process, seen))
+
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{url}/api/admin/status", headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+                status = await response.json()
+            assert status["active_version"] == "v0001" and status["versions"] == ["v0001"]
+            assert status["retrain"]["running"] is False and status["retrain"]["last_run"] is None
+            assert status["retrain"]["next_run"]  # the [scheduler] job is waiting
+
+            # A retrain starts (in its own process); a second one is refused while it runs.
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            async with http.post(f"{url}/api/admin/retrain", headers=auth) as response:
+                assert response.status == 202
+                run = (await response.json())["run"]
+            async with http.post(f"{url}/api/admin/retrain", headers=auth) as response:
+                assert response.status == 409 and "already running" in (await response.json())["error"]["message"]
+
+            body = {"messages": [{"role": "user", "content": "皇上吉祥！"}], "user": "first", "stream": True}
+            async with http.post(f"{url}/v1/chat/completions", json=body) as response:
+                assert response.status == 200
+                first = json.loads((await response.content.readline()).decode().removeprefix("data: "))
+                process.send_signal(signal.SIGTERM)  # while the reply is in flight
+                rest = [line.decode().strip() async for line in response.content]
+        assert first["rolebot"]["adapter_version"] == "v0001"
+        assert [line for line in rest if line][-1] == "data: [DONE]"
+        assert await asyncio.wait_for(process.wait(), 120) == 0
+        await drain
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        stdout.close()
+    assert "rolebot: stopped" in "".join(seen)
+
+    with sqlite3.connect(tmp_path / "rolebot.db") as db:
+        reply = db.execute("SELECT status, adapter_version FROM messages WHERE id = ?", (int(first["id"]),)).fetchone()
+        assert reply[0] in ("complete", "interrupted") and reply[1] == "v0001"
+        assert db.execute("SELECT COUNT(*) FROM messages WHERE status = 'generating'").fetchone()[0] == 0
+        assert db.execute("SELECT version FROM adapter_activations WHERE rolled_back_at IS NULL").fetchall() == [("v0001",)]
+        # Shutdown cancelled the retrain in progress and recorded why.
+        assert db.execute("SELECT status, reason FROM training_runs WHERE id = ?", (run["id"],)).fetchone() == (
+            "failed", "the bot stopped during the run")
+    assert (tmp_path / "adapters" / "甄嬛" / "v0001" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "data" / "甄嬛.json").exists()  # prepared from the project's sample script
+
+
+async def _drain(process: asyncio.subprocess.Process, seen: list[str]) -> None:
+    """Keep reading stderr so the bot never blocks on a full pipe."""
+    while line := await process.stderr.readline():
+        seen.append(line.decode("utf-8", "replace"))
