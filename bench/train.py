@@ -33,11 +33,13 @@ while training (to show what the flattened layout is for).
 
 Writes ``results.json`` and ``results.md`` (and each worker's log) to ``--out``.
 
-Measured on the H200 (torch 2.11, transformers 5.17, Unsloth 2026.10.9; 2026-11-28), one run:
-tutorial 5.85 samples/s at 6.13 GB; rolebot default 52.3 samples/s (8.9x) at 6.94 GB (1.13x);
-HF + PEFT at rolebot's batching 48.3 samples/s at 8.70 GB. Packed vs alone, training mode:
-rolebot's flattened layout 0.38 max abs logit difference, the same as the first sample's (which
-no packing can change: the bf16 floor); the 4D-mask layout 9.98 there (Unsloth drops the mask).
+Measured on the H200 (torch 2.11, transformers 5.17, Unsloth 2026.10.9; 2026-11-28):
+run 1: tutorial 5.85 samples/s at 6.13 GB; rolebot default 52.3 samples/s (8.9x) at 6.94 GB
+(1.13x); HF + PEFT at rolebot's batching 48.3 samples/s at 8.70 GB. Run 2, with the flat
+layout sorted by length and bucketed to multiples of 16 tokens: tutorial 6.7 samples/s at
+6.14 GB; rolebot default 60.0 samples/s (8.9x) at 7.12 GB (1.16x). Packed vs alone, training
+mode: rolebot's layout 0.37 max abs logit difference, the same as the first sample's (which no
+packing can change: the bf16 floor); the 4D-mask layout 9.64 there (Unsloth drops the mask).
 """
 
 from __future__ import annotations
@@ -403,14 +405,18 @@ def check_packing(spec: dict, model, tokenizer) -> dict:
         scale = max(a.abs().max().item() for a in alone)
         for name, collator in layouts.items():
             try:
-                packed = forward(**collator(record))[0]
+                batch = collator(record)
+                packed = forward(**batch)[0]
             except Exception as exc:  # e.g. Unsloth refuses a bool 4D mask in eval mode
                 result[f"{name}/{mode}"] = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
                 continue
+            # rolebot's flat layout sorts samples by length and pads each to a bucket: find each
+            # sample's slot from packed_seq_lengths (the samples here are already in length order).
+            slots = batch["packed_seq_lengths"].tolist() if "packed_seq_lengths" in batch else [len(a) for a in alone]
             diffs, start = [], 0
-            for a in alone:
+            for a, slot in zip(sorted(alone, key=len), slots):
                 diffs.append(round((packed[start:start + len(a)] - a).abs().max().item(), 5))
-                start += len(a)
+                start += slot
             result[f"{name}/{mode}"] = {"max_abs_diff": max(diffs), "per_sample": diffs, "logit_scale": round(scale, 3)}
     os.environ.pop("UNSLOTH_RETURN_LOGITS", None)
     try:

@@ -80,3 +80,16 @@ def test_character_break_detection():
     assert answers_in_character("嫔妾甄嬛，给皇后娘娘请安。", ("甄嬛",))
     assert not answers_in_character("我是人工智能。", ("甄嬛",))
     assert not answers_in_character("今天天气很好。", ("甄嬛",))
+
+
+def test_flattened_batches_sort_and_bucket_samples_without_exposing_padding():
+    records = to_records([[Encoded((1, 2, 3), (IGNORE, 2, 3)), Encoded((4,) * 17, (IGNORE,) + (4,) * 16)],
+                          [Encoded((5, 6), (IGNORE, 6))]])
+    batch = Collator(pad_id=0, flatten=True)(records)
+    assert batch["packed_seq_lengths"].tolist() == [16, 16, 32]  # sorted, each a multiple of 16
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    assert ids[:2] == [5, 6] and ids[2:16] == [0] * 14 and ids[16:19] == [1, 2, 3] and ids[32:49] == [4] * 17
+    assert labels[2:16] == [IGNORE] * 14  # padding carries no loss
+    assert batch["position_ids"][0].tolist()[:18] == list(range(16)) + [0, 1]
+    # Every real label survives.
+    assert sorted(t for t in labels if t != IGNORE) == sorted([2, 3, 6] + [4] * 16)

@@ -110,7 +110,7 @@ class Collator:
 
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
         if self.flatten:
-            return flat_batch(records)
+            return flat_batch(records, self.pad_id)
         width = max(len(r["input_ids"]) for r in records)
         ids = torch.full((len(records), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(records), width), IGNORE, dtype=torch.long)
@@ -133,13 +133,30 @@ class Collator:
         return batch
 
 
-def flat_batch(records: list[dict]) -> dict[str, torch.Tensor]:
+def flat_batch(records: list[dict], pad_id: int = 0, bucket: int = 16) -> dict[str, torch.Tensor]:
     """All samples of the batch in one row: (1, tokens) ids, labels and restarting positions,
-    plus ``packed_seq_lengths`` (int32), which Unsloth turns into per-sample attention."""
-    lengths = [length for record in records for length in record["seq_lengths"]]
-    ids = [t for record in records for t in record["input_ids"]]
-    labels = [t for record in records for t in record["labels"]]
-    positions = [p for length in lengths for p in range(length)]
+    plus ``packed_seq_lengths`` (int32), which Unsloth turns into per-sample attention.
+
+    Unsloth launches one attention kernel per run of equal-length samples, so the samples are
+    sorted by length and each is padded at its end to a multiple of ``bucket``: a few runs per
+    batch instead of one per sample. The padding comes after the sample's last token, so
+    causal attention never lets a real token see it, and its labels are ignored.
+    """
+    samples = []
+    for record in records:
+        start = 0
+        for length in record["seq_lengths"]:
+            samples.append((record["input_ids"][start:start + length], record["labels"][start:start + length]))
+            start += length
+    samples.sort(key=lambda s: len(s[0]))
+    ids, labels, positions, lengths = [], [], [], []
+    for sample_ids, sample_labels in samples:
+        padded = -(-len(sample_ids) // bucket) * bucket
+        extra = padded - len(sample_ids)
+        ids += list(sample_ids) + [pad_id] * extra
+        labels += list(sample_labels) + [IGNORE] * extra
+        positions += range(padded)
+        lengths.append(padded)
     return {
         "input_ids": torch.tensor([ids], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),
