@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from bot.service import Service
 
 # Modules of bot.platforms, in the order their front-ends start.
-FRONTENDS = ("web", "console")
+FRONTENDS = ("web", "discord", "telegram", "console")
 
 
 class Frontend(Protocol):

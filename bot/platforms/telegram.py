@@ -1,0 +1,390 @@
+"""The Telegram front-end (python-telegram-bot 22.x): the character in private chats (and in
+groups when asked), 👍/👎 buttons under every reply, and commands.
+
+| what a user does                          | what the bot does                                         |
+|-------------------------------------------|-----------------------------------------------------------|
+| writes in a private chat; in a group      | types, then streams the reply by editing one message (at   |
+| (``allow_groups``) mentions or replies to | most once per ``edit_interval``), more past 4096 UTF-16    |
+| the bot                                   | units, with 👍/👎 buttons under its last part              |
+| presses 👍 or 👎                           | records the rating and marks the chosen button             |
+| ``/start``, ``/reset``, ``/forget``       | a greeting, or the service's answer                        |
+| ``/status``, ``/retrain``, ``/rollback``  | the same, for admins: ``[service] admins_telegram``        |
+
+The Application runs inside rolebot's event loop (initialize, start, updater polling; no
+``run_polling``, which would own the loop). ``concurrent_updates`` lets a button press through
+while a long reply streams; ``AIORateLimiter`` paces calls to Telegram's limits and waits out a
+429. The bot is on when the environment variable named by ``[telegram] token_env`` holds its
+token; ``[telegram] base_url`` points it at a Bot API server of your own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+
+from telegram import (
+    BotCommand,
+    BotCommandScopeChat,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    Message,
+    Update,
+)
+from telegram.constants import ChatAction, MessageEntityType
+from telegram.error import BadRequest, InvalidToken, RetryAfter, TelegramError
+from telegram.ext import (
+    AIORateLimiter,
+    Application,
+    ApplicationBuilder,
+    CallbackQueryHandler,
+    CommandHandler,
+    ContextTypes,
+    MessageHandler,
+    filters,
+)
+
+from bot.config import Config, TelegramSettings, secret
+from bot.platforms import Options
+from bot.service import ADMIN_COMMANDS, Answer, IncomingMessage, Reply, Service
+from training.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "telegram"
+MAX_UNITS = 4096  # Telegram's longest message, in UTF-16 code units
+RATINGS = {"👍": 1, "👎": -1}
+CHOSEN = " ✓"  # marks the button of the vote just cast
+NOT_MODIFIED = "message is not modified"  # PTB lowercases and capitalizes the API's wording
+NO_TEXT = "（…）"  # a reply that ended before any text; Telegram refuses empty messages
+TYPING_EVERY_S = 4.5  # a chat action shows for 5 s or until the bot's next message
+RATE_LIMIT_RETRIES = 3  # AIORateLimiter waits out this many 429s (retry_after + 0.1 s) per call
+POLL_TIMEOUT_S = 10
+RETRY_FIRST_S, RETRY_MAX_S = 2.0, 300.0
+# Loggers that write Bot API URLs, and so the token: PTB's bot at DEBUG, httpx at INFO.
+TOKEN_LOGGERS = ("telegram.Bot", "telegram.ext.ExtBot", "httpx")
+USER_COMMANDS = [
+    BotCommand("reset", "Start a new conversation"),
+    BotCommand("forget", "Delete your messages and ratings"),
+    BotCommand("help", "What the bot understands"),
+]
+ALL_COMMANDS = USER_COMMANDS + [
+    BotCommand("status", "What the bot serves and how retraining stands"),
+    BotCommand("retrain", "Retrain the character from the rated replies"),
+    BotCommand("rollback", "Serve the previous adapter version"),
+]
+
+
+def from_config(config: Config, service: Service, options: Options) -> TelegramFrontend | None:
+    token = secret(config.telegram.token_env)
+    if token is None:
+        return None
+    return TelegramFrontend(service, config.telegram, token, admins=config.service.admins_telegram)
+
+
+class TelegramFrontend:
+    """An Application polling in the background; ``start()`` never waits for Telegram, so a
+    platform that is down delays nothing else."""
+
+    name = "telegram"
+
+    def __init__(self, service: Service, settings: TelegramSettings, token: str, *,
+                 admins: list[str] = (), retry_first_s: float = RETRY_FIRST_S):
+        self.service = service
+        self.settings = settings
+        self.token = token
+        self.admins = list(admins)
+        self.retry_first_s = retry_first_s
+        self.error: str | None = None  # why this platform gave up, if it did
+        self._redact_filter = Redact(token)
+        for name in TOKEN_LOGGERS:  # before the bot exists: it logs its URL when made
+            logging.getLogger(name).addFilter(self._redact_filter)
+        self.app = self._build()
+        self._votes: dict[int, int | None] = {}  # reply row → vote, while the reply streams
+        self._task: asyncio.Task | None = None
+
+    def _build(self) -> Application:
+        app = (ApplicationBuilder().token(self.token).base_url(self.settings.base_url)
+               .concurrent_updates(True)
+               .rate_limiter(AIORateLimiter(max_retries=RATE_LIMIT_RETRIES))
+               .build())
+        chats = filters.ChatType.PRIVATE
+        if self.settings.allow_groups:
+            chats = chats | filters.ChatType.GROUPS
+        app.add_handler(CommandHandler("start", self.greet, filters=chats))
+        app.add_handler(CommandHandler(["reset", "forget", "help", *ADMIN_COMMANDS], self.command,
+                                       filters=chats))
+        app.add_handler(MessageHandler(filters.TEXT & ~filters.COMMAND & chats, self.chat))
+        app.add_handler(CallbackQueryHandler(self.rate, pattern=r"^rate:-?1$"))
+        app.add_error_handler(self.on_error)
+        return app
+
+    async def start(self) -> None:
+        self.service.notifiers[PLATFORM] = self.notify
+        self._task = asyncio.create_task(self._connect(), name="telegram")
+
+    async def stop(self) -> None:
+        self.service.notifiers.pop(PLATFORM, None)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.app.updater.running:
+            await self.app.updater.stop()
+        if self.app.running:
+            await self.app.stop()
+        await self.app.shutdown()
+        for name in TOKEN_LOGGERS:
+            logging.getLogger(name).removeFilter(self._redact_filter)
+
+    async def _connect(self) -> None:
+        """Start polling, retrying with back-off while Telegram cannot be reached. Once it
+        polls, PTB's updater retries a failed or dropped getUpdates by itself."""
+        delay = self.retry_first_s
+        while True:
+            try:
+                await self.app.initialize()  # getMe: checks the token
+                await self._set_commands()
+                await self.app.updater.start_polling(
+                    timeout=POLL_TIMEOUT_S, allowed_updates=["message", "callback_query"],
+                    error_callback=self._polling_failed)
+                await self.app.start()
+                log.info("Telegram: polling as @%s", self.app.bot.username)
+                return
+            except InvalidToken:  # its message holds the token: never log it
+                self.error = (f"Telegram refused the bot token in ${self.settings.token_env}: check "
+                              "the variable (@BotFather → /token); Telegram is off until rolebot restarts")
+                log.error("%s", self.error)
+                return
+            except TelegramError as exc:
+                log.warning("Telegram: cannot connect (%s); retrying in %.1f s", self._redact(exc), delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+
+    async def _set_commands(self) -> None:
+        """The command menu: everyone's commands, and in each admin's private chat theirs too."""
+        await self.app.bot.set_my_commands(USER_COMMANDS)
+        for admin in self.admins:
+            try:
+                await self.app.bot.set_my_commands(ALL_COMMANDS, scope=BotCommandScopeChat(int(admin)))
+            except (BadRequest, ValueError) as exc:  # e.g. the admin has not opened the chat yet
+                log.info("Telegram: no admin command menu for %s: %s", admin, exc)
+
+    def _polling_failed(self, exc: TelegramError) -> None:
+        log.warning("Telegram: polling failed (%s); retrying", self._redact(exc))
+
+    def _redact(self, exc: BaseException) -> str:
+        return f"{type(exc).__name__}: {exc}".replace(self.token, "[token]")
+
+    async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Errors of handlers (a failed send, say) are logged; the bot carries on."""
+        log.error("Telegram: an update could not be handled: %s", self._redact(context.error),
+                  exc_info=context.error)
+
+    async def notify(self, chat_id: str, text: str) -> None:
+        """Send to a chat unprompted (e.g. that a retrain ended)."""
+        for part in split(text):
+            await self.app.bot.send_message(int(chat_id), part)
+
+    # Commands
+
+    async def greet(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """/start: who is here and what the buttons and commands do."""
+        await update.effective_message.reply_text(
+            f"{self.service.character} is listening: just write. 👍 or 👎 under a reply rates it; "
+            "/reset starts a new conversation, /forget deletes your messages and ratings.")
+
+    async def command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """/reset, /forget, /help and the admin commands: the service decides who may."""
+        message = update.effective_message
+        out = await self.service.handle(self._incoming(update, message.text))
+        for part in split(out.text):  # a command is answered with an Answer, never a Reply
+            await message.reply_text(part)
+
+    # Messages
+
+    def addressed(self, message: Message, username: str, bot_id: int) -> bool:
+        """Private chats always; in groups, a message that mentions the bot or replies to it."""
+        if message.chat.type == "private":
+            return True
+        replied = message.reply_to_message
+        if replied is not None and replied.from_user is not None and replied.from_user.id == bot_id:
+            return True
+        mentions = message.parse_entities([MessageEntityType.MENTION]).values()
+        return any(m.lower() == f"@{username}".lower() for m in mentions)
+
+    async def chat(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A message to the character: stream the reply, with 👍/👎 buttons under it."""
+        message = update.effective_message
+        bot = context.bot
+        if not self.addressed(message, bot.username, bot.id):
+            return
+        text = message.text.replace(f"@{bot.username}", "").strip()
+        typing = asyncio.create_task(self._typing(message.chat_id))
+        try:
+            out = await self.service.handle(self._incoming(update, text))
+            if isinstance(out, Answer):
+                await message.reply_text(out.text)
+                return
+            if out.notice:
+                await message.reply_text(out.notice)
+            await self.stream(message, out, typing)
+        finally:
+            typing.cancel()
+
+    def _incoming(self, update: Update, text: str) -> IncomingMessage:
+        user, message = update.effective_user, update.effective_message
+        return IncomingMessage(PLATFORM, str(message.chat_id), str(user.id), text,
+                               display_name=user.full_name, platform_message_id=str(message.message_id))
+
+    async def _typing(self, chat_id: int) -> None:
+        """"typing…" until the first text shows; a failed chat action only ends it."""
+        try:
+            while True:
+                await self.app.bot.send_chat_action(chat_id, ChatAction.TYPING)
+                await asyncio.sleep(TYPING_EVERY_S)
+        except TelegramError as exc:
+            log.info("Telegram: no typing indicator in chat %s: %s", chat_id, exc)
+
+    async def stream(self, message: Message, reply: Reply, typing: asyncio.Task) -> list[Message]:
+        """Show the reply as it grows: the first text as a reply to the user, then an edit at
+        most every ``edit_interval`` seconds; past 4096 units it goes on in a new message. The
+        buttons sit under the last part. Returns the messages, each linked to the reply's row."""
+        loop = asyncio.get_running_loop()
+        parts: list[Message] = []
+        self._votes[reply.message_id] = None
+        interval = self.settings.edit_interval
+        try:
+            text, shown, last = "", "", -math.inf
+            async for piece in reply:
+                text += piece
+                if loop.time() - last >= interval and text.strip():
+                    try:
+                        await self._show(message, reply, parts, text)
+                        shown = text
+                    except RetryAfter:  # the rate limiter gave up waiting: skip this edit
+                        log.info("Telegram: flood control; reply %d shown later", reply.message_id)
+                    typing.cancel()
+                    last = loop.time()
+            final = (await reply.result()).text or NO_TEXT
+            if final != shown.strip():
+                await asyncio.sleep(max(0.0, last + interval - loop.time()))  # the last edit is paced too
+            await self._show(message, reply, parts, final)
+        finally:
+            del self._votes[reply.message_id]
+        return parts
+
+    async def _show(self, message: Message, reply: Reply, parts: list[Message], text: str) -> None:
+        """Make the posted messages read ``text``: edit the parts that changed, post new ones."""
+        chunks = split(text.strip())
+        for i, chunk in enumerate(chunks):
+            markup = keyboard(self._votes.get(reply.message_id)) if i == len(chunks) - 1 else None
+            if i < len(parts):
+                if (parts[i].text, parts[i].reply_markup) != (chunk, markup):
+                    parts[i] = await edit(parts[i], chunk, markup)
+                continue
+            if parts:
+                sent = await message.get_bot().send_message(message.chat_id, chunk, reply_markup=markup)
+            else:
+                sent = await message.reply_text(chunk, reply_markup=markup)
+            parts.append(sent)
+            # Linked at once, so a press on a part's buttons finds its reply even mid-stream.
+            await self.service.store.link_platform_messages(reply.message_id, [str(sent.message_id)])
+
+    # Ratings
+
+    async def rate(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """👍/👎 pressed under a reply. The query is always answered: until it is, the user's
+        client shows a spinner on the button."""
+        query = update.callback_query
+        value = int(query.data.removeprefix("rate:"))
+        try:
+            rated, notice = await self._record(query, value)
+        except Exception:
+            await query.answer("That did not work; please try again.")
+            raise
+        await query.answer(notice)
+        if rated is not None:
+            if rated in self._votes:  # still streaming: its next edit keeps the mark
+                self._votes[rated] = value
+            await edit_markup(query.message, keyboard(value))
+
+    async def _record(self, query, value: int) -> tuple[int | None, str]:
+        """Store the vote; returns the reply's row (None if not rated) and what to tell the user."""
+        row = await self.service.store.message_by_platform_id(
+            PLATFORM, str(query.message.chat.id), str(query.message.message_id))
+        if row is None or row.role != "assistant":
+            return None, "This reply is no longer in the log."
+        try:
+            await self.service.rate(PLATFORM, str(query.from_user.id), row.id, value,
+                                    display_name=query.from_user.full_name)
+        except UserError as exc:
+            return None, str(exc)
+        return row.id, f"Rated {'👍' if value > 0 else '👎'}, thank you."
+
+
+class Redact(logging.Filter):
+    """Replaces the token in the records of a logger that logs Bot API URLs, which hold it."""
+
+    def __init__(self, token: str):
+        super().__init__()
+        self.token = token
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.token in message:
+            record.msg, record.args = message.replace(self.token, "[token]"), None
+        return True
+
+
+def keyboard(chosen: int | None = None) -> InlineKeyboardMarkup:
+    """👍/👎 under a reply; the chosen one marked."""
+    return InlineKeyboardMarkup([[
+        InlineKeyboardButton(emoji + (CHOSEN if value == chosen else ""), callback_data=f"rate:{value}")
+        for emoji, value in RATINGS.items()
+    ]])
+
+
+async def edit(message: Message, text: str, markup: InlineKeyboardMarkup | None) -> Message:
+    """Edit a message's text; an edit that changes nothing is not an error here."""
+    try:
+        return await message.edit_text(text, reply_markup=markup)
+    except BadRequest as exc:
+        if NOT_MODIFIED not in exc.message.lower():
+            raise
+        return message
+
+
+async def edit_markup(message: Message, markup: InlineKeyboardMarkup) -> None:
+    try:
+        await message.edit_reply_markup(markup)
+    except BadRequest as exc:
+        if NOT_MODIFIED not in exc.message.lower():
+            raise
+
+
+def utf16_len(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+def split(text: str, limit: int = MAX_UNITS) -> list[str]:
+    """Cut text into messages of at most ``limit`` UTF-16 units (how Telegram counts): at a
+    line break in the second half of a message if there is one, else at a space there, never
+    inside a character. Each cut depends only on the text before it, so a streamed reply keeps
+    its earlier parts as it grows."""
+    parts = []
+    while utf16_len(text) > limit:
+        fits, units = 0, 0
+        for ch in text:
+            units += 2 if ord(ch) > 0xFFFF else 1
+            if units > limit:
+                break
+            fits += 1
+        head = text[:fits]
+        at = head.rfind("\n")
+        if at <= fits // 2:
+            at = head.rfind(" ")
+        cut = at if at > fits // 2 else fits
+        parts.append(text[:cut].rstrip())
+        text = text[cut:].lstrip()
+    parts.append(text)
+    return [p for p in parts if p.strip()] or [NO_TEXT]
