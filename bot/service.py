@@ -259,6 +259,7 @@ class Service:
     async def _reply(self, msg: IncomingMessage, text: str, cut: bool, settings: GenerationSettings,
                      started: asyncio.Future[Outgoing]) -> None:
         """Log the message, start the reply row, then stream the model's reply into it."""
+        stream = None
         try:
             user_row = await self.store.add_user_message(
                 msg.platform, str(msg.chat_id), str(msg.user_id), text,
@@ -274,6 +275,8 @@ class Service:
                 started.set_result(Answer(self._say(FORGOTTEN), "error"))
                 return
         except asyncio.CancelledError:
+            if stream is not None:
+                stream.cancel()
             _settle(started, Answer(self._say(UNAVAILABLE), "unavailable"))
             raise
         except Exception:

@@ -121,6 +121,19 @@ async def test_a_streamed_reply_arrives_piece_by_piece_and_is_logged(http, site)
     assert row["adapter_version"] is None and row["completion_tokens"] > 0
 
 
+async def test_a_client_that_leaves_mid_reply_loses_no_row(site):
+    async with aiohttp.ClientSession() as http:
+        async with http.post(site.url + "/v1/chat/completions", json=chat_body("说来话长", "leaver", stream=True)) as response:
+            first = json.loads((await response.content.readline()).decode().removeprefix("data: "))
+    # The connection is gone; the reply still ends in the log as if it had been read.
+    for _ in range(1200):
+        [row] = site.rows("SELECT status, text FROM messages WHERE id = ?", int(first["id"]))
+        if row["status"] != "generating":
+            break
+        await asyncio.sleep(0.05)
+    assert row["status"] == "complete" and row["text"]
+
+
 async def test_the_openai_client_works_streaming_and_not(site):
     client = site.openai()
     done = await client.chat.completions.create(

@@ -46,15 +46,21 @@ class Console:
         # A reader callback rather than input() in a thread: a thread blocked in input() could
         # not be stopped, and shutdown would wait for the user to press Enter.
         asyncio.get_running_loop().add_reader(self.fd, self._readable)
+        self.service.notifiers[PLATFORM] = self.notify
         self._write(f"Chatting with {self.service.character}. + / - rate the last reply; "
                     "/help lists the commands; /quit or Ctrl-D stops the bot.\n")
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        self.service.notifiers.pop(PLATFORM, None)
         asyncio.get_running_loop().remove_reader(self.fd)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+    async def notify(self, chat_id: str, text: str) -> None:
+        """News nobody asked for just now, e.g. how a /retrain ended."""
+        self._write(f"\n({text})\n")
 
     def _readable(self) -> None:
         """Split what the terminal sent into lines; bytes stay bytes until the service decodes
