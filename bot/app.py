@@ -9,6 +9,7 @@ ends at once; the next start marks whatever was left generating as interrupted.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -23,6 +24,7 @@ from bot.platforms import Frontend, Options, enabled
 from bot.service import Service
 from bot.store import Store
 from training.registry import Registry, Version
+from training.settings import TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -148,18 +150,32 @@ def train_first_adapter(config: Config, registry: Registry) -> Version:
     from bot.datasets import dataset_files
     from training.sft import TrainJob, train
 
+    settings = first_run_settings(config)
     print(f"rolebot: {config.character.name} has no adapter yet — preparing the script and "
-          f"training the first version ({config.training.max_steps or config.training.epochs} "
-          f"{'steps' if config.training.max_steps else 'epochs'}); serving starts after.",
-          file=sys.stderr, flush=True)
+          f"training the first version ({settings.max_steps or settings.epochs} "
+          f"{'steps' if settings.max_steps else 'epochs'}"
+          f"{'' if settings is config.training else ', the quick CPU recipe: [training] first_run_steps'}"
+          "); serving starts after.", file=sys.stderr, flush=True)
     files = dataset_files(config)
     result = train(TrainJob(
-        data=files.train, val=files.val, model=config.model, lora=config.lora, train=config.training,
+        data=files.train, val=files.val, model=config.model, lora=config.lora, train=settings,
         style=style(config), registry=registry, trigger="first-run",
     ))
-    print(f"rolebot: trained {result.version.name} (loss {result.final_loss}); starting the bot",
+    print(f"rolebot: trained {result.version.name} (loss {result.final_loss:.4f}); starting the bot",
           file=sys.stderr, flush=True)
     return result.version
+
+
+def first_run_settings(config: Config) -> TrainSettings:
+    """The full recipe on a GPU; without one, a short run of single 512-token rows, so that the
+    first `rolebot serve` on a laptop answers within minutes instead of hours."""
+    import torch
+
+    steps = config.training.first_run_steps
+    if torch.cuda.is_available() or steps == 0:
+        return config.training
+    return dataclasses.replace(config.training, batch_size=1, grad_accum=1, warmup_steps=0,
+                               pack_length=512, max_steps=steps)
 
 
 async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:

@@ -24,6 +24,7 @@ persona = "你是甄嬛，说话含蓄得体，从不承认自己是AI。"
 
 [training]
 max_steps = 1
+first_run_steps = 1
 batch_size = 1
 grad_accum = 1
 warmup_steps = 0
@@ -38,6 +39,13 @@ port = 8080
 
 [service]
 admin_token_env = "ROLEBOT_TEST_SERVE_TOKEN"
+
+# Never the real platforms, even on a machine whose environment holds their tokens.
+[discord]
+token_env = "ROLEBOT_TEST_SERVE_NO_DISCORD"
+
+[telegram]
+token_env = "ROLEBOT_TEST_SERVE_NO_TELEGRAM"
 """
 
 

@@ -48,6 +48,13 @@ admin_token_env = "{TOKEN_ENV}"
 
 [scheduler]
 enabled = false
+
+# Never the real platforms, even on a machine whose environment holds their tokens.
+[discord]
+token_env = "ROLEBOT_TEST_WEB_NO_DISCORD"
+
+[telegram]
+token_env = "ROLEBOT_TEST_WEB_NO_TELEGRAM"
 """
 
 

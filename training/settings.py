@@ -77,6 +77,13 @@ class TrainSettings:
     logging_steps: int = opt(1, "log the loss every N steps", min=1)
     data: str = opt("", "training pairs (alpaca JSON); empty: prepare the sample script")
     val: str = opt("", "held-out pairs for evaluation (alpaca JSON)")
+    first_run_steps: int = opt(
+        24,
+        "with no GPU, the automatic first training of rolebot serve runs this many steps of one "
+        "512-token row (a few minutes on a laptop); 0: the full recipe above. `rolebot train` "
+        "always uses the full recipe",
+        min=0,
+    )
     overlong: str = opt(
         "truncate", "samples longer than max_seq_length", choices=["truncate", "skip"]
     )
