@@ -27,6 +27,8 @@ from discord import app_commands
 
 from bot.config import Config, DiscordSettings, secret
 from bot.platforms import Options
+from bot.platforms.text import NO_TEXT
+from bot.platforms.text import split as text_split
 from bot.service import Answer, IncomingMessage, Reply, Service
 from training.errors import UserError
 
@@ -38,7 +40,6 @@ RATINGS = {"👍": 1, "👎": -1}
 SKIN_TONES = re.compile("[\U0001f3fb-\U0001f3ff]")  # 👍🏽 is a 👍 too
 # Whatever the model writes, nobody is notified: no @everyone, roles, users or reply pings.
 NO_PINGS = discord.AllowedMentions.none()
-NO_TEXT = "（…）"  # a reply that ended before any text; Discord refuses empty messages
 RETRY_FIRST_S, RETRY_MAX_S = 2.0, 300.0
 # (name, description, admin only, slow: acknowledge at once and answer in a follow-up, since
 # Discord forgets an interaction that is not acknowledged within 3 seconds).
@@ -300,20 +301,7 @@ def _command_callback(frontend: DiscordFrontend, name: str, slow: bool):
 
 
 def split(text: str, limit: int = MAX_CHARS) -> list[str]:
-    """Cut text into messages of at most ``limit`` characters: at a line break in the second
-    half of a message if there is one, else at a space there. Each cut depends only on the text
-    before it, so a streamed reply keeps its earlier parts as it grows."""
-    parts = []
-    while len(text) > limit:
-        head = text[:limit]
-        at = head.rfind("\n")
-        if at <= limit // 2:
-            at = head.rfind(" ")
-        cut = at if at > limit // 2 else limit
-        parts.append(text[:cut].rstrip())
-        text = text[cut:].lstrip()
-    parts.append(text)
-    return [p for p in parts if p.strip()] or [NO_TEXT]
+    return text_split(text, limit)
 
 
 def redact(text: str, token: str) -> str:

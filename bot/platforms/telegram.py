@@ -46,6 +46,8 @@ from telegram.ext import (
 
 from bot.config import Config, TelegramSettings, secret
 from bot.platforms import Options
+from bot.platforms.text import NO_TEXT, utf16_len
+from bot.platforms.text import split as text_split
 from bot.service import ADMIN_COMMANDS, Answer, IncomingMessage, Reply, Service
 from training.errors import UserError
 
@@ -56,7 +58,6 @@ MAX_UNITS = 4096  # Telegram's longest message, in UTF-16 code units
 RATINGS = {"👍": 1, "👎": -1}
 CHOSEN = " ✓"  # marks the button of the vote just cast
 NOT_MODIFIED = "message is not modified"  # PTB lowercases and capitalizes the API's wording
-NO_TEXT = "（…）"  # a reply that ended before any text; Telegram refuses empty messages
 TYPING_EVERY_S = 4.5  # a chat action shows for 5 s or until the bot's next message
 RATE_LIMIT_RETRIES = 3  # AIORateLimiter waits out this many 429s (retry_after + 0.1 s) per call
 POLL_TIMEOUT_S = 10
@@ -362,29 +363,6 @@ async def edit_markup(message: Message, markup: InlineKeyboardMarkup) -> None:
             raise
 
 
-def utf16_len(text: str) -> int:
-    return len(text.encode("utf-16-le")) // 2
-
-
 def split(text: str, limit: int = MAX_UNITS) -> list[str]:
-    """Cut text into messages of at most ``limit`` UTF-16 units (how Telegram counts): at a
-    line break in the second half of a message if there is one, else at a space there, never
-    inside a character. Each cut depends only on the text before it, so a streamed reply keeps
-    its earlier parts as it grows."""
-    parts = []
-    while utf16_len(text) > limit:
-        fits, units = 0, 0
-        for ch in text:
-            units += 2 if ord(ch) > 0xFFFF else 1
-            if units > limit:
-                break
-            fits += 1
-        head = text[:fits]
-        at = head.rfind("\n")
-        if at <= fits // 2:
-            at = head.rfind(" ")
-        cut = at if at > fits // 2 else fits
-        parts.append(text[:cut].rstrip())
-        text = text[cut:].lstrip()
-    parts.append(text)
-    return [p for p in parts if p.strip()] or [NO_TEXT]
+    """Telegram's limit is in UTF-16 units, not characters."""
+    return text_split(text, limit, utf16_len)
