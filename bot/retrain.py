@@ -155,6 +155,7 @@ class Retrainer:
             "style": {"fmt": config.model.prompt_format, "persona": config.character.persona, "character": config.character.name},
             "adapters": str(config.adapter_root), "character": config.character.name,
             "parent": active.name if active else None, "replay_ratio": config.retrain.replay_ratio,
+            "preference": config.retrain.preference,
             "tolerance": config.retrain.nll_tolerance, "result": str(work / "result.json"),
         }
         (work / "job.json").write_text(json.dumps(job, ensure_ascii=False), encoding="utf-8")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,19 @@ def test_a_bad_cron_expression_is_one_clear_line():
     with pytest.raises(UserError, match=r"\[scheduler\] cron: 'every day' is not a crontab expression"):
         make_trigger(SchedulerSettings(cron="every day"))
     assert "cron" in type(make_trigger(SchedulerSettings(cron="0 4 * * *"))).__name__.lower()
+
+
+async def test_a_kto_stage_follows_sft_when_configured(tmp_path):
+    (tmp_path / "config.toml").write_text(TINY.replace('replay_ratio = 1.0', 'replay_ratio = 1.0\npreference = "kto"'), encoding="utf-8")
+    config = load_config(str(tmp_path / "config.toml"))
+    async with Store.open(config.database) as store:
+        await log_rated_replies(store, config, liked=6, disliked=3)
+        retrainer = Retrainer(config, store)
+        await retrainer.request(trigger="admin")
+        done = await retrainer.wait()
+    registry = Registry(config.adapter_root, "甄嬛")
+    kto = registry.get("v0002")
+    assert kto.parent == "v0001" and kto.meta["stage"] == "kto"
+    assert kto.meta["kto"]["undesirable"] >= 1 and kto.meta["steps"] == 2
+    assert all(math.isfinite(loss) for _, loss in kto.meta["losses"]), kto.meta["losses"]
+    assert done.candidate_version == "v0002" and "gate" in kto.meta, done.reason

@@ -139,12 +139,19 @@ def run_job(job: dict) -> dict:
         trigger=job["trigger"], notes={"retrain": {"run_id": job["run_id"], "liked": data.liked,
                                                    "disliked": data.disliked, "replayed": data.replayed}},
     ), activate=False)
+    candidate = result.version
+    if job.get("preference") == "kto" and data.disliked_samples:
+        from training.kto import kto_stage
+
+        liked = [s for s in load_samples(data.train_file) if s.prompt]
+        candidate = kto_stage(model, LoraSettings(**job["lora"]), TrainSettings(**job["train"]), style, registry,
+                              candidate, liked, list(data.disliked_samples), job["train"]["max_steps"])
     val = load_samples(Path(job["val"])) if job.get("val") else load_samples(Path(job["original"]))[:64]
-    verdict = gate(model, style, parent.path if parent else None, result.version.path, val,
+    verdict = gate(model, style, parent.path if parent else None, candidate.path, val,
                    data.heldout_up, data.heldout_down, job["tolerance"])
-    meta = {**result.version.meta, "gate": asdict(verdict)}
-    write_json_atomic(result.version.path / "meta.json", meta)
-    return {"version": result.version.name, "passed": verdict.passed, "reason": verdict.reason,
+    meta = {**candidate.meta, "gate": asdict(verdict)}
+    write_json_atomic(candidate.path / "meta.json", meta)
+    return {"version": candidate.name, "passed": verdict.passed, "reason": verdict.reason,
             "metrics": {**verdict.metrics, "liked": data.liked, "disliked": data.disliked,
                         "replayed": data.replayed, "final_loss": result.final_loss,
                         "runtime_s": round(result.runtime_s, 1)}}
