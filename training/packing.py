@@ -18,10 +18,12 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from training.prompts import Sample, render_prompt
+
+if TYPE_CHECKING:  # torch loads only when a batch is built: `rolebot --help` stays quick
+    import torch
 
 IGNORE = -100
 
@@ -109,6 +111,8 @@ class Collator:
         self.flatten = flatten
 
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
+        import torch
+
         if self.flatten:
             return flat_batch(records, self.pad_id)
         width = max(len(r["input_ids"]) for r in records)
@@ -142,6 +146,8 @@ def flat_batch(records: list[dict], pad_id: int = 0, bucket: int = 16) -> dict[s
     batch instead of one per sample. The padding comes after the sample's last token, so
     causal attention never lets a real token see it, and its labels are ignored.
     """
+    import torch
+
     samples = []
     for record in records:
         start = 0
@@ -170,6 +176,8 @@ def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
 
     Padding (segment -1) sees only itself, so no softmax row is empty (which would be NaN).
     """
+    import torch
+
     width = segments.shape[1]
     causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
     same = segments[:, :, None] == segments[:, None, :]
