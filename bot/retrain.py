@@ -95,6 +95,11 @@ class Retrainer:
         self.last_run = await self.store.last_run()
 
     async def rollback(self) -> Version:
+        # Refused rather than queued: a retrain may run for many minutes, and its promotion
+        # would undo the rollback anyway.
+        if self.lock.locked():
+            raise UserError(f"a retrain is running (run {self.last_run.id if self.last_run else '?'}); "
+                            "roll back after it ends")
         async with self.lock:
             version = self.registry.rollback()
             await self._activate(version)

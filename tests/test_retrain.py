@@ -97,6 +97,8 @@ async def test_a_crash_in_training_keeps_the_old_version_and_records_the_failure
         await retrainer.request(trigger="admin", requested_by="web:admin")
         while retrainer.process is None:
             await asyncio.sleep(0.05)
+        with pytest.raises(UserError, match="a retrain is running .* roll back after it ends"):
+            await retrainer.rollback()
         await asyncio.sleep(3)
         retrainer.process.kill()  # what the OOM killer does
         done = await retrainer.wait()
