@@ -86,11 +86,14 @@ class StopFilter:
         return out
 
 
-def stream_text(model, tokenizer, prompt: str, gen: GenerationSettings) -> Iterator[str]:
-    """Yield the reply to ``prompt`` piece by piece, as the tutorial's TextStreamer prints it."""
+def stream_text(model, tokenizer, prompt: str, gen: GenerationSettings, *, special_tokens: bool = True) -> Iterator[str]:
+    """Yield the reply to ``prompt`` piece by piece, as the tutorial's TextStreamer prints it.
+
+    ``special_tokens``: add the tokenizer's own (e.g. Llama's BOS) as training did for Alpaca
+    prompts; a chat-template prompt already carries them."""
     from transformers import TextIteratorStreamer
 
-    inputs = tokenizer([prompt], return_tensors="pt", add_special_tokens=False).to(model.device)
+    inputs = tokenizer([prompt], return_tensors="pt", add_special_tokens=special_tokens).to(model.device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     errors: list[BaseException] = []
 

@@ -71,7 +71,8 @@ def reply(config, model, tokenizer, text: str, history: tuple[Exchange, ...]) ->
     )
     print(f"{config.character.name}：", end="", flush=True)
     parts = []
-    for piece in stream_text(model, tokenizer, prompt, config.generation):
+    for piece in stream_text(model, tokenizer, prompt, config.generation,
+                             special_tokens=config.model.prompt_format != "chat"):
         parts.append(piece)
         print(piece, end="", flush=True)
     print()
