@@ -1,7 +1,6 @@
 """The model host: loads the base and the active adapter once and generates replies.
 
-Two layers live here. ``stream_text`` streams one reply for ``rolebot chat``. The engines serve
-the bot: ``LocalEngine`` hosts the model in this process and generates the requests that arrive
+``LocalEngine`` hosts the model in this process and generates the requests that arrive
 together as one batch, each with its own token stream; ``OpenAIEngine`` sends each request to an
 OpenAI-compatible server (e.g. vLLM with LoRA modules). Both give the service the same
 ``Engine`` interface, and ``make_engine`` picks one from ``[engine] backend``.
@@ -14,7 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -84,43 +83,6 @@ class StopFilter:
     def flush(self) -> str:
         out, self.buffer = ("" if self.done else self.buffer), ""
         return out
-
-
-def stream_text(model, tokenizer, prompt: str, gen: GenerationSettings, *, special_tokens: bool = True) -> Iterator[str]:
-    """Yield the reply to ``prompt`` piece by piece, as the tutorial's TextStreamer prints it.
-
-    ``special_tokens``: add the tokenizer's own (e.g. Llama's BOS) as training did for Alpaca
-    prompts; a chat-template prompt already carries them."""
-    from transformers import TextIteratorStreamer
-
-    inputs = tokenizer([prompt], return_tensors="pt", add_special_tokens=special_tokens).to(model.device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            model.generate(**inputs, streamer=streamer, **sampling_kwargs(gen, tokenizer))
-        except BaseException as exc:  # re-raised in the caller's thread below
-            errors.append(exc)
-            streamer.end()
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    stops = StopFilter(gen.stop)
-    for piece in streamer:
-        text = stops.feed(piece)
-        if text:
-            yield text
-    tail = stops.flush()
-    if tail:
-        yield tail
-    worker.join()
-    if errors:
-        raise errors[0]
-
-
-# --------------------------------------------------------------------------------------------
-# The engine interface the service codes against.
 
 
 @dataclass(frozen=True)
