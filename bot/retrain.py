@@ -140,10 +140,7 @@ class Retrainer:
         return "succeeded", f"{version.name} is active: {result['reason']}", version.name, result["metrics"]
 
     async def _activate(self, version: Version) -> None:
-        await self.store.add_adapter_version(self.config.character.name, version.name, version.meta)
-        await self.store.activate_adapter(self.config.character.name, version.name)
-        if self.engine is not None:
-            await self.engine.swap_adapter(version)
+        await make_active(self.store, self.engine, version)
 
     def _job(self, run: TrainingRun) -> tuple[Path, Path]:
         config = self.config
@@ -185,6 +182,14 @@ class Retrainer:
             await proc.wait()
             raise
         return proc.returncode, (output or b"").decode("utf-8", "replace")
+
+
+async def make_active(store: Store, engine, version: Version) -> None:
+    """After the registry activated ``version``: record it in the log, then serve it."""
+    await store.add_adapter_version(version.character, version.name, version.meta)
+    await store.activate_adapter(version.character, version.name)
+    if engine is not None:
+        await engine.swap_adapter(version)
 
 
 def _tail(output: str) -> str:

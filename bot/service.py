@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from bot import store as db
 from bot.config import Config, GenerationSettings
+from bot.retrain import make_active
 from training.errors import UserError
 from training.prompts import Exchange, Sample
 from training.registry import Registry, Version
@@ -455,8 +456,7 @@ class Service:
             return (await self.retrainer.rollback()).name
         async with self._swap_lock:
             version = await asyncio.to_thread(self.registry.rollback)
-            await record_rollback(self.store, version)
-            await self.engine.swap_adapter(version)
+            await make_active(self.store, self.engine, version)
         return version.name
 
     # Shutdown
@@ -506,17 +506,6 @@ def _store_stats(stats, started: float) -> db.ReplyStats:
         prompt_tokens=stats.prompt_tokens,
         completion_tokens=stats.completion_tokens,
     )
-
-
-async def record_rollback(store: db.Store, version: Version) -> None:
-    """Make the store's active version the registry's after a rollback."""
-    try:
-        previous = await store.rollback_adapter(version.character)
-    except UserError:
-        previous = None
-    if previous is None or previous.version != version.name:
-        await store.add_adapter_version(version.character, version.name, version.meta)
-        await store.activate_adapter(version.character, version.name)
 
 
 def render_status(status: dict) -> str:
