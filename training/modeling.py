@@ -53,6 +53,23 @@ def unsloth():
     return FastLanguageModel
 
 
+def expandable_cuda_segments() -> None:
+    """Let PyTorch's CUDA allocator grow segments instead of caching fixed-size blocks.
+
+    Packed micro-batches differ in length from one step to the next, and with fixed blocks the
+    cache keeps blocks sized for earlier lengths that the next one cannot reuse: peak *reserved*
+    memory ends well above what is allocated. An explicit ``PYTORCH_CUDA_ALLOC_CONF`` wins."""
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
+        return
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():  # too late for the variable
+        try:
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        except Exception:  # an allocator that does not take it keeps its own
+            pass
+
+
 def load_base(settings: ModelSettings):
     """Return ``(model, tokenizer)`` for ``settings.base`` with no adapter attached."""
     FastLanguageModel = unsloth()

@@ -52,7 +52,8 @@ class LoraSettings:
 
 @dataclass
 class TrainSettings:
-    batch_size: int = opt(2, "per-device batch size (samples, before packing)", min=1, max=4096)
+    batch_size: int = opt(
+        2, "per-device batch size: samples when padded, rows of pack_length tokens when packed", min=1, max=4096)
     grad_accum: int = opt(4, "gradient accumulation steps", min=1, max=1024)
     warmup_steps: int = opt(5, "learning-rate warm-up steps", min=0)
     max_steps: int = opt(60, "optimizer steps (0: use epochs)", min=0)

@@ -17,7 +17,7 @@ from pathlib import Path
 from training import report
 from training.dataset import load_samples, sha256
 from training.errors import UserError
-from training.modeling import device, load_base, unsloth
+from training.modeling import device, expandable_cuda_segments, load_base, unsloth
 from training.packing import Collator, PromptStyle, encode, pack, to_records
 from training.prompts import Sample
 from training.registry import Registry, Version
@@ -51,6 +51,7 @@ class TrainResult:
 def train(job: TrainJob, *, activate: bool = True) -> TrainResult:
     samples = load_samples(job.data, job.style.character) + list(job.extra)
     val = load_samples(job.val, job.style.character) if job.val else []
+    expandable_cuda_segments()
     FastLanguageModel = unsloth()
     model, tokenizer = load_base(job.model)
     model = add_lora(FastLanguageModel, model, job.lora, job.parent)
