@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from bot.config import Config
+from bot.config import Config, secret
 
 if TYPE_CHECKING:
     from bot.service import Service
@@ -43,5 +43,12 @@ class Options:
 
 def enabled(config: Config, service: Service, options: Options) -> list[Frontend]:
     """The front-ends config.toml turns on, in the order they start."""
-    modules = [importlib.import_module(f"bot.platforms.{name}") for name in FRONTENDS]
+    modules = [importlib.import_module(f"bot.platforms.{name}") for name in FRONTENDS if _wanted(config, name)]
     return [f for module in modules if (f := module.from_config(config, service, options)) is not None]
+
+
+def _wanted(config: Config, name: str) -> bool:
+    """A platform that needs a token is not even imported while its token is unset: discord.py
+    and python-telegram-bot take a while to import, and a bot serving only the web needs neither."""
+    token_env = getattr(getattr(config, name, None), "token_env", None)
+    return token_env is None or secret(token_env) is not None
