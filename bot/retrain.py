@@ -62,7 +62,11 @@ class Retrainer:
         if self.lock.locked():
             log.info("scheduled retrain skipped: one is running")
             return None
-        run = await self.request(trigger="schedule")
+        try:
+            run = await self.request(trigger="schedule")
+        except UserError as exc:  # e.g. `rolebot retrain` from cron is running beside the bot
+            log.info("scheduled retrain skipped: %s", exc)
+            return None
         await self.wait()
         return run
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
@@ -128,6 +130,11 @@ MIGRATIONS: list[tuple[str, ...]] = [
         # At most one run at a time, even across processes (the bot and `rolebot retrain`).
         "CREATE UNIQUE INDEX training_runs_one_running ON training_runs (status) "
         "WHERE status = 'running'",
+    ),
+    (
+        # host:pid:process start time of the process that started a run, so that a bot starting
+        # up fails only runs whose process is gone, not a `rolebot retrain` running beside it.
+        "ALTER TABLE training_runs ADD COLUMN owner TEXT",
     ),
 ]
 
@@ -637,9 +644,9 @@ class Store:
         async with self._transaction() as conn:
             try:
                 cursor = await conn.execute(
-                    "INSERT INTO training_runs (started_at, trigger, requested_by, status) "
-                    "VALUES (?, ?, ?, 'running')",
-                    (time.time(), trigger, requested_by),
+                    "INSERT INTO training_runs (started_at, trigger, requested_by, status, owner) "
+                    "VALUES (?, ?, ?, 'running', ?)",
+                    (time.time(), trigger, requested_by, _this_process()),
                 )
             except sqlite3.IntegrityError:
                 running = await _run(conn, "WHERE status = 'running'")
@@ -674,14 +681,22 @@ class Store:
             return await _run(conn, "WHERE id = ?", (run_id,))
 
     async def fail_unfinished_runs(self, reason: str = "the bot stopped during the run") -> int:
-        """Mark runs left running by a previous process as failed; call at startup."""
+        """Mark runs left running by a process that is gone as failed; call at startup.
+
+        A run whose process still lives (``rolebot retrain`` from cron beside the bot) keeps
+        running; so does one started on another host, which this one cannot see."""
         async with self._transaction() as conn:
-            cursor = await conn.execute(
-                "UPDATE training_runs SET status = 'failed', finished_at = ?, reason = ? "
-                "WHERE status = 'running'",
-                (time.time(), reason),
+            rows = await conn.execute_fetchall(
+                "SELECT id, owner FROM training_runs WHERE status = 'running'"
             )
-            return cursor.rowcount
+            gone = [row[0] for row in rows if not _owner_alive(row[1])]
+            for run_id in gone:
+                await conn.execute(
+                    "UPDATE training_runs SET status = 'failed', finished_at = ?, reason = ? "
+                    "WHERE id = ?",
+                    (time.time(), reason, run_id),
+                )
+            return len(gone)
 
     async def last_run(self, status: RunStatus | None = None) -> TrainingRun | None:
         """The most recently started run, or the most recent one with ``status``."""
@@ -885,6 +900,37 @@ async def _run(
         return None
     fields = dict(rows[0])
     return TrainingRun(**{**fields, "metrics": json.loads(fields["metrics"])})
+
+
+def _this_process() -> str:
+    import psutil
+
+    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.3f}"
+
+
+def _owner_alive(owner: str | None) -> bool:
+    """Whether the process that started a run is another process still running (this one, at
+    start-up, has none of its own; a row from before owners were recorded counts as gone)."""
+    import psutil
+
+    if not owner:
+        return False
+    host, _, rest = owner.partition(":")
+    pid_text, _, started_text = rest.partition(":")
+    if host != socket.gethostname():
+        return True
+    try:
+        pid, started = int(pid_text), float(started_text)
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        return abs(psutil.Process(pid).create_time() - started) < 1.0  # else the pid was reused
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:
+        return True
 
 
 def _json(value: Mapping[str, Any]) -> str:

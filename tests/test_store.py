@@ -328,7 +328,7 @@ async def test_training_runs_one_at_a_time_and_status_counts(store):
         "succeeded", {"eval_loss": 1.2}, True
     )
 
-    stale = await store.start_run("schedule")
+    stale = await store.start_run("schedule")  # this process's own: stale to a bot starting up
     assert await store.fail_unfinished_runs() == 1
     assert (await store.last_run()).id == stale.id
     assert (await store.last_run("succeeded")).id == run.id
@@ -338,3 +338,55 @@ async def test_training_runs_one_at_a_time_and_status_counts(store):
     counts = await store.counts()
     assert (counts.users, counts.messages, counts.replies, counts.ratings) == (2, 2, 1, 1)
     assert await store.ratings_since(run.started_at) == 1
+
+
+RUN_IN_ANOTHER_PROCESS = """
+import asyncio, sys
+from bot.store import Store
+
+async def main():
+    async with Store.open(sys.argv[1]) as store:
+        run = await store.start_run("cli", requested_by="cli")
+        print(run.id, flush=True)
+        await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.asyncio
+async def test_a_bot_starting_up_leaves_a_live_rolebot_retrain_running(tmp_path):
+    """`rolebot retrain` from cron may be running when the bot starts: its run is not failed
+    under it (and still blocks a second run); once its process is gone, it is."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "rolebot.db"
+    async with Store.open(path):
+        pass
+    child = subprocess.Popen([sys.executable, "-c", RUN_IN_ANOTHER_PROCESS, str(path)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        run_id = int(child.stdout.readline())
+        async with Store.open(path) as store:
+            assert await store.fail_unfinished_runs() == 0
+            assert (await store.last_run()).status == "running"
+            with pytest.raises(UserError, match=f"training run {run_id} .*still running"):
+                await store.start_run("admin")
+            child.kill()
+            child.wait()
+            assert await store.fail_unfinished_runs() == 1
+            assert (await store.last_run()).status == "failed"
+            assert (await store.start_run("admin")).id == run_id + 1
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+@pytest.mark.asyncio
+async def test_a_run_from_before_owners_were_recorded_counts_as_stale(store):
+    run = await store.start_run("schedule")
+    async with store._transaction() as conn:
+        await conn.execute("UPDATE training_runs SET owner = NULL WHERE id = ?", (run.id,))
+    assert await store.fail_unfinished_runs() == 1

@@ -18,7 +18,7 @@ from pathlib import Path
 from training.errors import UserError
 
 # The store's schema version this reader understands; bot/store.py migrates to exactly this.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # The ratings training may use: votes on finished replies, with nothing from a forgotten user
 # (neither their question nor their vote). Forgetting deletes those rows; the filters also keep
