@@ -556,7 +556,8 @@ def parse_config(name: str) -> tuple[str, dict]:
     overrides = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        overrides[key.strip()] = json.loads(value) if value.strip()[:1].isdigit() else value.strip()
+        value = value.strip()
+        overrides[key.strip()] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
     return base.strip(), overrides
 
 

@@ -26,7 +26,7 @@ def kto_stage(model_settings: ModelSettings, lora: LoraSettings, settings: Train
     from training.sft import add_lora, save
 
     FastLanguageModel = unsloth()
-    model, tokenizer = load_base(model_settings)
+    model, tokenizer = load_base(model_settings, offload_embedding=settings.offload_embedding)
     model = add_lora(FastLanguageModel, model, lora, parent)
     rows = [{"prompt": style.prompt(s, tokenizer), "completion": s.output + tokenizer.eos_token, "label": good}
             for samples, good in ((liked, True), (disliked, False)) for s in samples]

@@ -70,8 +70,11 @@ def expandable_cuda_segments() -> None:
             pass
 
 
-def load_base(settings: ModelSettings):
-    """Return ``(model, tokenizer)`` for ``settings.base`` with no adapter attached."""
+def load_base(settings: ModelSettings, *, offload_embedding: bool = False):
+    """Return ``(model, tokenizer)`` for ``settings.base`` with no adapter attached.
+
+    ``offload_embedding`` (training on CUDA): the input embedding stays in host RAM, looked up
+    there and copied over per batch (Unsloth's ``offload_embedding``); LoRA never trains it."""
     FastLanguageModel = unsloth()
     import torch
 
@@ -88,6 +91,7 @@ def load_base(settings: ModelSettings):
                 max_seq_length=settings.max_seq_length,
                 dtype=dtype,
                 load_in_4bit=settings.load_in_4bit and cuda,
+                **({"offload_embedding": True} if offload_embedding and cuda else {}),
             )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -53,7 +53,7 @@ def train(job: TrainJob, *, activate: bool = True) -> TrainResult:
     val = load_samples(job.val, job.style.character) if job.val else []
     expandable_cuda_segments()
     FastLanguageModel = unsloth()
-    model, tokenizer = load_base(job.model)
+    model, tokenizer = load_base(job.model, offload_embedding=job.train.offload_embedding)
     model = add_lora(FastLanguageModel, model, job.lora, job.parent)
     encoded, dropped = encode(samples, tokenizer, job.style, job.model.max_seq_length, job.train.overlong)
     if not encoded:
