@@ -192,7 +192,7 @@ async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
         try:
             result = fn(*args)
         except BaseException as exc:
-            loop.call_soon_threadsafe(settle, lambda: future.set_exception(exc))
+            loop.call_soon_threadsafe(settle, lambda error=exc: future.set_exception(error))
         else:
             loop.call_soon_threadsafe(settle, lambda: future.set_result(result))
 

@@ -121,3 +121,17 @@ async def _drain(process: asyncio.subprocess.Process, seen: list[str]) -> None:
     """Keep reading stderr so the bot never blocks on a full pipe."""
     while line := await process.stderr.readline():
         seen.append(line.decode("utf-8", "replace"))
+
+
+async def test_first_run_training_errors_reach_the_caller_as_raised():
+    """A failure in the training thread (a bad dataset, say) comes back as that error, so serve
+    can print it as a one-line message instead of a NameError from the thread hand-off."""
+    from bot.app import in_thread
+    from training.errors import UserError
+
+    def fails() -> None:
+        raise UserError("data/甄嬛.json: empty")
+
+    with pytest.raises(UserError, match="empty"):
+        await asyncio.wait_for(in_thread(fails), 30)  # the bug this guards against hung here
+    assert await asyncio.wait_for(in_thread(lambda x: x + 1, 1), 30) == 2
