@@ -36,7 +36,6 @@ import json
 import os
 import random
 import sqlite3
-import statistics
 import sys
 import tempfile
 import time
@@ -144,8 +143,7 @@ def write_originals(work: Path, count: int) -> None:
 
 def config_text(base: str, args, cuda: bool) -> str:
     steps = f"max_steps = {args.max_steps}\n" if args.max_steps is not None else ""
-    small = "" if cuda else "[training]\nbatch_size = 1\ngrad_accum = 1\npack_length = 512\nwarmup_steps = 0\n"
-    training = small or "[training]\n"
+    small = "" if cuda else "batch_size = 1\ngrad_accum = 1\npack_length = 512\nwarmup_steps = 0\n"
     return f"""# bench/retrain.py: the shipped defaults, except what a bench needs
 [character]
 name = "{CHARACTER}"
@@ -155,7 +153,8 @@ persona = {json.dumps(PERSONA, ensure_ascii=False)}
 base = {json.dumps(base)}
 max_seq_length = {2048 if cuda else 512}
 
-{training}data = "data/train.json"
+[training]
+{small}data = "data/train.json"
 val = "data/val.json"
 
 [generation]
@@ -324,20 +323,19 @@ async def measure(work: Path, args) -> dict:
 
 
 def summary(replies: list[Reply]) -> dict:
-    firsts = [r.first_s for r in replies if r.first_s is not None]
+    from serve import percentile  # bench/serve.py's
+
+    firsts = [r.first_s for r in replies]
     totals = [r.total_s for r in replies if r.ok]
+
+    def pct(values: list[float | None], q: int) -> float | None:
+        value = percentile(values, q)
+        return None if value is None else round(value, 3)
+
     return {"replies": len(replies), "failed": sum(not r.ok for r in replies),
             "first_p50": pct(firsts, 50), "first_p95": pct(firsts, 95),
             "total_p50": pct(totals, 50), "total_p95": pct(totals, 95),
             "versions": sorted({r.version or "base" for r in replies})}
-
-
-def pct(values: list[float], q: int) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return round(values[0], 3)
-    return round(statistics.quantiles(values, n=100, method="inclusive")[q - 1], 3)
 
 
 def share(value: float | None) -> str:

@@ -28,7 +28,7 @@ from bot.config import Config, GenerationSettings
 from bot.retrain import make_active
 from training.errors import UserError
 from training.prompts import Exchange, Sample
-from training.registry import Registry, Version
+from training.registry import Registry
 
 if TYPE_CHECKING:
     from bot.engine import Engine, ReplyStream

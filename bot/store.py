@@ -689,13 +689,11 @@ class Store:
             rows = await conn.execute_fetchall(
                 "SELECT id, owner FROM training_runs WHERE status = 'running'"
             )
-            gone = [row[0] for row in rows if not _owner_alive(row[1])]
-            for run_id in gone:
-                await conn.execute(
-                    "UPDATE training_runs SET status = 'failed', finished_at = ?, reason = ? "
-                    "WHERE id = ?",
-                    (time.time(), reason, run_id),
-                )
+            now = time.time()
+            gone = [(now, reason, row[0]) for row in rows if not _owner_alive(row[1])]
+            await conn.executemany(
+                "UPDATE training_runs SET status = 'failed', finished_at = ?, reason = ? WHERE id = ?", gone
+            )
             return len(gone)
 
     async def last_run(self, status: RunStatus | None = None) -> TrainingRun | None:
