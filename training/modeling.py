@@ -70,11 +70,13 @@ def expandable_cuda_segments() -> None:
             pass
 
 
-def load_base(settings: ModelSettings, *, offload_embedding: bool = False):
+def load_base(settings: ModelSettings, *, offload_embedding: bool | None = None):
     """Return ``(model, tokenizer)`` for ``settings.base`` with no adapter attached.
 
-    ``offload_embedding`` (training on CUDA): the input embedding stays in host RAM, looked up
-    there and copied over per batch (Unsloth's ``offload_embedding``); LoRA never trains it."""
+    ``offload_embedding`` (training on CUDA, ``[training] offload_embedding``): True keeps the
+    input embedding in host RAM, looked up there and copied over per batch; False keeps it on the
+    GPU; None (inference) leaves the choice to Unsloth, which moves it only when memory is tight.
+    Unsloth declines, with a message, where it cannot help (an lm_head tied to the embedding)."""
     FastLanguageModel = unsloth()
     import torch
 
@@ -91,7 +93,7 @@ def load_base(settings: ModelSettings, *, offload_embedding: bool = False):
                 max_seq_length=settings.max_seq_length,
                 dtype=dtype,
                 load_in_4bit=settings.load_in_4bit and cuda,
-                **({"offload_embedding": True} if offload_embedding and cuda else {}),
+                **({"offload_embedding": offload_embedding} if offload_embedding is not None and cuda else {}),
             )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
