@@ -9,8 +9,8 @@ Three configurations, each in a fresh subprocess (so each one's peak memory is i
   tutorial  Unsloth + TRL exactly as the tutorial: batch 2 x accumulation 4, padded rows,
             ``padding_free=False``, the Alpaca text with EOS as the dataset, 8-bit AdamW
   rolebot   ``training.sft.train`` with the default settings, as ``rolebot train`` calls it
-            (batch 2 x 4, ``batching = "auto"`` = packed rows of ``pack_length`` 2048 tokens,
-            response-only labels, no attention between packed samples)
+            (batch 2 x 4, ``batching = "auto"`` = packed rows of ``pack_length`` 3072 tokens,
+            response-only labels, no attention between packed samples, ``offload_embedding``)
   hf        plain transformers + PEFT + bitsandbytes + TRL (no Unsloth) at rolebot's batching:
             the same packed rows, the same collator (4D block-diagonal mask)
 
@@ -33,8 +33,9 @@ while training (to show what the flattened layout is for).
 
 Writes ``results.json`` and ``results.md`` (and each worker's log) to ``--out``.
 
-Measured on the H200 (torch 2.11, transformers 5.17, Unsloth 2026.10.9; 2026-11-28):
-run 1: tutorial 5.85 samples/s at 6.13 GB; rolebot default 52.3 samples/s (8.9x) at 6.94 GB
+Measured on the H200 (torch 2.11, transformers 5.17, Unsloth 2026.10.9; 2026-11-28). Runs 1-5
+ran before today's defaults, when the default was 2 rows of 2048 with the embedding on the GPU.
+Run 1: tutorial 5.85 samples/s at 6.13 GB; rolebot default 52.3 samples/s (8.9x) at 6.94 GB
 (1.13x); HF + PEFT at rolebot's batching 48.3 samples/s at 8.70 GB. Run 2, with the flat
 layout sorted by length and bucketed to multiples of 16 tokens: tutorial 6.7 samples/s at
 6.14 GB; rolebot default 60.0 samples/s (8.9x) at 7.12 GB (1.16x). Packed vs alone, training
@@ -44,6 +45,12 @@ Runs 3 and 4, sweeping rows per micro-batch: tutorial 7.0 / 5.6 samples/s at 6.1
 (2 rows of 2048) 8.5x / 8.6x at 1.16x; 3 rows 10.5x / 13.3x and pack_length 3072 13.2x, both at
 1.24x (7.33 GB allocated); 4 rows 10.5x at 1.30x. Run 4 with training's expandable CUDA segments:
 3 rows reserved 7.59 GB with them, 9.15 GB without (7.34 GB allocated either way).
+Run 5: tutorial 5.9 samples/s at 6.14 GB; 2 rows of 2048 9.5x at 1.16x; 2 rows of 3072 13.0x at
+1.24x, and with ``offload_embedding`` 13.0x at 1.08x (6.65 GB; 6.36 allocated); 3 rows of 2048
+with it 12.5x at 1.08x. Run 6, today's defaults (2 rows of 3072, embedding in host RAM):
+tutorial 6.7 samples/s at 6.14 GB; rolebot default 73.9 samples/s (11.1x) at 6.65 GB (1.08x);
+the old default 61.0 (9.2x) at 7.12 GB (1.16x); HF + PEFT at rolebot's batching 43.6 (6.6x) at
+9.69 GB (1.58x); packed vs alone 0.38 for rolebot's layout, 10.06 for the 4D-mask layout.
 """
 
 from __future__ import annotations
@@ -63,6 +70,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from training.settings import TrainSettings  # noqa: E402  (no torch: the parent stays light)
+
+DEFAULT_PACK = TrainSettings().pack_length
+
 # Llama-3.1-8B's shape (hub config of meta-llama/Llama-3.1-8B).
 LLAMA_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -79,8 +90,9 @@ SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIGS = {
     "tutorial": ("Unsloth (the tutorial's configuration)", "2 × 4", "padded (`padding_free=False`)"),
-    "rolebot": ("rolebot default (`training.sft.train`, Unsloth)", "2 × 4", "packed to 2048, no cross-sample attention"),
-    "hf": ("HF + PEFT + bnb + TRL", "2 × 4", "rolebot's packed rows + 4D block mask"),
+    "rolebot": ("rolebot default (`training.sft.train`, Unsloth)", "2 × 4",
+                f"packed to {DEFAULT_PACK}, no cross-sample attention"),
+    "hf": ("HF + PEFT + bnb + TRL", "2 × 4", f"rolebot's packed rows of {DEFAULT_PACK} + 4D block mask"),
 }
 
 
@@ -347,6 +359,8 @@ def worker_hf(spec: dict) -> dict:
     from training.sft import build_trainer
 
     cuda = torch.cuda.is_available()
+    if not cuda:  # plain TRL computes its loss with a Triton-only kernel (trl/kernels/chunked_logprob.py)
+        return {"error": "needs a CUDA GPU (plain TRL's fused log-prob loss is a Triton kernel)"}
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     kwargs = dict(dtype=torch.bfloat16 if cuda else torch.float32, attn_implementation="sdpa")
     if cuda:
@@ -437,7 +451,7 @@ def check_packing(spec: dict, model, tokenizer) -> dict:
 
 
 def time_layouts(model, tokenizer, samples, device) -> dict:
-    """Forward + backward of one default micro-batch (2 packed rows of 2048) in each layout.
+    """Forward + backward of one default micro-batch (2 packed rows of ``pack_length``) in each layout.
 
     Outside ``trainer.train()`` Unsloth's gradient checkpointing is not in effect (a 4,096-token
     micro-batch allocated ~16 GB more here, against 1.4 GB in training), so these compare the
@@ -449,7 +463,7 @@ def time_layouts(model, tokenizer, samples, device) -> dict:
     if not torch.cuda.is_available():
         return {}
     encoded, _ = encode(samples[:400], tokenizer, PromptStyle("alpaca"), 2048, "truncate")
-    records = to_records(pack(encoded, 2048, 3407)[:2])
+    records = to_records(pack(encoded, DEFAULT_PACK, 3407)[:2])
     backbone = next(m for m in model.modules() if hasattr(m, "embed_tokens"))
     model.train()
     out = {}
@@ -589,7 +603,7 @@ def check_text(check: dict) -> str:
     if "error" in check:
         lines.append(f"check failed: {check['error']}")
     if check.get("timing_ms"):
-        lines.append("forward + backward of one default micro-batch (2 packed rows of 2048) on the trained model, "
+        lines.append(f"forward + backward of one default micro-batch (2 packed rows of {DEFAULT_PACK}) on the trained model, "
                      "ms, outside trainer.train() (no gradient checkpointing there: layouts compared, not training steps):")
         lines += [f"- {k}: {v}" for k, v in check["timing_ms"].items()]
     for note in check.get("notes", []):
@@ -654,9 +668,9 @@ def main(argv: list[str] | None = None) -> int:
 
     encoded, _ = encode([Sample(r["instruction"], r["output"]) for r in records], tokenizer, PromptStyle(), 4096, "truncate")
     lengths = [len(e.input_ids) for e in encoded]
-    rows = pack(encoded, 2048, 3407)
+    rows = pack(encoded, DEFAULT_PACK, 3407)
     results["data"] = {"samples": len(lengths), "min": min(lengths), "mean": round(statistics.mean(lengths), 1),
-                       "max": max(lengths), "packed_rows_2048": len(rows),
+                       "max": max(lengths), f"packed_rows_{DEFAULT_PACK}": len(rows),
                        "samples_per_row": round(len(lengths) / len(rows), 2), "seconds": round(time.perf_counter() - started, 1)}
     print(f"data: {results['data']}", flush=True)
 
