@@ -23,9 +23,10 @@ and failures: any reply that errs, ends interrupted or comes back empty counts).
 does) and a random LoRA adapter as the active version: right for time and memory, not for text.
 
 Measured on the H200 (torch 2.11, Unsloth 2026.10.9; 2026-11-28), 1,000 rated replies (779 👍),
-8 clients, 64 new tokens, shipped defaults: trigger → promoted and swapped 279.7 s, of which
-training 188.2 s; swap 26.7 ms; 0 failed replies of 387; reply p50 2.9 s before, 7.1 s during
-(the training shares the GPU), 3.1 s after.
+8 clients, 64 new tokens, shipped defaults: trigger → promoted and swapped 347.8 s, of which
+training 246.8 s (rows of 3,072 tokens); swap 32.3 ms; 0 failed replies of 512; reply p50 4.5 s
+before, 6.9 s during (the training shares the GPU), 3.8 s after. With the earlier rows of 2,048
+tokens: 279.7 s, training 188.2 s, 0 failed of 387.
 """
 
 from __future__ import annotations
