@@ -93,3 +93,25 @@ def test_flattened_batches_sort_and_bucket_samples_without_exposing_padding():
     assert batch["position_ids"][0].tolist()[:18] == list(range(16)) + [0, 1]
     # Every real label survives.
     assert sorted(t for t in labels if t != IGNORE) == sorted([2, 3, 6] + [4] * 16)
+
+
+@pytest.mark.slow
+def test_the_logged_token_count_is_the_real_tokens_of_packed_rows(builtin_path):
+    """TRL sums the attention mask for ``num_tokens``; a block mask has ~L²/2 entries per row."""
+    from training.modeling import load_base, unsloth
+    from training.settings import LoraSettings, ModelSettings, TrainSettings
+    from training.sft import add_lora, build_trainer
+
+    model, tokenizer = load_base(ModelSettings(base=builtin_path, max_seq_length=512))
+    model = add_lora(unsloth(), model, LoraSettings(), None)
+    samples = [Sample("皇上吉祥！", "臣妾给皇上请安。"), Sample("你是谁？", "嫔妾甄嬛，大理寺少卿之女。"),
+               Sample("天冷了", "多谢姐姐挂念。"), Sample("这花开得好", "是倚梅园的红梅。")]
+    encoded, _ = encode(samples, tokenizer, PromptStyle(), 512, "truncate")
+    rows = pack(encoded, capacity=2 * max(len(e.input_ids) for e in encoded), seed=3407)
+    assert any(len(row) > 1 for row in rows)
+    settings = TrainSettings(max_steps=1, batch_size=len(rows), grad_accum=1, warmup_steps=0, logging_steps=1)
+    trainer = build_trainer(model, tokenizer, to_records(rows), settings, True)
+    assert not trainer.data_collator.flatten  # the CPU fallback honours the block mask
+    trainer.train()
+    logged = [entry["num_tokens"] for entry in trainer.state.log_history if "num_tokens" in entry]
+    assert logged == [sum(len(e.input_ids) for e in encoded)]

@@ -179,8 +179,28 @@ def build_trainer(model, tokenizer, records: list[dict], settings: TrainSettings
         train_sampling_strategy="random" if packed else "group_by_length",
         dataloader_num_workers=0,
     )
+    class Trainer(SFTTrainer):
+        """TRL's ``num_tokens`` log sums the attention mask. A packed row's (batch, 1, L, L) block
+        mask has one entry per visible pair, not per token: each step would log ~L²/2 tokens
+        (66,000 for a 512-token row). Every position sees itself; padding sees nothing else and
+        nothing sees it, while each token of a sample (two tokens at least) sees or is seen by
+        another, so those are the ones counted."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            before = getattr(self, "_total_train_tokens", None)
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+            mask = inputs.get("attention_mask")
+            if before is not None and mask is not None and mask.dim() == 4 and mask.dtype == torch.bool \
+                    and self._total_train_tokens != before:
+                alone = (mask.sum(dim=-1) == 1) & (mask.sum(dim=-2) == 1)
+                real = (mask.diagonal(dim1=-2, dim2=-1) & ~alone).sum()
+                self._total_train_tokens = before + int(self.accelerator.gather_for_metrics(real).sum().item())
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return result
+
     with contextlib.redirect_stdout(sys.stderr):
-        return SFTTrainer(
+        return Trainer(
             model=model,
             processing_class=tokenizer,
             train_dataset=Dataset.from_list(records),
