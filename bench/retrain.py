@@ -84,6 +84,7 @@ def main() -> int:
     parser.add_argument("--before", type=float, help="seconds of chatting before the retrain (default 30 / 10)")
     parser.add_argument("--after", type=float, help="seconds of chatting after the swap (default 20 / 5)")
     parser.add_argument("--max-steps", type=int, help="[retrain] max_steps (default: the shipped config's; CPU: 2)")
+    parser.add_argument("--preference", choices=["none", "kto"], help="[retrain] preference (default: the shipped config's)")
     parser.add_argument("--work", help="folder for the model, adapters and database (default: a temporary one)")
     parser.add_argument("--out", help="write results.md and results.json into this folder")
     args = parser.parse_args()
@@ -144,6 +145,8 @@ def write_originals(work: Path, count: int) -> None:
 
 def config_text(base: str, args, cuda: bool) -> str:
     steps = f"max_steps = {args.max_steps}\n" if args.max_steps is not None else ""
+    if args.preference is not None:
+        steps += f"preference = {json.dumps(args.preference)}\n"
     small = "" if cuda else "batch_size = 1\ngrad_accum = 1\npack_length = 512\nwarmup_steps = 0\n"
     return f"""# bench/retrain.py: the shipped defaults, except what a bench needs
 [character]
