@@ -18,20 +18,17 @@ from training.settings import LoraSettings, ModelSettings, TrainSettings
 def kto_stage(model_settings: ModelSettings, lora: LoraSettings, settings: TrainSettings, style: PromptStyle,
               registry: Registry, parent: Version, liked: list[Sample], disliked: list[Sample], max_steps: int) -> Version:
     """Train KTO on top of ``parent`` and write the result as a new version (its child)."""
-    import torch
     from datasets import Dataset
     from trl import KTOConfig, KTOTrainer
 
     from training.modeling import load_base, unsloth
-    from training.sft import add_lora, save
+    from training.sft import add_lora, precision_and_optimizer, save
 
     FastLanguageModel = unsloth()
     model, tokenizer = load_base(model_settings, offload_embedding=settings.offload_embedding)
     model = add_lora(FastLanguageModel, model, lora, parent)
     rows = [{"prompt": style.prompt(s, tokenizer), "completion": s.output + tokenizer.eos_token, "label": good}
             for samples, good in ((liked, True), (disliked, False)) for s in samples]
-    cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
     args = KTOConfig(
         output_dir=tempfile.mkdtemp(prefix="rolebot-kto-"),
         # KTO estimates its KL baseline from mismatched pairs within a batch: at least two rows.
@@ -43,9 +40,7 @@ def kto_stage(model_settings: ModelSettings, lora: LoraSettings, settings: Train
         warmup_steps=0,
         logging_steps=1,
         seed=settings.seed,
-        bf16=bf16,
-        fp16=cuda and not bf16,
-        optim=settings.optim if settings.optim != "auto" else ("adamw_8bit" if cuda else "adamw_torch"),
+        **precision_and_optimizer(settings),
         max_length=model_settings.max_seq_length,
         # Balance the two kinds so a few 👎 weigh as much as many 👍 (KTO paper, section 4).
         desirable_weight=1.0,

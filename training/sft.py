@@ -151,9 +151,6 @@ def build_trainer(model, tokenizer, records: list[dict], settings: TrainSettings
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    optim = settings.optim if settings.optim != "auto" else ("adamw_8bit" if cuda else "adamw_torch")
     args = SFTConfig(
         per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum,
@@ -161,10 +158,8 @@ def build_trainer(model, tokenizer, records: list[dict], settings: TrainSettings
         max_steps=settings.max_steps or -1,
         num_train_epochs=settings.epochs,
         learning_rate=settings.learning_rate,
-        fp16=cuda and not bf16,
-        bf16=bf16,
         logging_steps=settings.logging_steps,
-        optim=optim,
+        **precision_and_optimizer(settings),
         weight_decay=settings.weight_decay,
         lr_scheduler_type=settings.lr_scheduler,
         seed=settings.seed,
@@ -207,6 +202,17 @@ def build_trainer(model, tokenizer, records: list[dict], settings: TrainSettings
             args=args,
             data_collator=Collator(tokenizer.pad_token_id, flatten=packed and drops_training_masks(model)),
         )
+
+
+def precision_and_optimizer(settings: TrainSettings) -> dict:
+    """The tutorial's choices, as trainer arguments: bf16 where the GPU has it, else fp16 on a
+    GPU, fp32 on CPU; 8-bit AdamW on CUDA unless ``[training] optim`` names another."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    optim = settings.optim if settings.optim != "auto" else ("adamw_8bit" if cuda else "adamw_torch")
+    return {"bf16": bf16, "fp16": cuda and not bf16, "optim": optim}
 
 
 def drops_training_masks(model) -> bool:
