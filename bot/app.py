@@ -107,7 +107,7 @@ async def start_retraining(config: Config, store: Store, engine: Any, stack: Asy
     from bot.retrain import Retrainer
     from bot.scheduler import RetrainSchedule
 
-    # Only this process retrains while it serves; a run still 'running' was cut off by a crash.
+    # A run still 'running' whose process is gone was cut off by a crash or a kill.
     await store.fail_unfinished_runs()
     retrainer = Retrainer(config, store, engine)
     await retrainer.load_last_run()
