@@ -282,6 +282,8 @@ class Service:
             raise
         except Exception:
             log.exception("could not start a reply to a %s message", msg.platform)
+            if stream is not None:  # nobody will read it: free its place in the batch
+                stream.cancel()
             _settle(started, Answer(self._say(UNAVAILABLE), "error"))
             return
         notice = self._say(CUT, chars=len(trimmed)) if cut or trimmed != text else None
