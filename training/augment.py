@@ -32,7 +32,7 @@ from typing import Literal
 import openai
 
 from training.character import breaks_character
-from training.dataset import load_samples
+from training.dataset import read_dataset
 from training.errors import UserError
 from training.registry import write_json_atomic
 
@@ -397,14 +397,6 @@ def read_questions(path: Path) -> tuple[str, ...]:
     return questions
 
 
-def _real_records(path: Path) -> list[dict]:
-    """The dataset's records exactly as written (load_samples has already checked them)."""
-    text = Path(path).read_text(encoding="utf-8-sig").strip()
-    if text.startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
 def _resumed_records(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -446,7 +438,8 @@ class Augmenter:
         self.on_update = on_update
         self.report = Report(job.mode)
         self.source = f"{SOURCE}:{job.mode}"
-        self.real = [Pair(s.instruction, s.output) for s in load_samples(job.data)]
+        self.real_records, samples = read_dataset(job.data)
+        self.real = [Pair(s.instruction, s.output) for s in samples]
         self.report.real = len(self.real)
         self.partial = partial_path(job.output)
         self.kept = _resumed_records(self.partial)
@@ -484,7 +477,7 @@ class Augmenter:
             raise
         finally:
             await self._openai.close()
-        records = _real_records(self.job.data) + self.kept
+        records = self.real_records + self.kept
         write_json_atomic(self.job.output, records)
         self.partial.unlink(missing_ok=True)
         report.written, report.output = len(records), self.job.output

@@ -31,6 +31,12 @@ def load_samples(path: Path, character: str = "") -> list[Sample]:
     assistant turn is the output, the user turn before it the instruction, earlier turns the
     history (assistant turns spoken by ``character``).
     """
+    return read_dataset(path, character)[1]
+
+
+def read_dataset(path: Path, character: str = "") -> tuple[list, list[Sample]]:
+    """The records exactly as the file holds them, and their samples (checked as in
+    ``load_samples``): for a tool that writes the records on unchanged."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -41,7 +47,7 @@ def load_samples(path: Path, character: str = "") -> list[Sample]:
     records = _parse(text, path)
     if not records:
         raise UserError(f"{path}: the dataset is empty — it needs at least one instruction/output pair")
-    return [_sample(record, path, where, character) for where, record in records]
+    return [record for _, record in records], [_sample(record, path, where, character) for where, record in records]
 
 
 def _parse(text: str, path: Path) -> list[tuple[str, object]]:
