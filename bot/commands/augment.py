@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from bot.commands import count
 from bot.config import Config, load_config, secret
 from training.augment import (MODES, SAMPLE_QUESTIONS, SOURCE, Augmenter, Endpoint, Job, Report,
                               partial_path, read_questions)
@@ -101,12 +102,6 @@ def register(sub) -> None:
 def positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number ≥ 1")
-    return int(text)
-
-
-def count(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number ≥ 0")
     return int(text)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bot.commands import count
 from training.pairs import FORMATS, Character, PrepareRequest, Report, prepare
 
 DESCRIPTION = """\
@@ -42,27 +43,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="alpaca: JSON array of instruction/input/output (the tutorial's); "
                              "sharegpt: JSON array of conversations; jsonl: one "
                              '{"messages": [...]} a line (default: %(default)s)')
-    parser.add_argument("--history", type=_count, default=PrepareRequest.history, metavar="N",
+    parser.add_argument("--history", type=count, default=PrepareRequest.history, metavar="N",
                         help="add up to N earlier lines of the scene: as earlier turns "
                              "(sharegpt, jsonl) or as 「角色：台词」 lines in input (alpaca) "
                              "(default: %(default)s)")
-    parser.add_argument("--val-episodes", type=_count, default=PrepareRequest.val_episodes,
+    parser.add_argument("--val-episodes", type=count, default=PrepareRequest.val_episodes,
                         metavar="K",
                         help="write the last K episodes' pairs to FILE's .val twin "
                              "(e.g. huanhuan.val.json) for evaluation (default: %(default)s)")
-    parser.add_argument("--min-chars", type=_count, default=PrepareRequest.min_chars,
+    parser.add_argument("--min-chars", type=count, default=PrepareRequest.min_chars,
                         metavar="N", help="drop replies shorter than N characters "
                                           "(default: %(default)s)")
-    parser.add_argument("--max-chars", type=_count, default=PrepareRequest.max_chars,
+    parser.add_argument("--max-chars", type=count, default=PrepareRequest.max_chars,
                         metavar="N", help="drop replies longer than N characters; 0: no "
                                           "limit (default: %(default)s)")
     parser.set_defaults(run=run)
-
-
-def _count(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number ≥ 0")
-    return int(text)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,14 +88,14 @@ def render_report(report: Report, fmt: str) -> str:
         shown = ", ".join(report.no_speaker[:5]) + (" …" if len(report.no_speaker) > 5 else "")
         lines.append(f"  {len(report.no_speaker)} spoken line(s) name no speaker and were "
                      f"not used: {shown}")
-    total = sum(count for _, count in report.written)
+    total = sum(n for _, n in report.written)
     lines.append(f"Wrote {total} pairs ({fmt}):")
-    for index, (path, count) in enumerate(report.written):
+    for index, (path, n) in enumerate(report.written):
         held = ", ".join(map(str, report.val_episodes))
         note = f"  validation: episode(s) {held}" if index else ""
-        lines.append(f"  {count:6}  {path}{note}")
+        lines.append(f"  {n:6}  {path}{note}")
     lines.append("Skipped:" if report.skipped else "Skipped: nothing")
-    lines += [f"  {count:6}  {reason}" for reason, count in report.skipped]
+    lines += [f"  {n:6}  {reason}" for reason, n in report.skipped]
     lines.append(f"Top interlocutors (whose lines {name} answers):")
-    lines += [f"  {count:6}  {speaker}" for speaker, count in report.interlocutors]
+    lines += [f"  {n:6}  {speaker}" for speaker, n in report.interlocutors]
     return "\n".join(lines)
