@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import re
 
 import discord
@@ -27,7 +26,7 @@ from discord import app_commands
 
 from bot.config import Config, DiscordSettings, secret
 from bot.platforms import Options
-from bot.platforms.text import NO_TEXT
+from bot.platforms.text import paced_edits
 from bot.platforms.text import split as text_split
 from bot.service import Answer, IncomingMessage, Reply, Service
 from training.errors import UserError
@@ -181,19 +180,14 @@ class DiscordFrontend:
         """Show the reply as it grows: the first text as a reply to the user, then an edit at
         most every ``edit_interval`` seconds; past 2000 characters it goes on in a new message.
         Returns the messages that carry it, each linked to the reply's row."""
-        loop = asyncio.get_running_loop()
-        interval = self.settings.edit_interval
         parts: list[discord.Message] = []
-        text, shown, last = "", "", -math.inf
-        async for piece in reply:
-            text += piece
-            if loop.time() - last >= interval and text.strip():
-                await self._show(message, reply, parts, text)
-                shown, last = text, loop.time()
-        final = (await reply.result()).text or NO_TEXT
-        if final != shown.strip():
-            await asyncio.sleep(max(0.0, last + interval - loop.time()))  # the last edit is paced too
-            await self._show(message, reply, parts, final)
+
+        async def show(text: str) -> bool:
+            await self._show(message, reply, parts, text)
+            return True
+
+        final = await paced_edits(reply, self.settings.edit_interval, show)
+        await self._show(message, reply, parts, final)  # edits only what changed
         return parts
 
     async def _show(self, message: discord.Message, reply: Reply, parts: list[discord.Message],

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 
 from telegram import (
     BotCommand,
@@ -46,7 +45,7 @@ from telegram.ext import (
 
 from bot.config import Config, TelegramSettings, secret
 from bot.platforms import Options
-from bot.platforms.text import NO_TEXT, utf16_len
+from bot.platforms.text import paced_edits, utf16_len
 from bot.platforms.text import split as text_split
 from bot.service import ADMIN_COMMANDS, Answer, IncomingMessage, Reply, Service
 from training.errors import UserError
@@ -250,25 +249,21 @@ class TelegramFrontend:
         """Show the reply as it grows: the first text as a reply to the user, then an edit at
         most every ``edit_interval`` seconds; past 4096 units it goes on in a new message. The
         buttons sit under the last part. Returns the messages, each linked to the reply's row."""
-        loop = asyncio.get_running_loop()
         parts: list[Message] = []
         self._votes[reply.message_id] = None
-        interval = self.settings.edit_interval
+
+        async def show(text: str) -> bool:
+            try:
+                await self._show(message, reply, parts, text)
+                return True
+            except RetryAfter:  # the rate limiter gave up waiting: skip this edit
+                log.info("Telegram: flood control; reply %d shown later", reply.message_id)
+                return False
+            finally:
+                typing.cancel()
+
         try:
-            text, shown, last = "", "", -math.inf
-            async for piece in reply:
-                text += piece
-                if loop.time() - last >= interval and text.strip():
-                    try:
-                        await self._show(message, reply, parts, text)
-                        shown = text
-                    except RetryAfter:  # the rate limiter gave up waiting: skip this edit
-                        log.info("Telegram: flood control; reply %d shown later", reply.message_id)
-                    typing.cancel()
-                    last = loop.time()
-            final = (await reply.result()).text or NO_TEXT
-            if final != shown.strip():
-                await asyncio.sleep(max(0.0, last + interval - loop.time()))  # the last edit is paced too
+            final = await paced_edits(reply, self.settings.edit_interval, show)
             await self._show(message, reply, parts, final)
         finally:
             del self._votes[reply.message_id]

@@ -1,8 +1,15 @@
-"""Cutting a reply into platform messages, shared by the Discord and Telegram front-ends."""
+"""Cutting a reply into platform messages and pacing its edits, shared by the Discord and
+Telegram front-ends."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import math
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bot.service import Reply
 
 NO_TEXT = "（…）"  # a reply that ended before any text; both platforms refuse empty messages
 
@@ -34,3 +41,22 @@ def split(text: str, limit: int, measure: Callable[[str], int] = len) -> list[st
         text = text[cut:].lstrip()
     parts.append(text)
     return [p for p in parts if p.strip()] or [NO_TEXT]
+
+
+async def paced_edits(reply: Reply, interval: float, show: Callable[[str], Awaitable[bool]]) -> str:
+    """Call ``show(text)`` as a streamed reply grows, at most once every ``interval`` seconds
+    (``show`` says whether the text is now shown; False: skipped, shown by a later call). Returns
+    the reply's final text once showing it is due, paced like the edits before it; the caller
+    shows it."""
+    loop = asyncio.get_running_loop()
+    text, shown, last = "", "", -math.inf
+    async for piece in reply:
+        text += piece
+        if loop.time() - last >= interval and text.strip():
+            if await show(text):
+                shown = text
+            last = loop.time()
+    final = (await reply.result()).text or NO_TEXT
+    if final != shown.strip():
+        await asyncio.sleep(max(0.0, last + interval - loop.time()))
+    return final
