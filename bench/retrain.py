@@ -318,7 +318,9 @@ async def measure(work: Path, args) -> dict:
              "gate": {k: metrics.get(k) for k in ("val_nll_active", "val_nll_candidate", "preference_active",
                                                    "preference_candidate", "heldout_up", "heldout_down")},
              "swap_ms": status["engine"].get("last_swap_ms"), "active_after": status["active_version"]}
-    return {"device": device_name(), "model": str(app.config.model.base), "clients": args.clients,
+    from training.modeling import device
+
+    return {"device": device().name, "model": str(app.config.model.base), "clients": args.clients,
             "new_tokens": args.new_tokens, "seeded": seeded, "cycle": cycle,
             "max_steps": app.config.retrain.max_steps, "phases": {k: summary(v) for k, v in phases.items()},
             "failed_replies": sum(not r.ok for r in replies), "errors": sorted({r.error for r in replies if r.error})[:5],
@@ -344,14 +346,6 @@ def summary(replies: list[Reply]) -> dict:
 
 def share(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0%}"
-
-
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({os.cpu_count()} cores)"
 
 
 def render(result: dict) -> str:
