@@ -26,7 +26,7 @@ from discord import app_commands
 
 from bot.config import Config, DiscordSettings, secret
 from bot.platforms import Options
-from bot.platforms.text import paced_edits
+from bot.platforms.text import RATINGS, paced_edits
 from bot.platforms.text import split as text_split
 from bot.service import Answer, IncomingMessage, Reply, Service
 from training.errors import UserError
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 PLATFORM = "discord"
 MAX_CHARS = 2000  # Discord refuses longer message content
-RATINGS = {"👍": 1, "👎": -1}
 SKIN_TONES = re.compile("[\U0001f3fb-\U0001f3ff]")  # 👍🏽 is a 👍 too
 # Whatever the model writes, nobody is notified: no @everyone, roles, users or reply pings.
 NO_PINGS = discord.AllowedMentions.none()

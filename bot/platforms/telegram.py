@@ -45,7 +45,7 @@ from telegram.ext import (
 
 from bot.config import Config, TelegramSettings, secret
 from bot.platforms import Options
-from bot.platforms.text import paced_edits, utf16_len
+from bot.platforms.text import RATINGS, paced_edits, utf16_len
 from bot.platforms.text import split as text_split
 from bot.service import ADMIN_COMMANDS, Answer, IncomingMessage, Reply, Service
 from training.errors import UserError
@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 
 PLATFORM = "telegram"
 MAX_UNITS = 4096  # Telegram's longest message, in UTF-16 code units
-RATINGS = {"👍": 1, "👎": -1}
 CHOSEN = " ✓"  # marks the button of the vote just cast
 NOT_MODIFIED = "message is not modified"  # PTB lowercases and capitalizes the API's wording
 TYPING_EVERY_S = 4.5  # a chat action shows for 5 s or until the bot's next message

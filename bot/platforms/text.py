@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from bot.service import Reply
 
+RATINGS = {"👍": 1, "👎": -1}  # what a reaction or a button press records
 NO_TEXT = "（…）"  # a reply that ended before any text; both platforms refuse empty messages
 
 
