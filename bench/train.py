@@ -358,16 +358,13 @@ def worker_hf(spec: dict) -> dict:
     from training.settings import TrainSettings
     from training.sft import build_trainer
 
-    cuda = torch.cuda.is_available()
-    if not cuda:  # plain TRL computes its loss with a Triton-only kernel (trl/kernels/chunked_logprob.py)
+    if not torch.cuda.is_available():  # plain TRL's loss is a Triton-only kernel (trl/kernels/chunked_logprob.py)
         return {"error": "needs a CUDA GPU (plain TRL's fused log-prob loss is a Triton kernel)"}
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
-    kwargs = dict(dtype=torch.bfloat16 if cuda else torch.float32, attn_implementation="sdpa")
-    if cuda:
-        kwargs.update(device_map={"": 0}, quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16))
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        spec["model_dir"], dtype=torch.bfloat16, attn_implementation="sdpa", device_map={"": 0},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
