@@ -437,7 +437,7 @@ class Service:
             "ratings": counts.ratings,
             "replies_in_flight": len(self._tasks),
             "retrain": await self._retrain_state(),
-            "engine": self.engine.status(),
+            "engine": dataclasses.asdict(self.engine.status()),
         }
 
     async def _retrain_state(self) -> dict:
