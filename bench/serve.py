@@ -99,6 +99,7 @@ def main() -> int:
     parser.add_argument("--previous", help="also run the engine of this checkout (e.g. a git worktree of an older commit)")
     parser.add_argument("--phases", default="loop,engine,cb", help="which phases to run (cb only on CUDA)")
     parser.add_argument("--no-lora", action="store_true", help="serve the base model without an adapter")
+    parser.add_argument("--no-swap-check", action="store_true", help="skip the hot-swap with all chats in flight")
     parser.add_argument("--work", help="folder for the model, the adapters and each phase's results (default: a temporary one)")
     parser.add_argument("--out", help="also write the tables (markdown) and the raw numbers (JSON) here")
     parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: run one phase in this process
@@ -134,7 +135,8 @@ def main() -> int:
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     common = ["--work", str(work), "--chats", str(args.chats), "--new-tokens", str(args.new_tokens),
               "--rows", str(args.rows), "--baseline-chats", str(args.baseline_chats), "--arrivals", args.arrivals,
-              "--duration", str(args.duration)] + (["--swap-rate", str(args.swap_rate)] if args.swap_rate else [])
+              "--duration", str(args.duration)] + (["--swap-rate", str(args.swap_rate)] if args.swap_rate else []) \
+        + (["--no-swap-check"] if args.no_swap_check else [])
     jobs = []
     if "loop" in phases:
         jobs.append(("loop", "tutorial loop", None, []))
@@ -346,7 +348,7 @@ async def engine_phase(args, base: str, v1, v2) -> dict:
     runs, wall = await concurrent(client, prompts[:args.chats])
     result = {"info": {**device_info(base), "start_s": round(start_s, 1), "status": _status(engine)},
               "all_at_once": summary(runs, wall), "texts": [r.text for r in runs]}
-    if v1 and v2:
+    if v1 and v2 and not args.no_swap_check:
         result["swap"] = await swap_check(engine, prompts[:args.chats], v1, v2, [r.text for r in runs])
     result["arrivals"] = [{"rate": rate, **summary(*await arrivals(client, prompts, rate, args.duration))}
                           for rate in rates(args)]

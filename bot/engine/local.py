@@ -130,6 +130,7 @@ class LocalEngine:
         self._ids = itertools.count(1)
         self._eos: list[int] = []
         self._device = None
+        self._penalty = False
         self.counters = _Counters()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -165,22 +166,31 @@ class LocalEngine:
         kv_tokens = self.config.engine.kv_cache_tokens or max(rows * KV_TOKENS_PER_ROW, self.config.model.max_seq_length)
         kv_tokens = max(kv_tokens, self.config.model.max_seq_length + block)
         cuda = kind == "cuda"
+        # Each sampling stage costs every step over the whole vocabulary, so the batch has the
+        # stages the configured settings use; requests then set their own values for them.
+        # Top-p sorts the vocabulary: only where [generation] top_p < 1 with sampling. The penalty
+        # reads each row's history: only where [generation] repetition_penalty != 1.
+        gen = self.config.generation
+        nucleus = gen.temperature > 0 and gen.top_p < 1.0
+        self._penalty = gen.repetition_penalty != 1.0
         generation = GenerationConfig(
-            do_sample=True, temperature=0.7, top_p=0.9, top_k=None,  # placeholders: every request sets its own
+            do_sample=True, temperature=0.7, top_p=0.9 if nucleus else 1.0, top_k=None,  # placeholders
             max_new_tokens=self.config.generation.max_new_tokens, eos_token_id=self._eos,
             pad_token_id=self.tokenizer.pad_token_id,
         )
         batching = ContinuousBatchingConfig(
             block_size=block, num_blocks=math.ceil(kv_tokens / block), max_batch_tokens=MAX_BATCH_TOKENS[kind],
             max_requests_per_batch=rows, allow_block_sharing=self.config.engine.prefix_sharing,
-            use_async_batching=False,  # one step at a time: the penalty's buffer and swaps rely on it
+            # The penalty's history buffer is refilled between steps: no step may run ahead.
+            use_async_batching=False if self._penalty else None,
             use_cuda_graph=cuda and self.config.engine.cuda_graphs,
             default_compile_level=self.config.engine.compile_level if cuda else 0,
             per_request_processors=True,
         )
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         manager = _manager_class()(inner, generation, batching)
-        penalty.install(manager, rows, self.config.model.max_seq_length, inner.device)
+        if self._penalty:
+            penalty.install(manager, rows, self.config.model.max_seq_length, inner.device)
         manager.warmup()  # captures the CUDA graphs of every batch size; nothing to do without them
         manager.start()
         # One tiny reply first, so that the first user does not wait for the first step's set-up.
@@ -250,11 +260,13 @@ class LocalEngine:
         manager.register_result_handler(reply.rid, lambda output: self._on_output(reply, output))
         reply.admitted = True
         self._live[reply.rid] = reply
-        submitted = manager.add_request(
-            reply.ids, request_id=reply.rid, max_new_tokens=gen.max_new_tokens, streaming=True,
-            eos_token_id=self._eos, temperature=float(max(gen.temperature, GREEDY_TEMPERATURE)),
-            top_p=float(gen.top_p if gen.temperature > 0 else 1.0), repetition_penalty=float(gen.repetition_penalty),
-        )
+        sampling = {"temperature": float(max(gen.temperature, GREEDY_TEMPERATURE))}
+        if "top_p" in manager.logit_processor.supported_keys:
+            sampling["top_p"] = float(gen.top_p if gen.temperature > 0 else 1.0)
+        if self._penalty:
+            sampling["repetition_penalty"] = float(gen.repetition_penalty)
+        submitted = manager.add_request(reply.ids, request_id=reply.rid, max_new_tokens=gen.max_new_tokens,
+                                        streaming=True, eos_token_id=self._eos, **sampling)
         if submitted is None:
             self._end(reply, "error", "the engine is not accepting requests")
 
