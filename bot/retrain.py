@@ -13,23 +13,25 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from bot.adapters import Adapters
 from bot.config import Config
 from bot.datasets import dataset_files
 from bot.store import Store, TrainingRun
 from training.errors import UserError
 from training.logs import ratings_since
-from training.registry import Registry, Version
+from training.registry import Registry
 
 log = logging.getLogger(__name__)
 Notify = Callable[[str], Awaitable[None]]
 
 
 class Retrainer:
-    def __init__(self, config: Config, store: Store, engine=None, *, echo: bool = False):
+    def __init__(self, config: Config, store: Store, adapters: Adapters | None = None, *, echo: bool = False):
         self.config = config
         self.store = store
-        self.engine = engine  # None for `rolebot retrain`: nothing to hot-swap
-        self.registry = Registry(config.adapter_root, config.character.name)
+        # Promotion goes through the process's one owner of the adapter (bot.adapters);
+        # `rolebot retrain` has no engine, so there nothing is hot-swapped.
+        self.adapters = adapters or Adapters(Registry(config.adapter_root, config.character.name), store=store)
         self.lock = asyncio.Lock()
         self.task: asyncio.Task | None = None
         self.next_run: float | None = None  # set by the scheduler
@@ -49,6 +51,7 @@ class Retrainer:
             self.lock.release()
             raise
         self.last_run = run
+        self.adapters.pending = f"a retrain is running (run {run.id})"
         self.task = asyncio.create_task(self._cycle(run, notify), name=f"retrain-{run.id}")
         return run
 
@@ -92,22 +95,11 @@ class Retrainer:
                 "candidate_version": last.candidate_version, "metrics": dict(last.metrics)},
             "next_run": None if self.next_run is None else time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.next_run)),
             "new_ratings": self.new_ratings(),
-            "active_version": self.engine.adapter_version if self.engine else _name(self.registry.active()),
+            "active_version": self.adapters.serving,
         }
 
     async def load_last_run(self) -> None:
         self.last_run = await self.store.last_run()
-
-    async def rollback(self) -> Version:
-        # Refused rather than queued: a retrain may run for many minutes, and its promotion
-        # would undo the rollback anyway.
-        if self.lock.locked():
-            raise UserError(f"a retrain is running (run {self.last_run.id if self.last_run else '?'}); "
-                            "roll back after it ends")
-        async with self.lock:
-            version = self.registry.rollback()
-            await self._activate(version)
-            return version
 
     async def _cycle(self, run: TrainingRun, notify: Notify | None) -> None:
         try:
@@ -120,6 +112,7 @@ class Retrainer:
         try:
             self.last_run = await self.store.finish_run(run.id, status, reason=reason, candidate_version=version, metrics=metrics)
         finally:
+            self.adapters.pending = None
             self.lock.release()
         log.info("retrain %s %s: %s", run.id, status, reason)
         if notify is not None:
@@ -139,18 +132,14 @@ class Retrainer:
             return "failed", reason, None, {}
         if not result["passed"]:
             return "rejected", f"{result['version']} not promoted: {result['reason']}", result["version"], result["metrics"]
-        version = self.registry.activate(result["version"])
-        await self._activate(version)
+        version = await self.adapters.promote(result["version"])
         return "succeeded", f"{version.name} is active: {result['reason']}", version.name, result["metrics"]
-
-    async def _activate(self, version: Version) -> None:
-        await make_active(self.store, self.engine, version)
 
     def _job(self, run: TrainingRun) -> tuple[Path, Path]:
         config = self.config
         files = dataset_files(config, quiet=True)
         work = Path(tempfile.mkdtemp(prefix=f"rolebot-retrain-{run.id}-"))
-        active = self.registry.active() if config.retrain.start_from == "active" else None
+        active = self.adapters.active() if config.retrain.start_from == "active" else None
         train = dataclasses.replace(config.training, max_steps=config.retrain.max_steps)
         job = {
             "run_id": run.id, "trigger": run.trigger, "db": str(config.database),
@@ -188,18 +177,6 @@ class Retrainer:
         return proc.returncode, (output or b"").decode("utf-8", "replace")
 
 
-async def make_active(store: Store, engine, version: Version) -> None:
-    """After the registry activated ``version``: record it in the log, then serve it."""
-    await store.add_adapter_version(version.character, version.name, version.meta)
-    await store.activate_adapter(version.character, version.name)
-    if engine is not None:
-        await engine.swap_adapter(version)
-
-
 def _tail(output: str) -> str:
     lines = [line for line in output.strip().splitlines() if line.strip()]
     return lines[-1][:500] if lines else ""
-
-
-def _name(version: Version | None) -> str | None:
-    return version.name if version else None

@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from bot import store as db
 from bot.config import Config, GenerationSettings
-from bot.retrain import make_active
+from bot.adapters import Adapters
 from training.errors import UserError
 from training.prompts import Exchange, Sample
 from training.registry import Registry
 
 if TYPE_CHECKING:
     from bot.engine import Engine, ReplyStream
+    from bot.retrain import Retrainer
 
 log = logging.getLogger(__name__)
 
@@ -203,12 +204,14 @@ class Service:
     """One character's conversations across every platform."""
 
     def __init__(self, config: Config, store: db.Store, engine: Engine, *,
-                 registry: Registry | None = None, retrainer: Any = None,
+                 adapters: Adapters | None = None, retrainer: Retrainer | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.store = store
         self.engine = engine
-        self.registry = registry or Registry(config.adapter_root, config.character.name)
+        # One owner of the served adapter per process: the retrainer's, when there is one.
+        self.adapters = adapters or (retrainer.adapters if retrainer is not None else Adapters(
+            Registry(config.adapter_root, config.character.name), store=store, engine=engine))
         self.retrainer = retrainer
         self.limiter = RateLimiter(config.service.rate_limit_per_minute, clock)
         self.notifiers: dict[str, Notifier] = {}  # platform → how to message one of its chats
@@ -217,7 +220,6 @@ class Service:
         self._calls = 0  # handle()/rate() calls in progress, so close() can wait for them
         self._idle = asyncio.Event()
         self._idle.set()
-        self._swap_lock = asyncio.Lock()
 
     @property
     def character(self) -> str:
@@ -425,7 +427,7 @@ class Service:
 
     async def status(self) -> dict:
         counts = await self.store.counts()
-        versions = await asyncio.to_thread(self.registry.versions)
+        versions = await asyncio.to_thread(self.adapters.versions)
         return {
             "character": self.character,
             "active_version": self.engine.adapter_version,
@@ -454,12 +456,7 @@ class Service:
 
     async def rollback(self) -> str:
         """Serve the adapter version active before the current one; returns its name."""
-        if self.retrainer is not None:
-            return (await self.retrainer.rollback()).name
-        async with self._swap_lock:
-            version = await asyncio.to_thread(self.registry.rollback)
-            await make_active(self.store, self.engine, version)
-        return version.name
+        return (await self.adapters.rollback()).name
 
     # Shutdown
 

@@ -80,7 +80,7 @@ async def test_a_cycle_trains_gates_and_promotes(tmp_path):
         meta = registry.active().meta
         assert meta["gate"]["passed"] and meta["retrain"]["run_id"] == run.id
         assert meta["retrain"]["liked"] >= 6 and meta["retrain"]["replayed"] == meta["retrain"]["liked"]
-        assert (await store.active_adapter("甄嬛")).version == "v0001"
+        assert [a.version for a in await store.activations("甄嬛")] == ["v0001"]
         data = json.loads((tmp_path / "data/retrain" / f"run-{run.id}.json").read_text(encoding="utf-8"))
         rated = [r for r in data if r["source"] == "rated"]
         assert rated and all(r["prompt"].startswith(config.character.persona) for r in rated)
@@ -98,7 +98,7 @@ async def test_a_crash_in_training_keeps_the_old_version_and_records_the_failure
         while retrainer.process is None:
             await asyncio.sleep(0.05)
         with pytest.raises(UserError, match="a retrain is running .* roll back after it ends"):
-            await retrainer.rollback()
+            await retrainer.adapters.rollback()
         await asyncio.sleep(3)
         retrainer.process.kill()  # what the OOM killer does
         done = await retrainer.wait()

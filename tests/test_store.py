@@ -293,26 +293,14 @@ def test_training_reports_a_missing_or_unmigrated_database(tmp_path):
 
 
 @pytest.mark.asyncio
-async def test_adapter_activation_and_rollback_walk_back_through_history(store):
+async def test_adapter_activations_are_logged_as_events(store):
     for version in ("v1", "v2", "v3"):
-        await store.add_adapter_version("甄嬛", version, {"loss": 1.0})
-        await store.activate_adapter("甄嬛", version)
-    await store.activate_adapter("甄嬛", "v3")  # already active: no new history entry
+        await store.log_activation("甄嬛", version, {"loss": 1.0})
+    await store.log_activation("甄嬛", "v3", {"loss": 1.0})  # served again after a restart: no new event
+    await store.log_activation("甄嬛", "v2", {"loss": 1.0})  # a rollback is one more event
 
-    assert (await store.rollback_adapter("甄嬛")).version == "v2"
-    assert (await store.rollback_adapter("甄嬛")).version == "v1"
-    assert (await store.active_adapter("甄嬛")).version == "v1"
-    with pytest.raises(UserError, match="no earlier adapter version"):
-        await store.rollback_adapter("甄嬛")
-    with pytest.raises(UserError, match="not registered"):
-        await store.activate_adapter("甄嬛", "v9")
-
-    await store.activate_adapter("甄嬛", "v3")
-    assert [(a.version, a.active) for a in await store.adapter_versions("甄嬛")] == [
-        ("v1", False), ("v2", False), ("v3", True)
-    ]
-    assert (await store.active_adapter("甄嬛")).meta == {"loss": 1.0}
-    assert (await store.rollback_adapter("甄嬛")).version == "v1"
+    assert [a.version for a in await store.activations("甄嬛")] == ["v1", "v2", "v3", "v2"]
+    assert await store.activations("嬛嬛") == []
 
 
 @pytest.mark.asyncio
