@@ -390,6 +390,43 @@ class Service:
         finally:
             self._leave()
 
+    async def rate_platform_message(self, platform: str, chat_id: str, platform_message_id: str,
+                                    user_id: str, value: int, *,
+                                    display_name: str | None = None) -> db.Rating:
+        """A 👍/👎 on a platform message (a reaction, a button under it): the reply it carries
+        is rated. Raises ``UnknownMessage`` when it carries none of the bot's replies."""
+        reply = await self.reply_by_platform_id(platform, chat_id, platform_message_id)
+        if reply is None:
+            raise UnknownMessage(f"{platform} message {platform_message_id} carries no reply in the log")
+        return await self.rate(platform, user_id, reply.id, value, display_name=display_name)
+
+    async def unrate_platform_message(self, platform: str, chat_id: str, platform_message_id: str,
+                                      user_id: str, value: int) -> bool:
+        """A 👍/👎 taken back (a reaction removed); only a rating of that ``value`` goes, so
+        removing 👍 keeps a 👎 the user switched to since. True if one was removed."""
+        if not self._accepting:
+            raise UserError("the bot is shutting down; rate again once it is back")
+        self._enter()
+        try:
+            reply = await self.reply_by_platform_id(platform, chat_id, platform_message_id)
+            if reply is None:
+                return False
+            return await self.store.unrate(reply.id, platform, str(user_id), value)
+        finally:
+            self._leave()
+
+    async def reply_by_platform_id(self, platform: str, chat_id: str,
+                                   platform_message_id: str) -> db.Message | None:
+        """The bot's reply that a platform message carries, or None (a user's message, or one
+        the log does not know). The chat is part of the key: Telegram numbers messages per chat."""
+        row = await self.store.message_by_platform_id(platform, str(chat_id), str(platform_message_id))
+        return row if row is not None and row.role == "assistant" else None
+
+    async def posted(self, reply: Reply, platform_message_id: str) -> None:
+        """A front-end posted part of ``reply`` as this platform message: linked at once, so a
+        rating on that part finds its reply even while it streams."""
+        await self.store.link_platform_messages(reply.message_id, [str(platform_message_id)])
+
     # Commands
 
     async def _command(self, msg: IncomingMessage, name: str, args: str) -> Answer:

@@ -18,6 +18,7 @@ from bot.service import (
     Answer, IncomingMessage, Overrides, Reply, Service, UnknownMessage, normalise, parse_command,
 )
 from bot.store import RatingError, Store
+from training.errors import UserError
 
 CONFIG = """
 [model]
@@ -195,6 +196,29 @@ async def test_one_rating_per_user_per_reply_and_it_can_change(bot):
         with pytest.raises(RatingError, match="use 1 or -1"):
             await bot.rate("telegram", "u1", reply.message_id, bad)
     assert len(rows(bot, "SELECT * FROM ratings")) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_platform_message_is_rated_through_the_service(bot):
+    """What Discord and Telegram do: post the reply's parts, then rate (and un-rate) a part."""
+    reply = await say(bot, "你好", platform="discord")
+    await reply.result()
+    await bot.posted(reply, "m-1")
+    await bot.posted(reply, "m-2")
+    found = await bot.reply_by_platform_id("discord", "chat-u1", "m-2")
+    assert found.id == reply.message_id and found.platform_message_ids == ("m-1", "m-2")
+    assert await bot.reply_by_platform_id("discord", "another-chat", "m-2") is None
+    rating = await bot.rate_platform_message("discord", "chat-u1", "m-1", "u2", -1, display_name="二")
+    assert rating.message_id == reply.message_id and rating.value == -1
+    assert not await bot.unrate_platform_message("discord", "chat-u1", "m-1", "u2", 1)  # not that vote
+    assert [r["value"] for r in rows(bot, "SELECT value FROM ratings")] == [-1]
+    with pytest.raises(UnknownMessage, match="carries no reply"):
+        await bot.rate_platform_message("discord", "chat-u1", "m-404", "u2", 1)
+    await bot.close()
+    with pytest.raises(UserError, match="shutting down"):  # the same guard as a rating's
+        await bot.unrate_platform_message("discord", "chat-u1", "m-1", "u2", -1)
+    assert [r["value"] for r in rows(bot, "SELECT value FROM ratings")] == [-1]
 
 
 @pytest.mark.slow
