@@ -158,7 +158,6 @@ async def serving_version(config: Config, adapters: Adapters, *, train: bool) ->
 
 def train_first_adapter(config: Config, registry: Registry) -> Version:
     """Prepare the script and train the first version with the SFT core, as `rolebot train`."""
-    from bot.commands.train import style
     from bot.datasets import dataset_files
     from training.sft import TrainJob, train
 
@@ -171,7 +170,7 @@ def train_first_adapter(config: Config, registry: Registry) -> Version:
     files = dataset_files(config)
     result = train(TrainJob(
         data=files.train, val=files.val, model=config.model, lora=config.lora, train=settings,
-        style=style(config), registry=registry, trigger="first-run",
+        style=config.prompt_style(), registry=registry, trigger="first-run",
     ), activate=False)  # the caller activates it, through bot.adapters
     print(f"rolebot: trained {result.version.name} (loss {result.final_loss:.4f}); starting the bot",
           file=sys.stderr, flush=True)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from bot import store as db
 from bot.config import Config, GenerationSettings
+from bot.status import RetrainStatus, ServiceStatus, as_text
 from bot.adapters import Adapters
 from training.errors import UserError
 from training.prompts import Exchange, Sample
@@ -314,7 +315,7 @@ class Service:
             stats = getattr(stream, "stats", None)
             text = "".join(pieces).strip()
             try:
-                row = await self.store.finish_reply(reply.message_id, text, _store_stats(stats, started),
+                row = await self.store.finish_reply(reply.message_id, text, _reply_cost(stats, started),
                                                     status=status)
                 if row is None:  # /forget deleted it while it streamed
                     status = "forgotten"
@@ -443,7 +444,7 @@ class Service:
                 return Answer(f"Forgotten: {gone.messages} of your messages, {gone.replies} replies "
                               f"to them and {gone.ratings} ratings.")
             if name == "status":
-                return Answer(render_status(await self.status()))
+                return Answer(as_text(await self.status()))
             if name == "retrain":
                 run = await self.retrain(f"{msg.platform}:{msg.user_id}", self._notify(msg))
                 return Answer(f"Retrain run {run.id} started; you will hear when it ends.")
@@ -462,28 +463,27 @@ class Service:
 
     # Admin actions (commands and the web admin API)
 
-    async def status(self) -> dict:
+    async def status(self) -> ServiceStatus:
         counts = await self.store.counts()
         versions = await asyncio.to_thread(self.adapters.versions)
-        return {
-            "character": self.character,
-            "active_version": self.engine.adapter_version,
-            "versions": [v.name for v in versions],
-            "users": counts.users,
-            "conversations": counts.conversations,
-            "messages": counts.messages,
-            "replies": counts.replies,
-            "ratings": counts.ratings,
-            "replies_in_flight": len(self._tasks),
-            "retrain": await self._retrain_state(),
-            "engine": self.engine.status(),
-        }
+        return ServiceStatus(
+            character=self.character,
+            active_version=self.engine.adapter_version,
+            versions=tuple(v.name for v in versions),
+            users=counts.users,
+            conversations=counts.conversations,
+            messages=counts.messages,
+            replies=counts.replies,
+            ratings=counts.ratings,
+            replies_in_flight=len(self._tasks),
+            retrain=await self._retrain_status(),
+            engine=self.engine.status(),
+        )
 
-    async def _retrain_state(self) -> dict:
+    async def _retrain_status(self) -> RetrainStatus:
         if self.retrainer is not None:
-            return self.retrainer.state()
-        last = await self.store.last_run()
-        return {"running": False, "last_run": dataclasses.asdict(last) if last else None}
+            return await self.retrainer.status()
+        return RetrainStatus(running=False, last_run=await self.store.last_run())
 
     async def retrain(self, requested_by: str, notify: Callable[[str], Awaitable[None]] | None = None):
         """Start a retrain (raises ``NotSetUp`` without a retrainer, ``UserError`` if one runs)."""
@@ -532,27 +532,13 @@ def _sampling_json(settings: GenerationSettings) -> dict:
     return {k: getattr(settings, k) for k in ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "stop")}
 
 
-def _store_stats(stats, started: float) -> db.ReplyStats:
+def _reply_cost(stats, started: float) -> db.ReplyCost:
     """The engine's measurements in the store's units; our own clock when it has none."""
     if stats is None:
-        return db.ReplyStats(latency_ms=(time.perf_counter() - started) * 1000)
-    return db.ReplyStats(
+        return db.ReplyCost(latency_ms=(time.perf_counter() - started) * 1000)
+    return db.ReplyCost(
         latency_ms=stats.total_s * 1000,
         first_token_ms=stats.first_token_s * 1000 if stats.first_token_s is not None else None,
         prompt_tokens=stats.prompt_tokens,
         completion_tokens=stats.completion_tokens,
     )
-
-
-def render_status(status: dict) -> str:
-    """/status as a few lines of text."""
-    retrain = status["retrain"]
-    last = retrain.get("last_run")
-    last_text = f"run {last['id']} {last['status']}" + (f" ({last['reason']})" if last.get("reason") else "") if last else "none"
-    return "\n".join([
-        f"{status['character']}: serving {status['active_version'] or 'the base model (no adapter)'}",
-        f"versions: {', '.join(status['versions']) or 'none'}",
-        f"messages: {status['messages']} ({status['replies']} replies), ratings: {status['ratings']}, "
-        f"users: {status['users']}",
-        f"retrain: {'running' if retrain.get('running') else 'idle'}; last run: {last_text}",
-    ])

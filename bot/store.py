@@ -176,8 +176,9 @@ class Message:
 
 
 @dataclass(frozen=True)
-class ReplyStats:
-    """What generating one reply cost, as the engine measured it."""
+class ReplyCost:
+    """What generating one reply cost, in the log's units (milliseconds); the engine's own
+    ``ReplyStats`` measures in seconds."""
 
     latency_ms: float | None = None
     first_token_ms: float | None = None
@@ -393,7 +394,7 @@ class Store:
         self,
         message_id: int,
         text: str,
-        stats: ReplyStats,
+        stats: ReplyCost,
         *,
         status: MessageStatus = "complete",
         platform_message_ids: Sequence[str] = (),

@@ -9,11 +9,11 @@ import time
 import pytest
 import pytest_asyncio
 
-from bot.store import MIGRATIONS, Message, RatingError, ReplyStats, Store
+from bot.store import MIGRATIONS, Message, RatingError, ReplyCost, Store
 from training import logs
 from training.errors import UserError
 
-STATS = ReplyStats(latency_ms=420.0, first_token_ms=80.0, prompt_tokens=120, completion_tokens=24)
+STATS = ReplyCost(latency_ms=420.0, first_token_ms=80.0, prompt_tokens=120, completion_tokens=24)
 SAMPLING = {"temperature": 0.7, "top_p": 0.9}
 
 
@@ -216,7 +216,8 @@ async def test_training_never_sees_a_forgotten_user_even_after_they_return(store
     await store.rate(bob_reply.id, "telegram", "alice", 1)
 
     assert logs.rated_replies(store.path) == []
-    assert logs.ratings_since(store.path, 0) == 0 == await store.ratings_since(0)
+    with logs.open_snapshot(store.path) as snapshot:
+        assert snapshot.ratings_since(0) == 0 == await store.ratings_since(0)
 
 
 @pytest.mark.asyncio
@@ -266,7 +267,8 @@ async def test_training_snapshot_ignores_writes_made_after_it_started(store):
     assert (seen.prompt, seen.adapter_version) == ("<persona>\nfirst\n", "v1")
     assert (seen.score, seen.ups, seen.downs) == (1, 2, 1)
     assert [(r.text, r.score) for r in logs.rated_replies(store.path)] == [("一", 3), ("二", 1)]
-    assert logs.ratings_since(store.path, before) == 2 == await store.ratings_since(before)
+    with logs.open_snapshot(store.path) as snapshot:
+        assert snapshot.ratings_since(before) == 2 == await store.ratings_since(before)
 
 
 @pytest.mark.asyncio

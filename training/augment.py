@@ -34,7 +34,7 @@ import openai
 from training.character import breaks_character
 from training.dataset import read_dataset
 from training.errors import UserError
-from training.registry import write_json_atomic
+from training.atomic import write_json_atomic
 
 Mode = Literal["fewshot", "questions"]
 MODES: tuple[Mode, ...] = ("fewshot", "questions")

@@ -18,8 +18,8 @@ from training import report
 from training.dataset import load_samples, sha256
 from training.errors import UserError
 from training.modeling import device, expandable_cuda_segments, load_base, unsloth
-from training.packing import Collator, PromptStyle, encode, pack, to_records
-from training.prompts import Sample
+from training.packing import Collator, encode, pack, to_records
+from training.prompts import PromptStyle, Sample
 from training.registry import Registry, Version
 from training.settings import LoraSettings, ModelSettings, TrainSettings
 

@@ -38,8 +38,9 @@ async def _run(args: argparse.Namespace) -> int:
     async with Store.open(config.database) as store:
         retrainer = Retrainer(config, store, echo=True)
         await retrainer.load_last_run()
-        if args.if_due and retrainer.new_ratings() < config.scheduler.min_new_ratings:
-            print(f"Not due: {retrainer.new_ratings()} new rated replies, "
+        waiting = await retrainer.new_ratings()
+        if args.if_due and waiting < config.scheduler.min_new_ratings:
+            print(f"Not due: {waiting} new rated replies, "
                   f"{config.scheduler.min_new_ratings} needed ([scheduler] min_new_ratings).")
             return 0
         run = await retrainer.request(trigger="cli", requested_by="cli")
