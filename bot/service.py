@@ -169,7 +169,7 @@ class RateLimiter:
         return True
 
 
-def normalise(text: str | bytes, limit: int) -> tuple[str, bool]:
+def clean_message(text: str | bytes, limit: int) -> tuple[str, bool]:
     """Clean a message: invalid UTF-8 and lone surrogates become U+FFFD, control and
     zero-width characters go, line ends become ``\\n``. Returns the text cut to ``limit``
     characters and whether it was cut."""
@@ -244,7 +244,7 @@ class Service:
             return Answer(self._say(UNAVAILABLE), "unavailable")
         self._enter()
         try:
-            text, cut = normalise(msg.text, self.config.service.max_message_chars)
+            text, cut = clean_message(msg.text, self.config.service.max_message_chars)
             if not text:
                 return Answer(self._say(EMPTY), "empty")
             command = parse_command(text)

@@ -15,7 +15,7 @@ import pytest_asyncio
 from bot.config import load_config
 from bot.platforms.console import Console
 from bot.service import (
-    Answer, IncomingMessage, Overrides, Reply, Service, UnknownMessage, normalise, parse_command,
+    Answer, IncomingMessage, Overrides, Reply, Service, UnknownMessage, clean_message, parse_command,
 )
 from bot.store import RatingError, Store
 from training.errors import UserError
@@ -46,12 +46,12 @@ admins_telegram = ["42"]
 
 
 def test_messages_are_cleaned_before_anyone_sees_them():
-    assert normalise(b"\xff\xfe hi \xe4\xbd\xa0", 100) == ("\ufffd\ufffd hi 你", False)
-    assert normalise("a\u200bb\u200d\ufeffc\x00\x07d\u202e", 100) == ("abcd", False)
-    assert normalise("lone \ud800 surrogate", 100) == ("lone \ufffd surrogate", False)
-    assert normalise("line\r\nbreak\ttab\u2028x", 100) == ("line\nbreak tab\nx", False)
-    assert normalise(" \n\t\u200b ", 100) == ("", False)
-    text, cut = normalise("长" * 1_000_000, 300)
+    assert clean_message(b"\xff\xfe hi \xe4\xbd\xa0", 100) == ("\ufffd\ufffd hi 你", False)
+    assert clean_message("a\u200bb\u200d\ufeffc\x00\x07d\u202e", 100) == ("abcd", False)
+    assert clean_message("lone \ud800 surrogate", 100) == ("lone \ufffd surrogate", False)
+    assert clean_message("line\r\nbreak\ttab\u2028x", 100) == ("line\nbreak tab\nx", False)
+    assert clean_message(" \n\t\u200b ", 100) == ("", False)
+    text, cut = clean_message("长" * 1_000_000, 300)
     assert cut and text == "长" * 300
 
 
