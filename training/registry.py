@@ -2,7 +2,8 @@
 
 A version is written into a hidden temporary folder and renamed into place only once complete,
 so a crash or Ctrl-C never leaves a version that can be listed or activated. ``active.json``
-records the active version and the activation history that rollback walks back through.
+records the active version and the activation history that rollback walks back through: the
+one record of both. In the bot, ``bot.adapters`` is its only caller for activation and rollback.
 """
 
 from __future__ import annotations
