@@ -1,22 +1,36 @@
-"""Serving benchmark: N concurrent chats through the engine against the tutorial's chat loop.
+"""Serving benchmark: rolebot's engine against the tutorial's one-at-a-time loop and, on CUDA,
+transformers' own continuous batching on the same model files, in one run.
 
-One run loads one model (base + a LoRA adapter, through the engine's own loading path) and
-measures, on the same prompts and the same number of new tokens, greedy:
+Each engine runs in a process of its own (a "phase"), on the same model files and prompts:
 
-  (a) the tutorial's loop: one chat at a time, ``model.generate`` with a streamer
-      (Unsloth ``for_inference``), the next chat starting when the last reply ends;
-  (b) the engine: all N chats submitted at once, each reading its own token stream.
+  loop      the tutorial's chat loop: Unsloth ``for_inference``, ``model.generate`` with a
+            streamer, one chat at a time;
+  engine    rolebot's engine as ``rolebot serve`` builds it (``bot.engine.make_engine``); one
+            phase per ``--variant`` ([engine] overrides, e.g. ``weights=bf16``), and with
+            ``--previous PATH`` also the engine of another checkout (``git worktree add``);
+  cb        transformers' ``ContinuousBatchingManager`` on a plain transformers + bitsandbytes +
+            PEFT load (CUDA graphs, warmed up to 64 rows): the baseline on CUDA.
 
-It prints aggregate generated tokens/s, time to first token and reply latency (p50/p95) as a
-table. Usage:
+and measures, greedy, the same number of new tokens per reply:
 
-    python bench/serve.py                                    # builtin model on the CPU, 8 chats
-    python bench/serve.py --random-llama8b --chats 32        # GPU: Llama-3.1-8B shape, 4-bit + LoRA
-    python bench/serve.py --model /models/my-llama --no-lora # a local checkpoint
+  all at once   ``--chats`` chats submitted together: aggregate tokens/s, first token, reply time;
+  arrivals      ``--arrivals RATE[,RATE…]``: chats arriving at random (Poisson, seeded by rate) for
+                ``--duration`` seconds each: first token p50/p95/max, reply p50/p95, tokens/s;
+  swap          a second adapter version hot-swapped while all chats stream (in-flight replies
+                must stay identical to v1) and, with arrivals, once more in the middle of the
+                ``--swap-rate`` schedule (failed replies, first token around the swap).
 
-``--random-llama8b`` builds a Llama-3.1-8B-shaped model with random weights (bf16, saved to
-``--work``; about 16 GB) and a LoRA adapter with non-zero weights: right for speed and memory,
-meaningless text. Its tokenizer is the builtin model's, widened to Llama 3's 128,256 ids.
+It prints the tables. Usage:
+
+    python bench/serve.py                                              # CPU: builtin model, 8 chats
+    python bench/serve.py --arrivals 0.5,1 --previous /tmp/prev        # CPU, against an older engine
+    python bench/serve.py --random-llama8b --arrivals 2,4,8,12 --work w  # GPU: Llama-3.1-8B shape, 4-bit + LoRA
+
+``--phases`` runs some phases only and keeps their results in ``--work``, so that a long GPU run
+can be split over several calls; the last call prints every phase found there.
+``--random-llama8b`` builds a Llama-3.1-8B-shaped model with random weights (bf16, about 16 GB)
+and a LoRA adapter with non-zero weights: right for speed and memory, meaningless text. Its
+tokenizer is the builtin model's, widened to Llama 3's 128,256 ids.
 """
 
 from __future__ import annotations
@@ -26,15 +40,18 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 LLAMA_VOCAB = 128256
 # The tutorial's own instruction, as the persona: prompts of about 80-100 tokens.
@@ -53,12 +70,15 @@ LINES = [
 
 @dataclass
 class Run:
-    """One reply's measurements."""
+    """One reply's measurements, from the client's side."""
 
     tokens: int
     first_s: float | None
     total_s: float
     text: str
+    failed: bool = False
+    arrival_s: float = 0.0  # when it was submitted, from the start of its schedule
+    version: str | None = None
 
 
 def main() -> int:
@@ -67,44 +87,79 @@ def main() -> int:
     parser.add_argument("--random-llama8b", action="store_true", help="build a random Llama-3.1-8B-shaped model")
     parser.add_argument("--tiny", action="store_true", help="with --random-llama8b: 2 small layers (a smoke test of the path)")
     parser.add_argument("--tokenizer", help="tokenizer folder for the random model (default: the builtin model's)")
-    parser.add_argument("--chats", type=int, help="concurrent chats (default 32 on CUDA, 8 elsewhere)")
+    parser.add_argument("--chats", type=int, help="chats submitted at once (default 32 on CUDA, 8 elsewhere)")
     parser.add_argument("--new-tokens", type=int, help="new tokens per reply (default 128 on CUDA, 32 elsewhere)")
     parser.add_argument("--baseline-chats", type=int, help="chats the one-at-a-time loop runs (default: 6 on CUDA, all elsewhere)")
+    parser.add_argument("--arrivals", default="", help="chats per second, comma-separated: a Poisson schedule for each")
+    parser.add_argument("--duration", type=float, default=25.0, help="seconds of arrivals per rate (default 25)")
+    parser.add_argument("--swap-rate", type=float, help="also hot-swap mid-way through a schedule at this rate")
+    parser.add_argument("--rows", type=int, help="rows of the running batch ([generation] max_batch_size; default 64 on CUDA, 8 elsewhere)")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="an engine run with [engine] KEY=VALUE overrides, '+'-joined (repeatable; default: the shipped settings)")
+    parser.add_argument("--previous", help="also run the engine of this checkout (e.g. a git worktree of an older commit)")
+    parser.add_argument("--phases", default="loop,engine,cb", help="which phases to run (cb only on CUDA)")
     parser.add_argument("--no-lora", action="store_true", help="serve the base model without an adapter")
-    parser.add_argument("--no-eager", action="store_true", help="on CUDA: skip the engine run without CUDA-graph decode")
-    parser.add_argument("--no-swap-check", action="store_true", help="skip the hot-swap check after the timing")
-    parser.add_argument("--work", help="folder for the random model and the adapter (default: a temporary one)")
-    parser.add_argument("--out", help="also write the table (markdown) and the raw numbers (JSON) here")
+    parser.add_argument("--work", help="folder for the model, the adapters and each phase's results (default: a temporary one)")
+    parser.add_argument("--out", help="also write the tables (markdown) and the raw numbers (JSON) here")
+    parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: run one phase in this process
+    parser.add_argument("--label", help=argparse.SUPPRESS)
+    parser.add_argument("--code", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.phase:
+        return run_phase(args)
 
-    from training.modeling import unsloth
-
-    unsloth()  # first: it patches transformers and PEFT when imported
     import torch
 
     cuda = torch.cuda.is_available()
-    chats = args.chats or (32 if cuda else 8)
-    new_tokens = args.new_tokens or (128 if cuda else 32)
-    baseline_chats = min(chats, args.baseline_chats or (6 if cuda else chats))
+    args.chats = args.chats or (32 if cuda else 8)
+    args.new_tokens = args.new_tokens or (128 if cuda else 32)
+    args.rows = args.rows or (64 if cuda else 8)
+    args.baseline_chats = min(args.chats, args.baseline_chats or (6 if cuda else args.chats))
     work = Path(args.work or tempfile.mkdtemp(prefix="rolebot-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-
-    started = time.perf_counter()
-    if args.random_llama8b:
-        base = str(work / ("llama-tiny" if args.tiny else "llama-8b"))
-        adapter = build_random_llama(Path(base), args.tokenizer, args.tiny, lora=not args.no_lora)
-    else:
-        base = args.model
-        adapter = None if args.no_lora else random_adapter_for(base)
-    print(f"bench: model ready in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    version = save_version(work, adapter, base) if adapter else None
-    result = asyncio.run(measure(base, version, chats, new_tokens, baseline_chats, cuda and not args.no_eager,
-                                 not args.no_swap_check))
-    table = render(result)
-    print(table)
+    plan = json.loads((work / "plan.json").read_text()) if (work / "plan.json").exists() else None
+    if plan is None:
+        started = time.perf_counter()
+        if args.random_llama8b:
+            base = str(work / ("llama-tiny" if args.tiny else "llama-8b"))
+            adapter = build_random_llama(Path(base), args.tokenizer, args.tiny, lora=not args.no_lora)
+        else:
+            base = args.model
+            adapter = None if args.no_lora else random_adapter_for(base)
+        version = save_version(work, adapter, base) if adapter else None
+        v2 = perturbed_version(version) if version else None
+        plan = {"base": base, "v1": version.name if version else None, "v2": v2.name if v2 else None}
+        (work / "plan.json").write_text(json.dumps(plan))
+        print(f"bench: model ready in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    common = ["--work", str(work), "--chats", str(args.chats), "--new-tokens", str(args.new_tokens),
+              "--rows", str(args.rows), "--baseline-chats", str(args.baseline_chats), "--arrivals", args.arrivals,
+              "--duration", str(args.duration)] + (["--swap-rate", str(args.swap_rate)] if args.swap_rate else [])
+    jobs = []
+    if "loop" in phases:
+        jobs.append(("loop", "tutorial loop", None, []))
+    if "engine" in phases:
+        for variant in args.variant or [""]:
+            label = "rolebot" + (f" ({variant})" if variant else "")
+            jobs.append(("engine", label, str(ROOT), ["--variant", variant] if variant else []))
+        if args.previous:
+            jobs.append(("engine", "previous engine", str(Path(args.previous).resolve()), []))
+    if "cb" in phases and cuda:
+        jobs.append(("cb", "transformers CB", None, []))
+    for phase, label, code, extra in jobs:
+        command = [sys.executable, str(Path(__file__).resolve()), "--phase", phase, "--label", label, *common, *extra]
+        if code:
+            command += ["--code", code]
+        print(f"bench: phase {label} …", file=sys.stderr, flush=True)
+        done = subprocess.run(command)
+        if done.returncode != 0:
+            print(f"bench: phase {label} failed (exit {done.returncode})", file=sys.stderr)
+    results = [json.loads(p.read_text()) for p in sorted(work.glob("result-*.json"))]
+    tables = render(results, args)
+    print(tables)
     if args.out:
-        Path(args.out).write_text(table + "\n", encoding="utf-8")
-        Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+        Path(args.out).write_text(tables + "\n", encoding="utf-8")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 0
@@ -201,9 +256,32 @@ def save_version(work: Path, adapter: dict, base: str):
     return version
 
 
-def bench_config(base: str, new_tokens: int, chats: int):
+# -- the phases (each in a process of its own) -------------------------------------------------
+
+
+def run_phase(args) -> int:
+    if args.code:  # another checkout's engine: its code first on the path
+        sys.path.insert(0, args.code)
+    work = Path(args.work)
+    plan = json.loads((work / "plan.json").read_text())
+    from training.registry import Registry
+
+    versions = {v.name: v for v in Registry(work / "adapters", "甄嬛").versions()}
+    v1, v2 = versions.get(plan["v1"]), versions.get(plan["v2"])
+    phase = {"loop": loop_phase, "engine": engine_phase, "cb": cb_phase}[args.phase]
+    result = asyncio.run(phase(args, plan["base"], v1, v2))
+    result.update(label=args.label, phase=args.phase)
+    order = {"loop": 0, "engine": 1, "cb": 2}[args.phase]
+    slug = "".join(c if c.isalnum() else "-" for c in args.label)
+    (work / f"result-{order}-{slug}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    return 0
+
+
+def bench_config(base: str, new_tokens: int, rows: int, overrides: str = ""):
     from bot.config import parse_config
 
+    engine = "".join(f"{k} = {v if v in ('true', 'false') or v.replace('.', '').isdigit() else json.dumps(v)}\n"
+                     for k, v in (item.split("=", 1) for item in overrides.split("+") if item))
     text = f"""
 [character]
 persona = {json.dumps(PERSONA, ensure_ascii=False)}
@@ -215,129 +293,110 @@ max_new_tokens = {new_tokens}
 temperature = 0.0
 repetition_penalty = 1.0
 stop = []
-max_batch_size = {max(chats, 1)}
-"""
+max_batch_size = {rows}
+""" + (f"[engine]\n{engine}" if engine else "")
     return parse_config(text, Path.cwd() / "bench.toml")
 
 
-# -- the measurements --------------------------------------------------------------------------
-
-
-async def measure(base: str, version, chats: int, new_tokens: int, baseline_chats: int, eager_too: bool,
-                  check_swap: bool) -> dict:
-    import torch
-
-    from bot.engine import make_engine
-    from training.modeling import device
+def make_prompts(render, n: int) -> list[str]:
     from training.prompts import Sample
 
-    config = bench_config(base, new_tokens, chats)
-    engine = make_engine(config, version)
+    return [render(Sample(instruction=LINES[i % len(LINES)] + ("" if i < len(LINES) else f"（第{i}问）")))
+            for i in range(n)]
+
+
+def device_info(base: str) -> dict:
+    import torch
+
+    from training.modeling import device
+
+    return {"device": device().name, "model": base,
+            "peak_gpu_gb": round(torch.cuda.max_memory_reserved() / 2**30, 1) if torch.cuda.is_available() else None}
+
+
+async def loop_phase(args, base: str, v1, v2) -> dict:
+    """The tutorial's loop: Unsloth's inference mode, one chat at a time."""
+    from training.modeling import load_for_inference
+    from training.packing import PromptStyle
+    from training.settings import ModelSettings
+
+    model, tokenizer = load_for_inference(ModelSettings(base=base, max_seq_length=2048), str(v1.path) if v1 else None)
+    style = PromptStyle("alpaca", PERSONA, "甄嬛")
+    prompts = make_prompts(lambda sample: style.prompt(sample, tokenizer), args.chats)
+    tutorial_reply(model, tokenizer, prompts[0], 8)  # warm-up
+    runs, started = [], time.perf_counter()
+    for prompt in prompts[:args.baseline_chats]:
+        runs.append(tutorial_reply(model, tokenizer, prompt, args.new_tokens))
+    return {"info": device_info(base), "all_at_once": summary(runs, time.perf_counter() - started),
+            "texts": [r.text for r in runs]}
+
+
+async def engine_phase(args, base: str, v1, v2) -> dict:
+    """rolebot's engine as ``rolebot serve`` builds it."""
+    from bot.engine import make_engine
+
+    config = bench_config(base, args.new_tokens, args.rows, args.variant[0] if args.variant else "")
+    engine = make_engine(config, v1)
     loaded = time.perf_counter()
     await engine.start()
-    print(f"bench: loaded in {time.perf_counter() - loaded:.0f} s: {engine.status()}", file=sys.stderr)
-    prompts = [engine.render(Sample(instruction=LINES[i % len(LINES)] + ("" if i < len(LINES) else f"（{i}）")))
-               for i in range(chats)]
-    lengths = [engine.count_tokens(p) for p in prompts]
-
-    # (a) the tutorial's loop, on the engine's own model while the engine is idle.
-    await asyncio.to_thread(tutorial_reply, engine.model, engine.tokenizer, prompts[0], 8)  # warm-up
-    loop_runs, loop_wall = [], time.perf_counter()
-    for prompt in prompts[:baseline_chats]:
-        loop_runs.append(await asyncio.to_thread(tutorial_reply, engine.model, engine.tokenizer, prompt, new_tokens))
-    loop_wall = time.perf_counter() - loop_wall
-    print(f"bench: tutorial loop done ({baseline_chats} chats, {loop_wall:.1f} s)", file=sys.stderr)
-
-    # (b) the engine: a warm-up pass of the same shape (CUDA graphs are captured per batch size),
-    # then the measured pass.
-    await concurrent(engine, prompts if torch.cuda.is_available() else prompts[:1])
-    before = engine.status()["batches_served"]
-    engine_runs, engine_wall = await concurrent(engine, prompts)
-    batches = engine.status()["batches_served"] - before
-    rows = [summary("tutorial loop: one chat at a time, model.generate", baseline_chats, loop_runs, loop_wall),
-            summary(f"engine: {chats} concurrent chats" + (", CUDA-graph decode" if torch.cuda.is_available() else ""),
-                    chats, engine_runs, engine_wall, batches)]
-    if eager_too:
-        os.environ["UNSLOTH_DECODE_CUDA_GRAPHS"] = "0"
-        await concurrent(engine, prompts[:2])
-        eager_runs, eager_wall = await concurrent(engine, prompts)
-        batches = engine.status()["batches_served"] - before - batches - 1
-        rows.append(summary(f"engine: {chats} concurrent chats, eager decode", chats, eager_runs, eager_wall, batches))
-        del os.environ["UNSLOTH_DECODE_CUDA_GRAPHS"]
-    swap = await swap_check(engine, prompts, version, [r.text for r in engine_runs]) if version and check_swap else None
-    same = sum(a.text == b.text for a, b in zip(loop_runs, engine_runs))
-    # The loop's times are each reply's own; chats that arrive together also wait for the ones
-    # before them. Estimated for all N from the mean reply of the loop.
-    mean = statistics.mean(r.total_s for r in loop_runs)
-    queued = {"last_first_token_s": round((chats - 1) * mean + (loop_runs[-1].first_s or 0), 2),
-              "last_reply_s": round(chats * mean, 2)}
-    info = {
-        "device": device().name,
-        "model": base,
-        "adapter": version.name if version else None,
-        "quantization": "4-bit (bitsandbytes nf4)" if torch.cuda.is_available() and config.model.load_in_4bit else "none",
-        "prompt_tokens": f"{min(lengths)}-{max(lengths)}",
-        "new_tokens": new_tokens,
-        "same_text_as_loop": f"{same}/{len(loop_runs)}",
-        "peak_gpu_gb": round(torch.cuda.max_memory_reserved() / 2**30, 1) if torch.cuda.is_available() else None,
-        "swap": swap,
-        "loop_if_all_arrive_together": queued,
-    }
+    start_s = time.perf_counter() - loaded
+    prompts = make_prompts(engine.render, 256)
+    client = lambda prompt: engine_client(engine, prompt)  # noqa: E731
+    await concurrent(client, prompts[:args.chats])  # warm-up of the same shape
+    runs, wall = await concurrent(client, prompts[:args.chats])
+    result = {"info": {**device_info(base), "start_s": round(start_s, 1), "status": _status(engine)},
+              "all_at_once": summary(runs, wall), "texts": [r.text for r in runs]}
+    if v1 and v2:
+        result["swap"] = await swap_check(engine, prompts[:args.chats], v1, v2, [r.text for r in runs])
+    result["arrivals"] = [{"rate": rate, **summary(*await arrivals(client, prompts, rate, args.duration))}
+                          for rate in rates(args)]
+    if args.swap_rate and v1 and v2:
+        result["swap_under_load"] = await swap_under_load(engine, client, prompts, args.swap_rate, args.duration, v1, v2)
+    result["info"]["peak_gpu_gb"] = device_info(base)["peak_gpu_gb"]
     await engine.close()
-    baseline = rows[0]["tokens_per_s"]
-    for row in rows:
-        row["speedup"] = round(row["tokens_per_s"] / baseline, 1) if baseline else None
-    return {"info": info, "rows": rows}
+    return result
 
 
-async def swap_check(engine, prompts: list[str], v1, v1_texts: list[str]) -> dict:
-    """Hot-swap under load: a second version is swapped in while all chats stream.
-
-    The replies in flight must finish exactly as v1 alone writes them; the next ones must come
-    from v2 (their text changes); swapping back must give v1's text again, which shows that the
-    in-place copy reaches the captured CUDA graphs too.
-    """
-    v2 = perturbed_version(v1)
-    streams = [engine.generate(p) for p in prompts]
-    pieces = aiter(streams[0])
-    first = await anext(pieces)  # generation is under way
-    started = time.perf_counter()
-    swap = asyncio.create_task(engine.swap_adapter(v2))
-    rest = await asyncio.gather(*(stream_text(s) for s in streams[1:]))
-    in_flight = [first + "".join([piece async for piece in pieces])] + rest
-    await swap
-    swap_s = time.perf_counter() - started
-    v2_runs, _ = await concurrent(engine, prompts)
-    await engine.swap_adapter(v1)
-    back, _ = await concurrent(engine, prompts)
-    return {
-        "in_flight_versions": sorted({s.stats.adapter_version for s in streams}),
-        "in_flight_identical_to_v1": sum(a == b for a, b in zip(in_flight, v1_texts)),
-        "v2_texts_differ": sum(r.text != t for r, t in zip(v2_runs, v1_texts)),
-        "back_to_v1_identical": sum(r.text == t for r, t in zip(back, v1_texts)),
-        "errors": sum(s.stats.finish_reason == "error" for s in streams),
-        "swap_call_s": round(swap_s, 2),  # includes waiting for the batch in flight
-        "swap_apply_ms": engine.status().get("last_swap_ms"),
-        "chats": len(prompts),
-    }
+def _status(engine) -> dict:
+    status = engine.status()
+    return status if isinstance(status, dict) else asdict(status)
 
 
-async def stream_text(stream) -> str:
-    return "".join([piece async for piece in stream])
+async def cb_phase(args, base: str, v1, v2) -> dict:
+    """transformers' own continuous batching on a plain transformers + bitsandbytes + PEFT load."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+    from training.packing import PromptStyle
 
-def perturbed_version(v1):
-    """v2: v1's adapter with its B matrices scaled and sign-flipped (same shapes: copied in place)."""
-    from safetensors.torch import load_file, save_file
-
-    from training.registry import Registry
-
-    weights = load_file(str(v1.path / "adapter_model.safetensors"))
-    weights = {k: (-3 * t if "lora_B" in k else t).contiguous() for k, t in weights.items()}
-    with Registry(v1.path.parent.parent, v1.character).writing() as draft:
-        shutil.copy(v1.path / "adapter_config.json", draft.path / "adapter_config.json")
-        save_file(weights, str(draft.path / "adapter_model.safetensors"))
-        return draft.commit({**v1.meta, "parent_version": v1.name})
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, quantization_config=quant,
+                                                 device_map={"": 0}, attn_implementation="sdpa")
+    if v1:
+        model = PeftModel.from_pretrained(model, str(v1.path))
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    generation = GenerationConfig(do_sample=False, max_new_tokens=args.new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)
+    batching = ContinuousBatchingConfig(block_size=64, num_blocks=1024, max_batch_tokens=4096,
+                                        max_requests_per_batch=64, use_cuda_graph=True)
+    manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=batching)
+    manager.warmup()
+    manager.start()
+    style = PromptStyle("alpaca", PERSONA, "甄嬛")
+    prompts = make_prompts(lambda sample: style.prompt(sample, tokenizer), 256)
+    client = cb_client(manager, tokenizer, args.new_tokens)
+    for warm in (32, 64):
+        await concurrent(client, prompts[:warm])
+    runs, wall = await concurrent(client, prompts[:args.chats])
+    result = {"info": device_info(base), "all_at_once": summary(runs, wall), "texts": [r.text for r in runs]}
+    result["arrivals"] = [{"rate": rate, **summary(*await arrivals(client, prompts, rate, args.duration))}
+                          for rate in rates(args)]
+    manager.stop(block=True, timeout=30)
+    return result
 
 
 def tutorial_reply(model, tokenizer, prompt: str, new_tokens: int) -> Run:
@@ -371,28 +430,154 @@ def tutorial_reply(model, tokenizer, prompt: str, new_tokens: int) -> Run:
     return Run(len(new), streamer.first - started if streamer.first else None, total, text)
 
 
-async def concurrent(engine, prompts: list[str]) -> tuple[list[Run], float]:
-    """All chats at once; each reads its own stream. Times are the client's."""
+def perturbed_version(v1):
+    """v2: v1's adapter with its B matrices scaled and sign-flipped (same shapes: copied in place)."""
+    from safetensors.torch import load_file, save_file
 
-    async def chat(prompt: str) -> Run:
-        started = time.perf_counter()
-        first = None
-        pieces = []
-        stream = engine.generate(prompt)
-        async for piece in stream:
-            if first is None:
-                first = time.perf_counter() - started
-            pieces.append(piece)
-        if stream.stats.finish_reason == "error":
-            raise RuntimeError(stream.error)
-        return Run(stream.stats.completion_tokens, first, time.perf_counter() - started, "".join(pieces))
+    from training.registry import Registry
 
+    weights = load_file(str(v1.path / "adapter_model.safetensors"))
+    weights = {k: (-3 * t if "lora_B" in k else t).contiguous() for k, t in weights.items()}
+    with Registry(v1.path.parent.parent, v1.character).writing() as draft:
+        shutil.copy(v1.path / "adapter_config.json", draft.path / "adapter_config.json")
+        save_file(weights, str(draft.path / "adapter_model.safetensors"))
+        return draft.commit({**v1.meta, "parent_version": v1.name})
+
+
+# -- clients and schedules ---------------------------------------------------------------------
+
+
+def rates(args) -> list[float]:
+    return [float(r) for r in args.arrivals.split(",") if r.strip()]
+
+
+async def engine_client(engine, prompt: str) -> Run:
     started = time.perf_counter()
-    runs = await asyncio.gather(*(chat(p) for p in prompts))
+    first, pieces = None, []
+    stream = engine.generate(prompt)
+    async for piece in stream:
+        if first is None:
+            first = time.perf_counter() - started
+        pieces.append(piece)
+    return Run(stream.stats.completion_tokens, first, time.perf_counter() - started, "".join(pieces),
+               failed=stream.stats.finish_reason == "error", version=stream.stats.adapter_version)
+
+
+def cb_client(manager, tokenizer, new_tokens: int):
+    counter = iter(range(10**9))
+
+    async def client(prompt: str) -> Run:
+        ids = tokenizer(prompt)["input_ids"]
+        rid = f"b{next(counter)}"
+        done = asyncio.get_running_loop().create_future()
+        started = time.perf_counter()
+        first = []
+
+        def on(output) -> None:
+            if not first and output.generated_tokens:
+                first.append(time.perf_counter() - started)
+            if output.is_finished() and not done.done():
+                done.set_result(output)
+
+        manager.register_result_handler(rid, on)
+        manager.add_request(ids, request_id=rid, max_new_tokens=new_tokens, streaming=True)
+        output = await done
+        tokens = output.generated_tokens
+        return Run(len(tokens), first[0] if first else None, time.perf_counter() - started,
+                   tokenizer.decode(tokens, skip_special_tokens=True), failed=output.error is not None)
+
+    return client
+
+
+async def concurrent(client, prompts: list[str]) -> tuple[list[Run], float]:
+    """All chats at once; each reads its own stream."""
+    started = time.perf_counter()
+    runs = await asyncio.gather(*(client(p) for p in prompts))
     return list(runs), time.perf_counter() - started
 
 
-def percentile(values: list[float], q: float) -> float | None:
+def schedule(rate: float, duration: float) -> list[float]:
+    """Arrival times of a Poisson process at ``rate`` per second, seeded by the rate."""
+    rng = random.Random(int(rate * 1000))
+    times, t = [], 0.0
+    while (t := t + rng.expovariate(rate)) < duration:
+        times.append(t)
+    return times
+
+
+async def arrivals(client, prompts: list[str], rate: float, duration: float, during=None) -> tuple[list[Run], float]:
+    """Chats arriving one by one; returns the replies and the time from the first arrival to the last reply."""
+    times = schedule(rate, duration)
+    started = time.perf_counter()
+
+    async def one(i: int, at: float) -> Run:
+        await asyncio.sleep(max(0.0, started + at - time.perf_counter()))
+        run = await client(prompts[i % len(prompts)])
+        run.arrival_s = at
+        return run
+
+    side = asyncio.create_task(during(started)) if during else None
+    runs = await asyncio.gather(*(one(i, at) for i, at in enumerate(times)))
+    if side:
+        await side
+    return list(runs), time.perf_counter() - started - (times[0] if times else 0.0)
+
+
+async def swap_check(engine, prompts: list[str], v1, v2, v1_texts: list[str]) -> dict:
+    """Hot-swap while all chats stream: the replies in flight must finish exactly as v1 alone
+    writes them, the next ones come from v2 (their text changes), and swapping back gives v1's
+    text again (so the in-place copy reaches the captured CUDA graphs too)."""
+    streams = [engine.generate(p) for p in prompts]
+    pieces = aiter(streams[0])
+    first = await anext(pieces)  # generation is under way
+    started = time.perf_counter()
+    swap = asyncio.create_task(engine.swap_adapter(v2))
+    rest = await asyncio.gather(*(stream_text(s) for s in streams[1:]))
+    in_flight = [first + "".join([piece async for piece in pieces])] + rest
+    await swap
+    swap_s = time.perf_counter() - started
+    client = lambda prompt: engine_client(engine, prompt)  # noqa: E731
+    v2_runs, _ = await concurrent(client, prompts)
+    await engine.swap_adapter(v1)
+    back, _ = await concurrent(client, prompts)
+    return {
+        "chats": len(prompts),
+        "in_flight_versions": sorted({s.stats.adapter_version for s in streams}),
+        "in_flight_identical_to_v1": sum(a == b for a, b in zip(in_flight, v1_texts)),
+        "v2_texts_differ": sum(r.text != t for r, t in zip(v2_runs, v1_texts)),
+        "back_to_v1_identical": sum(r.text == t for r, t in zip(back, v1_texts)),
+        "errors": sum(s.stats.finish_reason == "error" for s in streams),
+        "swap_call_s": round(swap_s, 2),  # includes letting the replies in flight finish
+        "swap_apply_ms": _status(engine).get("last_swap_ms"),
+    }
+
+
+async def swap_under_load(engine, client, prompts, rate: float, duration: float, v1, v2) -> dict:
+    """Arrivals at ``rate`` with a swap to v2 half-way: no reply may fail or mix versions."""
+    window = {}
+
+    async def swap(started: float) -> None:
+        await asyncio.sleep(duration / 2)
+        window["from"] = time.perf_counter() - started
+        await engine.swap_adapter(v2)
+        window["to"] = time.perf_counter() - started
+
+    runs, wall = await arrivals(client, prompts, rate, duration, during=swap)
+    around = [r.first_s for r in runs if window["from"] - 1 <= r.arrival_s <= window["to"] + 1]
+    await engine.swap_adapter(v1)
+    return {"rate": rate, **summary(runs, wall), "swap_s": round(window["to"] - window["from"], 2),
+            "versions": {str(v): sum(r.version == v for r in runs) for v in sorted({str(r.version) for r in runs})},
+            "first_token_p95_around_swap": percentile(around, 95), "first_token_max_around_swap": max(around, default=None)}
+
+
+async def stream_text(stream) -> str:
+    return "".join([piece async for piece in stream])
+
+
+# -- numbers and tables ------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: int) -> float | None:
     values = sorted(v for v in values if v is not None)
     if not values:
         return None
@@ -401,45 +586,66 @@ def percentile(values: list[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if q < 100 else values[-1]
 
 
-def summary(name: str, chats: int, runs: list[Run], wall: float, batches: int | None = None) -> dict:
+def summary(runs: list[Run], wall: float) -> dict:
     tokens = sum(r.tokens for r in runs)
+    firsts = [r.first_s for r in runs]
     return {
-        "mode": name, "chats": chats, "batches": batches, "tokens": tokens, "wall_s": round(wall, 2),
-        "tokens_per_s": round(tokens / wall, 1),
-        "ttft_p50": percentile([r.first_s for r in runs], 50), "ttft_p95": percentile([r.first_s for r in runs], 95),
-        "latency_p50": percentile([r.total_s for r in runs], 50), "latency_p95": percentile([r.total_s for r in runs], 95),
+        "chats": len(runs), "tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1) if wall else None,
+        "failed": sum(r.failed for r in runs),
+        "first_p50": percentile(firsts, 50), "first_p95": percentile(firsts, 95), "first_max": percentile(firsts, 100),
+        "reply_p50": percentile([r.total_s for r in runs], 50), "reply_p95": percentile([r.total_s for r in runs], 95),
     }
 
 
-def render(result: dict) -> str:
-    info = result["info"]
-    lines = [
-        f"device: {info['device']} | model: {info['model']} ({info['quantization']}) + adapter {info['adapter']} | "
-        f"prompts {info['prompt_tokens']} tokens | {info['new_tokens']} new tokens, greedy | "
-        f"same text as the loop: {info['same_text_as_loop']}"
-        + (f" | peak GPU memory reserved {info['peak_gpu_gb']} GB" if info["peak_gpu_gb"] is not None else ""),
-        "",
-        "| mode | chats | batches | tokens | wall s | tokens/s | TTFT p50 s | TTFT p95 s | latency p50 s | latency p95 s | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-
+def render(results: list[dict], args) -> str:
     def f(value, digits=2):
         return "-" if value is None else f"{value:.{digits}f}"
 
-    if info.get("swap"):
-        swap = info["swap"]
-        lines[0] += (f" | hot-swap under load ({swap['chats']} chats): in flight stayed {swap['in_flight_versions']} and "
-                     f"identical to v1 {swap['in_flight_identical_to_v1']}/{swap['chats']}, v2 changed "
-                     f"{swap['v2_texts_differ']}/{swap['chats']}, back to v1 identical {swap['back_to_v1_identical']}/"
-                     f"{swap['chats']}, errors {swap['errors']}, swap applied in {swap['swap_apply_ms']} ms between batches")
-    for row in result["rows"]:
-        batches = row["chats"] if row["batches"] is None else row["batches"]
-        lines.append(f"| {row['mode']} | {row['chats']} | {batches} | {row['tokens']} | {f(row['wall_s'], 1)} | "
-                     f"{f(row['tokens_per_s'], 1)} | {f(row['ttft_p50'])} | {f(row['ttft_p95'])} | "
-                     f"{f(row['latency_p50'])} | {f(row['latency_p95'])} | {f(row['speedup'], 1)}× |")
-    queued = info["loop_if_all_arrive_together"]
-    lines.append(f"\nIf all {result['rows'][1]['chats']} chats arrive together, the one-at-a-time loop gives the last one its "
-                 f"first token after ~{queued['last_first_token_s']} s and its whole reply after ~{queued['last_reply_s']} s.")
+    if not results:
+        return "bench: no phase finished"
+    info = results[0]["info"]
+    loop = next((r for r in results if r["phase"] == "loop"), None)
+    baseline = loop["all_at_once"]["tokens_per_s"] if loop else None
+    lines = [f"device: {info['device']} | model: {info['model']} | {args.new_tokens} new tokens, greedy", "",
+             f"All at once ({args.chats} chats; the loop runs them one after another):", "",
+             "| engine | chats | tokens/s | first token p50 / p95 s | reply p50 / p95 s | × loop | peak GPU GB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        a = r["all_at_once"]
+        times = f"{f(a['first_p50'])} / {f(a['first_p95'])}"
+        lines.append(f"| {r['label']} | {a['chats']} | {f(a['tokens_per_s'], 1)} | {times} | "
+                     f"{f(a['reply_p50'])} / {f(a['reply_p95'])} | "
+                     f"{f(a['tokens_per_s'] / baseline, 1) + '×' if baseline else '-'} | {f(r['info'].get('peak_gpu_gb'), 1)} |")
+    if any(r.get("arrivals") for r in results):
+        lines += ["", f"Chats arriving one by one (Poisson, {args.duration:g} s per rate):", "",
+                  "| chats/s | engine | first token p50 / p95 / max s | reply p50 / p95 s | tokens/s | replies | failed |",
+                  "|---|---|---|---|---|---|---|"]
+        for rate in rates(args):
+            for r in results:
+                for a in r.get("arrivals", []):
+                    if a["rate"] == rate:
+                        lines.append(f"| {rate:g} | {r['label']} | {f(a['first_p50'])} / {f(a['first_p95'])} / "
+                                     f"{f(a['first_max'])} | {f(a['reply_p50'])} / {f(a['reply_p95'])} | "
+                                     f"{f(a['tokens_per_s'], 0)} | {a['chats']} | {a['failed']} |")
+    for r in results:
+        if r.get("swap"):
+            s = r["swap"]
+            lines.append(f"\n{r['label']}, hot-swap with {s['chats']} chats in flight: they stayed {s['in_flight_versions']}, "
+                         f"identical to v1 {s['in_flight_identical_to_v1']}/{s['chats']}; v2 changed "
+                         f"{s['v2_texts_differ']}/{s['chats']}; back to v1 identical {s['back_to_v1_identical']}/{s['chats']}; "
+                         f"errors {s['errors']}; swap call {s['swap_call_s']} s (the replies in flight finish first), "
+                         f"applied in {s['swap_apply_ms']} ms")
+        if r.get("swap_under_load"):
+            s = r["swap_under_load"]
+            lines.append(f"{r['label']}, swap half-way through {s['rate']:g} chats/s: {s['chats']} replies, {s['failed']} failed, "
+                         f"versions {s['versions']}; swap took {s['swap_s']} s; first token p95 {f(s['first_p95'])} s "
+                         f"overall, {f(s['first_token_p95_around_swap'])} s (max {f(s['first_token_max_around_swap'])}) "
+                         f"for chats arriving within 1 s of the swap")
+    if loop:
+        same = [sum(a == b for a, b in zip(loop["texts"], r["texts"])) for r in results if r["phase"] == "engine"]
+        lines.append(f"\nSame text as the loop (first {len(loop['texts'])} chats): "
+                     + ", ".join(f"{r['label']} {n}/{len(loop['texts'])}" for r, n in
+                                 zip([r for r in results if r["phase"] == "engine"], same)))
     return "\n".join(lines)
 
 

@@ -168,13 +168,27 @@ def train_first_adapter(config: Config, registry: Registry) -> Version:
           f"{'' if settings is config.training else ', the quick CPU recipe: [training] first_run_steps'}"
           "); serving starts after.", file=sys.stderr, flush=True)
     files = dataset_files(config)
-    result = train(TrainJob(
+    result = in_child_process(train, TrainJob(
         data=files.train, val=files.val, model=config.model, lora=config.lora, train=settings,
         style=config.prompt_style(), registry=registry, trigger="first-run",
     ), activate=False)  # the caller activates it, through bot.adapters
     print(f"rolebot: trained {result.version.name} (loss {result.final_loss:.4f}); starting the bot",
           file=sys.stderr, flush=True)
     return result.version
+
+
+def in_child_process(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` in a fresh Python process; its result or its exception comes back.
+
+    Unsloth patches transformers' model classes for the whole process when it loads a model.
+    The engine serves on plain transformers (continuous batching needs its own attention), so
+    Unsloth only ever runs in a child: here for the first training, in ``rolebot retrain``'s
+    subprocess for the others. The child shares the terminal, so its progress bar shows."""
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
 
 
 def first_run_settings(config: Config) -> TrainSettings:

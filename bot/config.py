@@ -42,7 +42,7 @@ class GenerationSettings:
     top_p: float = opt(0.9, "nucleus sampling mass", min=0.01, max=1.0)
     repetition_penalty: float = opt(1.1, "penalty for repeated tokens", min=1.0, max=3.0)
     stop: list[str] = opt(["###"], "strings that end a reply")
-    max_batch_size: int = opt(32, "chats generated together in one batch", min=1, max=1024)
+    max_batch_size: int = opt(32, "replies generated together: rows of the running batch", min=1, max=1024)
     history_turns: int = opt(8, "earlier turns of the chat kept in the prompt", min=0, max=200)
 
 
@@ -53,6 +53,11 @@ class EngineSettings:
     model: str = opt("", "model name to request from the server (empty: the character's adapter name)")
     api_key_env: str = opt("OPENAI_API_KEY", "env var holding the server's API key (may be unset)")
     timeout: float = opt(120.0, "seconds before a request to the server fails", min=1.0, max=3600.0)
+    weights: str = opt("4bit", "local, on CUDA: serve the 4-bit base as loaded, or dequantised once to bf16 (same values, ~3x the memory, a cheaper decode step)", choices=["4bit", "bf16"])
+    prefix_sharing: bool = opt(True, "local: compute prompt blocks that requests share (the persona) once")
+    cuda_graphs: bool = opt(True, "local, on CUDA: replay decode steps as CUDA graphs, captured at start for every batch size")
+    compile_level: int = opt(0, "local, on CUDA: torch.compile the steps (0 off, 1-3 more speed for a longer start)", min=0, max=3)
+    kv_cache_tokens: int = opt(0, "local: tokens the paged KV cache holds (0: 512 per row of max_batch_size, at least max_seq_length)", min=0)
 
 
 @dataclass

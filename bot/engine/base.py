@@ -1,0 +1,66 @@
+"""What every backend gives the service: the ``Engine`` interface and its typed status."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from bot.config import Config, GenerationSettings
+from bot.engine.stream import ReplyStream
+from training.errors import UserError
+from training.prompts import Sample
+from training.registry import Registry, Version
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """What /status and the admin API show of the engine."""
+
+    backend: str  # "local" | "openai"
+    device: str
+    model: str
+    adapter_version: str | None
+    batching: str  # how requests share the model, in words
+    queue_depth: int  # submitted, not yet generating
+    generating: int  # replies being generated now
+    replies_served: int
+    tokens_generated: int
+    largest_batch: int  # most replies generated together so far
+    adapter_swaps: int
+    last_swap_ms: float | None
+
+
+class Engine(Protocol):
+    adapter_version: str | None
+    max_prompt_tokens: int
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    def count_tokens(self, text: str) -> int: ...
+    def render(self, sample: Sample) -> str: ...
+    def generate(self, prompt: str, sampling: GenerationSettings | None = None) -> ReplyStream: ...
+    async def swap_adapter(self, version: Version | None) -> None: ...
+    def status(self) -> EngineStatus: ...
+
+
+def make_engine(config: Config, version: Version | None) -> Engine:
+    """The engine ``[engine] backend`` names, serving ``version`` (None: the base model)."""
+    if config.engine.backend == "openai":
+        from bot.engine.remote import OpenAIEngine
+
+        return OpenAIEngine(config, version)
+    from bot.engine.local import LocalEngine
+
+    return LocalEngine(config, version)
+
+
+def active_version(config: Config) -> Version | None:
+    return Registry(config.adapter_root, config.character.name).active()
+
+
+def prompt_budget(config: Config) -> int:
+    budget = config.model.max_seq_length - config.generation.max_new_tokens
+    if budget < 16:
+        raise UserError(f"[generation] max_new_tokens = {config.generation.max_new_tokens} leaves no room for a "
+                        f"prompt in [model] max_seq_length = {config.model.max_seq_length}; lower the first or raise the second")
+    return budget

@@ -1,0 +1,402 @@
+"""The local engine: the model in this process, on transformers' continuous batching.
+
+transformers' ``ContinuousBatchingManager`` owns the scheduling: a paged KV cache, one
+generation thread, and at every decode step it admits waiting requests (their prefill joins the
+step) and drops finished or cancelled ones, freeing their slots and KV blocks. Prompt blocks
+that requests share (the persona) are computed once (``[engine] prefix_sharing``). On CUDA its
+steps replay as CUDA graphs, warmed up at start for every batch size. rolebot adds what a chat
+needs around it: per-request sampling (temperature, top-p and a repetition penalty each row
+carries itself, so different settings share a step), streaming through an incremental decoder
+and a stop-string filter on the event loop, cancels, errors that fail their rows but not the
+engine, and adapter swaps between steps.
+
+A swap keeps every reply on one version. New requests are held; replies in flight finish on the
+old version; then, with no step running, the new version's LoRA tensors are copied into the
+loaded ones (addresses unchanged, so captured graphs stay valid), the prompt blocks cached under
+the old version are forgotten, and the held requests are admitted. A version of another shape
+loads as a new PEFT adapter, and the manager is rebuilt (its graphs were captured of the old).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from bot.config import Config, GenerationSettings
+from bot.engine.base import EngineStatus, prompt_budget
+from bot.engine.stream import IncrementalDecoder, ReplyStats, ReplyStream, StopFilter
+from bot.engine.swap import LoadAdapter, SwapPlan, apply_swap, plan_swap
+from training.packing import PromptStyle
+from training.prompts import Sample
+from training.registry import Version
+
+log = logging.getLogger(__name__)
+
+# Greedy decoding is sampling at this temperature: the softmax is one-hot at the argmax unless
+# two logits lie within ~1e-5 of each other. The engine samples every row (transformers'
+# continuous batching chooses greedy or sampling for the whole batch), so greedy and sampled
+# requests share a step.
+GREEDY_TEMPERATURE = 1e-5
+# Tokens of a prompt block: prefix sharing works in whole blocks, and the persona is ~50-100 tokens.
+BLOCK_SIZE = {"cpu": 32, "cuda": 64}
+# Tokens one step may carry (prefill chunks plus one per decoding row).
+MAX_BATCH_TOKENS = {"cpu": 512, "cuda": 4096}
+# The KV cache holds this many tokens per row unless [engine] kv_cache_tokens says otherwise.
+KV_TOKENS_PER_ROW = 512
+
+
+@dataclass(eq=False)
+class _Reply:
+    """One request between ``generate`` and its last piece."""
+
+    rid: str
+    stream: ReplyStream
+    ids: list[int]
+    gen: GenerationSettings
+    decoder: IncrementalDecoder
+    stops: StopFilter
+    read: int = 0  # generated tokens already consumed from the manager's outputs
+    tokens: int = 0
+    first_s: float | None = None
+    admitted: bool = False
+
+
+@dataclass
+class _Counters:
+    replies: int = 0
+    tokens: int = 0
+    swaps: int = 0
+    last_swap_ms: float | None = None
+
+
+def _manager_class():
+    from transformers.generation.continuous_batching import ContinuousBatchingManager
+
+    class StepGuardedManager(ContinuousBatchingManager):
+        """transformers' manager with two guarantees rolebot needs: a step holds ``step_lock``
+        (so a swap can run between steps), and a step that raises fails the rows it carried
+        instead of stopping the engine (the library treats every step error as fatal)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.step_lock = threading.Lock()
+            self.largest_batch = 0
+
+        def _generation_step(self) -> None:
+            with self.step_lock:
+                super()._generation_step()
+            self.largest_batch = max(self.largest_batch, len(self.batch_processor.scheduler.active_requests))
+
+        def _generation_loop_body(self, batch_processor, bootstrapping: bool) -> bool:
+            try:
+                return super()._generation_loop_body(batch_processor, bootstrapping)
+            except Exception as exc:
+                log.exception("engine: a generation step failed; its replies end with an error")
+                batch_processor.handle_batch_error(exc)
+                return True
+
+    return StepGuardedManager
+
+
+class LocalEngine:
+    """Hosts the base model and the active adapter; every request joins the running batch."""
+
+    backend = "local"
+
+    def __init__(self, config: Config, version: Version | None):
+        self.config = config
+        self.max_prompt_tokens = prompt_budget(config)
+        self.adapter_version = version.name if version else None
+        self.model = self.tokenizer = None
+        self._initial = version
+        self._style = PromptStyle(config.model.prompt_format, config.character.persona, config.character.name)
+        self._special = config.model.prompt_format != "chat"  # as training tokenises prompts
+        self._tokenizer_lock = threading.RLock()  # a fast tokenizer must not be used by two threads at once
+        self._swap_lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._manager = None
+        self._adapter_name: str | None = None
+        self._live: dict[str, _Reply] = {}  # admitted to the manager, not finished
+        self._held: deque[_Reply] = deque()  # waiting for a swap to finish
+        self._swapping = False
+        self._drained: asyncio.Future | None = None
+        self._closing = False
+        self._ids = itertools.count(1)
+        self._eos: list[int] = []
+        self._device = None
+        self.counters = _Counters()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the model and start the manager (in a thread: seconds to minutes)."""
+        from bot.engine.model import load_serving_model
+        from training.modeling import device
+
+        self._loop = asyncio.get_running_loop()
+        self.model, self.tokenizer = await asyncio.to_thread(
+            load_serving_model, self.config, str(self._initial.path) if self._initial else None)
+        self._device = device()
+        self._adapter_name = "default" if self._initial else None
+        eos = self.tokenizer.eos_token_id
+        config_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids = [eos] + (config_eos if isinstance(config_eos, list) else [config_eos])
+        self._eos = sorted({i for i in ids if i is not None})
+        self._manager = await asyncio.to_thread(self._new_manager)
+        log.info("engine: %s on %s, adapter %s, %s", self.config.model.base, self._device.name,
+                 self.adapter_version or "none", self._batching())
+
+    def _new_manager(self):
+        """Build, warm up and start transformers' continuous-batching manager."""
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        from bot.engine import penalty
+
+        kind = self._device.kind
+        rows = self.config.generation.max_batch_size
+        block = BLOCK_SIZE[kind]
+        kv_tokens = self.config.engine.kv_cache_tokens or max(rows * KV_TOKENS_PER_ROW, self.config.model.max_seq_length)
+        kv_tokens = max(kv_tokens, self.config.model.max_seq_length + block)
+        cuda = kind == "cuda"
+        generation = GenerationConfig(
+            do_sample=True, temperature=0.7, top_p=0.9, top_k=None,  # placeholders: every request sets its own
+            max_new_tokens=self.config.generation.max_new_tokens, eos_token_id=self._eos,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        batching = ContinuousBatchingConfig(
+            block_size=block, num_blocks=math.ceil(kv_tokens / block), max_batch_tokens=MAX_BATCH_TOKENS[kind],
+            max_requests_per_batch=rows, allow_block_sharing=self.config.engine.prefix_sharing,
+            use_async_batching=False,  # one step at a time: the penalty's buffer and swaps rely on it
+            use_cuda_graph=cuda and self.config.engine.cuda_graphs,
+            default_compile_level=self.config.engine.compile_level if cuda else 0,
+            per_request_processors=True,
+        )
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        manager = _manager_class()(inner, generation, batching)
+        penalty.install(manager, rows, self.config.model.max_seq_length, inner.device)
+        manager.warmup()  # captures the CUDA graphs of every batch size; nothing to do without them
+        manager.start()
+        # One tiny reply first, so that the first user does not wait for the first step's set-up.
+        manager.add_request(self._eos[:1] * 8, request_id="warmup", max_new_tokens=2)
+        if manager.get_result("warmup", timeout=600) is None:
+            raise RuntimeError(f"the engine did not start: {manager.background_thread_status.fatal_error}")
+        return manager
+
+    async def close(self) -> None:
+        """Stop: replies waiting or in progress end with "interrupted"; the model is released."""
+        if self._manager is None:
+            return
+        self._closing = True
+        for reply in list(self._held) + list(self._live.values()):
+            self._end(reply, "interrupted")
+        manager, self._manager = self._manager, None
+        await asyncio.to_thread(manager.stop, True, 30)
+        self.model = None
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- prompts ---------------------------------------------------------------------------
+
+    def count_tokens(self, text: str) -> int:
+        with self._tokenizer_lock:
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def render(self, sample: Sample) -> str:
+        with self._tokenizer_lock:
+            return self._style.prompt(sample, self.tokenizer)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def generate(self, prompt: str, sampling: GenerationSettings | None = None) -> ReplyStream:
+        """Submit one reply; it joins the running batch at the next step."""
+        if self._manager is None and not self._closing:
+            raise RuntimeError("LocalEngine.generate before start()")
+        gen = sampling or self.config.generation
+        with self._tokenizer_lock:
+            ids = self.tokenizer(prompt, add_special_tokens=self._special)["input_ids"]
+        stream = ReplyStream(len(ids), self.adapter_version)
+        if self._closing:
+            return stream._end_now("interrupted")
+        if len(ids) + gen.max_new_tokens > self.config.model.max_seq_length:
+            return stream._end_now("error", f"the prompt has {len(ids)} tokens and the reply may take "
+                                   f"{gen.max_new_tokens}: more than [model] max_seq_length "
+                                   f"{self.config.model.max_seq_length}; keep prompts within max_prompt_tokens")
+        reply = _Reply(f"r{next(self._ids)}", stream, ids, gen, IncrementalDecoder(self.tokenizer), StopFilter(gen.stop))
+        stream._on_cancel = lambda: self._end(reply, "interrupted")
+        if self._swapping:
+            self._held.append(reply)
+        else:
+            self._admit(reply)
+        return stream
+
+    def _admit(self, reply: _Reply) -> None:
+        manager = self._manager
+        if manager.background_thread_status.fatal_error is not None or not manager.is_running():
+            reply.stream._end_now("error", f"the engine stopped: {manager.background_thread_status.fatal_error}")
+            return
+        gen = reply.gen
+        manager.register_result_handler(reply.rid, lambda output: self._on_output(reply, output))
+        reply.admitted = True
+        self._live[reply.rid] = reply
+        submitted = manager.add_request(
+            reply.ids, request_id=reply.rid, max_new_tokens=gen.max_new_tokens, streaming=True,
+            eos_token_id=self._eos, temperature=float(max(gen.temperature, GREEDY_TEMPERATURE)),
+            top_p=float(gen.top_p if gen.temperature > 0 else 1.0), repetition_penalty=float(gen.repetition_penalty),
+        )
+        if submitted is None:
+            self._end(reply, "error", "the engine is not accepting requests")
+
+    def _on_output(self, reply: _Reply, output) -> None:
+        """One step's outputs for one request, on the event loop: decode, filter, stream, finish."""
+        if reply.stream.stats is not None:
+            return
+        if output.error is not None:
+            self._end(reply, "error", output.error)
+            return
+        new, reply.read = output.generated_tokens[reply.read:], len(output.generated_tokens)
+        now = time.perf_counter()
+        with self._tokenizer_lock:
+            for token in new:
+                if token in self._eos:
+                    self._end(reply, "stop")
+                    return
+                reply.tokens += 1
+                piece = reply.stops.feed(reply.decoder.push(token))
+                if piece and reply.first_s is None:
+                    reply.first_s = now - reply.stream.submitted
+                reply.stream._put(piece)
+                if reply.stops.done:
+                    self._end(reply, "stop")
+                    return
+        if output.is_finished():
+            self._end(reply, "length" if reply.tokens >= reply.gen.max_new_tokens else "stop")
+
+    def _end(self, reply: _Reply, reason: str, error: str | None = None) -> None:
+        """Finish a reply (once): release what the decoder and filter hold, tell the manager."""
+        if reply.stream.stats is not None:
+            return
+        if reply.admitted and self._live.pop(reply.rid, None) is not None:
+            manager = self._manager
+            if manager is not None:
+                with manager.output_router._lock:
+                    manager.output_router.result_handlers.pop(reply.rid, None)
+                if reason in ("stop", "interrupted", "error"):
+                    manager.cancel_request(reply.rid)  # a no-op for a request the manager finished
+        elif reply in self._held:
+            self._held.remove(reply)
+        if reason in ("stop", "length"):
+            with self._tokenizer_lock:
+                tail = reply.stops.feed(reply.decoder.flush()) + reply.stops.flush()
+            if tail and reply.first_s is None:
+                reply.first_s = time.perf_counter() - reply.stream.submitted
+            reply.stream._put(tail)
+        self.counters.replies += 1
+        self.counters.tokens += reply.tokens
+        reply.stream._finish(ReplyStats(len(reply.ids), reply.tokens, reply.first_s,
+                                        time.perf_counter() - reply.stream.submitted, reply.stream.adapter_version,
+                                        reason), error)
+        if self._drained is not None and not self._live and not self._drained.done():
+            self._drained.set_result(None)
+
+    # -- adapters ----------------------------------------------------------------------------
+
+    async def swap_adapter(self, version: Version | None) -> None:
+        """Make ``version`` (None: the base model) serve every request submitted from now on.
+
+        Its files are read and checked first, while generation goes on; a bad version raises
+        here and changes nothing. Replies submitted earlier finish on the old adapter.
+        """
+        async with self._swap_lock:
+            if self._manager is None:
+                raise RuntimeError("the engine is closing")
+            plan = await asyncio.to_thread(plan_swap, self.model, self._adapter_name, version)
+            previous = self.adapter_version
+            self._swapping = True
+            self.adapter_version = version.name if version else None
+            try:
+                if self._live:
+                    self._drained = self._loop.create_future()
+                    await self._drained
+                started = time.perf_counter()
+                await asyncio.to_thread(self._apply, plan)
+            except BaseException:
+                log.exception("engine: swapping to %s failed; keeping %s", self.adapter_version, previous)
+                self.adapter_version = previous
+                for reply in self._held:
+                    reply.stream.adapter_version = previous
+                raise
+            finally:
+                self._drained = None
+                self._swapping = False
+                held, self._held = list(self._held), deque()
+                for reply in held:
+                    if self._manager is not None:
+                        self._admit(reply)
+            self.counters.swaps += 1
+            self.counters.last_swap_ms = round((time.perf_counter() - started) * 1000, 1)
+            log.info("engine: now serving %s (%s, %.0f ms)", self.adapter_version or "the base model",
+                     type(plan).__name__, self.counters.last_swap_ms)
+
+    def _apply(self, plan: SwapPlan) -> None:
+        """With no step running: apply the plan and forget the prompt blocks of the old version."""
+        import torch
+
+        manager = self._manager
+        with manager.step_lock:
+            self.model, self._adapter_name = apply_swap(self.model, self._adapter_name, plan, f"v{self.counters.swaps + 1}")
+            if self.model.device.type == "cuda":
+                torch.cuda.synchronize()
+            processor = manager.batch_processor
+            if processor is not None:
+                blocks = processor.cache._block_manager
+                # Asking for every free block uninitialises the complete ones: their prefix hashes go.
+                blocks.has_enough_free_blocks(blocks.num_free_blocks)
+        if isinstance(plan, LoadAdapter):  # new layers: the captured graphs are of the old forward
+            manager.stop(True, 30)
+            self._manager = self._new_manager()
+
+    # -- status ------------------------------------------------------------------------------
+
+    def _batching(self) -> str:
+        engine = self.config.engine
+        cuda = self._device is not None and self._device.kind == "cuda"
+        parts = [f"continuous batching (transformers), up to {self.config.generation.max_batch_size} rows"]
+        if engine.prefix_sharing:
+            parts.append("shared prompt blocks")
+        if cuda and engine.cuda_graphs:
+            parts.append("CUDA graphs")
+        if cuda:
+            parts.append(f"{engine.weights} weights")
+        return ", ".join(parts)
+
+    def status(self) -> EngineStatus:
+        manager = self._manager
+        scheduler = manager.batch_processor.scheduler if manager is not None and manager.batch_processor else None
+        waiting = len(self._held) + (manager.input_queue.qsize() if manager is not None else 0)
+        waiting += len(scheduler.waiting_requests) if scheduler is not None else 0
+        return EngineStatus(
+            backend=self.backend,
+            device=self._device.name if self._device else "not started",
+            model=self.config.model.base,
+            adapter_version=self.adapter_version,
+            batching=self._batching(),
+            queue_depth=waiting,
+            generating=len(scheduler.active_requests) if scheduler is not None else 0,
+            replies_served=self.counters.replies,
+            tokens_generated=self.counters.tokens,
+            largest_batch=manager.largest_batch if manager is not None else 0,
+            adapter_swaps=self.counters.swaps,
+            last_swap_ms=self.counters.last_swap_ms,
+        )
