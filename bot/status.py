@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
+from bot.engine import EngineStatus
 from bot.store import TrainingRun
 
 
@@ -30,7 +30,7 @@ class ServiceStatus:
     ratings: int
     replies_in_flight: int
     retrain: RetrainStatus
-    engine: Any  # bot.engine.EngineStatus (a dict from older engines): the engine's own report
+    engine: EngineStatus  # the engine's own report
 
 
 def as_text(status: ServiceStatus) -> str:
@@ -48,7 +48,4 @@ def as_text(status: ServiceStatus) -> str:
 
 def as_json(status: ServiceStatus) -> dict:
     """GET /api/admin/status: the same fields, the engine's report as it gives it."""
-    engine = status.engine
-    body = {f.name: getattr(status, f.name) for f in dataclasses.fields(status) if f.name not in ("retrain", "engine")}
-    return {**body, "versions": list(status.versions), "retrain": dataclasses.asdict(status.retrain),
-            "engine": dataclasses.asdict(engine) if dataclasses.is_dataclass(engine) else engine}
+    return {**dataclasses.asdict(status), "versions": list(status.versions)}
