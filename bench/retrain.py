@@ -193,7 +193,7 @@ token_env = "ROLEBOT_BENCH_NO_TELEGRAM"
 async def seed(app, rated: int, up_share: float) -> dict:
     """``rated`` exchanges in the log as the service writes them (prompt as rendered by the
     engine, the adapter that answered), each rated by one or two users."""
-    from bot.store import ReplyStats
+    from bot.store import ReplyCost
     from training.prompts import Sample
 
     rng = random.Random(3407)
@@ -209,7 +209,7 @@ async def seed(app, rated: int, up_share: float) -> dict:
         reply_text = "".join(rng.sample(REPLIES, rng.randint(1, 2))) if liked else rng.choice(BAD)
         reply = await store.start_reply(message.id, adapter_version=engine.adapter_version, prompt=prompt,
                                         sampling={"temperature": 0.0})
-        await store.finish_reply(reply.id, reply_text, ReplyStats(
+        await store.finish_reply(reply.id, reply_text, ReplyCost(
             latency_ms=1000.0, first_token_ms=100.0, prompt_tokens=engine.count_tokens(prompt),
             completion_tokens=engine.count_tokens(reply_text)))
         await store.rate(reply.id, "web", f"rater{i % 31}", 1 if liked else -1)

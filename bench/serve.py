@@ -319,7 +319,7 @@ def device_info(base: str) -> dict:
 async def loop_phase(args, base: str, v1, v2) -> dict:
     """The tutorial's loop: Unsloth's inference mode, one chat at a time."""
     from training.modeling import load_for_inference
-    from training.packing import PromptStyle
+    from training.prompts import PromptStyle
     from training.settings import ModelSettings
 
     model, tokenizer = load_for_inference(ModelSettings(base=base, max_seq_length=2048), str(v1.path) if v1 else None)
@@ -371,7 +371,7 @@ async def cb_phase(args, base: str, v1, v2) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    from training.packing import PromptStyle
+    from training.prompts import PromptStyle
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)

@@ -143,8 +143,8 @@ def build_tokenizer(directory: Path):
 
 def build_samples(tokenizer, n: int, seed: int = 3407) -> list[dict]:
     """Alpaca records whose rolebot encoding (prompt + reply + EOS) is 79-161 tokens, mean ~119."""
-    from training.packing import PromptStyle, encode
-    from training.prompts import Sample
+    from training.packing import encode
+    from training.prompts import PromptStyle, Sample
 
     rng = random.Random(seed)
     style = PromptStyle("alpaca")
@@ -303,7 +303,7 @@ def worker_tutorial(spec: dict) -> dict:
 def worker_rolebot(spec: dict) -> dict:
     """``rolebot train`` with the default settings: ``training.sft.train(TrainJob(...))``."""
     import training.sft as sft
-    from training.packing import PromptStyle
+    from training.prompts import PromptStyle
     from training.registry import Registry
     from training.settings import LoraSettings, ModelSettings, TrainSettings
 
@@ -354,7 +354,8 @@ def worker_hf(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from training.dataset import load_samples
-    from training.packing import PromptStyle, encode, pack, to_records
+    from training.packing import encode, pack, to_records
+    from training.prompts import PromptStyle
     from training.settings import TrainSettings
     from training.sft import build_trainer
 
@@ -390,7 +391,8 @@ def check_packing(spec: dict, model, tokenizer) -> dict:
     import torch
 
     from training.dataset import load_samples
-    from training.packing import Collator, PromptStyle, encode, to_records
+    from training.packing import Collator, encode, to_records
+    from training.prompts import PromptStyle
     from training.sft import drops_training_masks
 
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -455,7 +457,8 @@ def time_layouts(model, tokenizer, samples, device) -> dict:
     attention layouts with one another; they are not training step times."""
     import torch
 
-    from training.packing import Collator, PromptStyle, encode, pack, to_records
+    from training.packing import Collator, encode, pack, to_records
+    from training.prompts import PromptStyle
 
     if not torch.cuda.is_available():
         return {}
@@ -660,8 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     records = build_samples(tokenizer, args.samples)
     spec_data = Path(spec["data"])
     spec_data.write_text(json.dumps(records, ensure_ascii=False))
-    from training.packing import PromptStyle, encode, pack
-    from training.prompts import Sample
+    from training.packing import encode, pack
+    from training.prompts import PromptStyle, Sample
 
     encoded, _ = encode([Sample(r["instruction"], r["output"]) for r in records], tokenizer, PromptStyle(), 4096, "truncate")
     lengths = [len(e.input_ids) for e in encoded]

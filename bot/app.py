@@ -19,6 +19,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
+from bot.adapters import Adapters
 from bot.config import Config
 from bot.platforms import Frontend, Options, enabled
 from bot.service import Service
@@ -29,6 +30,7 @@ from training.settings import TrainSettings
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 5.0
+ACTIVE = "active"  # App.start(adapter=ACTIVE): serve the registry's active version
 
 
 @dataclass
@@ -38,6 +40,7 @@ class App:
     config: Config
     store: Store
     engine: Any
+    adapters: Adapters
     service: Service
     frontends: list[Frontend]
     _resources: AsyncExitStack
@@ -45,30 +48,43 @@ class App:
     @classmethod
     async def start(cls, config: Config, *, host: str | None = None, port: int | None = None,
                     train: bool = True, retraining: bool = True, interactive: bool = False,
-                    on_quit: Callable[[], None] | None = None) -> App:
+                    on_quit: Callable[[], None] | None = None, adapter: str | None = ACTIVE,
+                    recover: bool = True,
+                    frontends: Callable[[Service, Options], list[Frontend]] | None = None) -> App:
         """Open everything; whatever opened before a failure is closed again.
 
         ``train``: train a first adapter when the character has none (else serve the base).
-        ``retraining``: /retrain, /rollback through the retrainer, and the [scheduler] job.
+        ``retraining``: /retrain through the retrainer, and the [scheduler] job.
+        ``adapter``: the version to serve: ``ACTIVE`` (the registry's), a version's name
+        (served, not activated), or None for the base model alone.
+        ``recover``: mark replies a previous run left generating as interrupted; off for a
+        process that may run beside the bot (``rolebot chat``), whose replies are not its own.
+        ``frontends``: the front-ends to run instead of those config.toml enables.
         """
         from bot.engine import make_engine
 
         async with AsyncExitStack() as stack:
             store = await Store.open(config.database)
             stack.push_async_callback(store.close)
-            if interrupted := await store.mark_unfinished_interrupted():
+            if recover and (interrupted := await store.mark_unfinished_interrupted()):
                 log.info("%d replies left generating by the last run marked interrupted", interrupted)
-            version = await active_adapter(config, store, train=train)
+            adapters = Adapters(Registry(config.adapter_root, config.character.name), store=store)
+            if adapter == ACTIVE:
+                version = await serving_version(config, adapters, train=train)
+            else:
+                version = adapters.registry.get(adapter) if adapter else None
             engine = make_engine(config, version)
             stack.push_async_callback(engine.close)
             await engine.start()
-            retrainer = await start_retraining(config, store, engine, stack) if retraining else None
-            service = Service(config, store, engine, retrainer=retrainer)
-            frontends = enabled(config, service, Options(host, port, on_quit, interactive))
-            for frontend in frontends:
+            adapters.engine = engine  # from now on every activation hot-swaps
+            retrainer = await start_retraining(config, store, adapters, stack) if retraining else None
+            service = Service(config, store, engine, adapters=adapters, retrainer=retrainer)
+            options = Options(host, port, on_quit, interactive)
+            running = frontends(service, options) if frontends else enabled(config, service, options)
+            for frontend in running:
                 await frontend.start()
                 stack.push_async_callback(frontend.stop)
-            return cls(config, store, engine, service, frontends, stack.pop_all())
+            return cls(config, store, engine, adapters, service, running, stack.pop_all())
 
     async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         await self.service.close(grace_s)
@@ -79,13 +95,13 @@ class App:
         return f"serving {self.config.character.name} ({self.engine.adapter_version or 'base model, no adapter'}): {where}"
 
 
-async def run_app(config: Config, *, host: str | None = None, port: int | None = None,
-                  train: bool = True) -> None:
-    """Serve until Ctrl-C, SIGTERM or the console's /quit, then shut down cleanly."""
+async def run_app(config: Config, **options: Any) -> None:
+    """Serve until Ctrl-C, SIGTERM or the console's /quit, then shut down cleanly.
+    ``options`` are ``App.start``'s."""
     loop = asyncio.get_running_loop()
     quit = asyncio.Event()
-    app = await App.start(config, host=host, port=port, train=train,
-                          interactive=sys.stdin.isatty(), on_quit=quit.set)
+    options.setdefault("interactive", sys.stdin.isatty())
+    app = await App.start(config, on_quit=quit.set, **options)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, quit.set)
     print(f"rolebot: {app.describe()} — Ctrl-C stops", file=sys.stderr, flush=True)
@@ -100,7 +116,7 @@ async def run_app(config: Config, *, host: str | None = None, port: int | None =
         print("rolebot: stopped", file=sys.stderr, flush=True)
 
 
-async def start_retraining(config: Config, store: Store, engine: Any, stack: AsyncExitStack):
+async def start_retraining(config: Config, store: Store, adapters: Adapters, stack: AsyncExitStack):
     """The retrainer (/retrain, /rollback) and, if [scheduler] enabled, its schedule. At
     shutdown the schedule stops and a retrain in progress is cancelled (its run recorded as
     failed, its training process killed) before the engine and the store close."""
@@ -109,7 +125,7 @@ async def start_retraining(config: Config, store: Store, engine: Any, stack: Asy
 
     # A run still 'running' whose process is gone was cut off by a crash or a kill.
     await store.fail_unfinished_runs()
-    retrainer = Retrainer(config, store, engine)
+    retrainer = Retrainer(config, store, adapters)
     await retrainer.load_last_run()
 
     async def cancel_run() -> None:
@@ -125,28 +141,23 @@ async def start_retraining(config: Config, store: Store, engine: Any, stack: Asy
     return retrainer
 
 
-async def active_adapter(config: Config, store: Store, *, train: bool) -> Version | None:
-    """The version to serve, recorded in the store. A character with no version yet gets one
+async def serving_version(config: Config, adapters: Adapters, *, train: bool) -> Version | None:
+    """The version to serve (logged in the store). A character with no version yet gets one
     trained from its script (or the project's sample script) unless ``train`` is off."""
-    registry = Registry(config.adapter_root, config.character.name)
-    version = registry.active()
-    if version is None and (versions := registry.versions()):
-        version = registry.activate(versions[-1].name)
+    version = adapters.active()
+    if version is None and (versions := adapters.versions()):
+        version = await adapters.activate(versions[-1].name)
         log.info("no active adapter version: activated the newest, %s", version.name)
+        return version
     if version is None and train:
-        version = await in_thread(train_first_adapter, config, registry)
-    known = {v.version for v in await store.adapter_versions(config.character.name)}
-    for v in registry.versions():
-        if v.name not in known:
-            await store.add_adapter_version(v.character, v.name, v.meta)
-    if version is not None:
-        await store.activate_adapter(version.character, version.name)
+        trained = await in_thread(train_first_adapter, config, adapters.registry)
+        return await adapters.activate(trained.name)
+    await adapters.log_serving(version)
     return version
 
 
 def train_first_adapter(config: Config, registry: Registry) -> Version:
     """Prepare the script and train the first version with the SFT core, as `rolebot train`."""
-    from bot.commands.train import style
     from bot.datasets import dataset_files
     from training.sft import TrainJob, train
 
@@ -159,15 +170,15 @@ def train_first_adapter(config: Config, registry: Registry) -> Version:
     files = dataset_files(config)
     result = in_child_process(train, TrainJob(
         data=files.train, val=files.val, model=config.model, lora=config.lora, train=settings,
-        style=style(config), registry=registry, trigger="first-run",
-    ))
+        style=config.prompt_style(), registry=registry, trigger="first-run",
+    ), activate=False)  # the caller activates it, through bot.adapters
     print(f"rolebot: trained {result.version.name} (loss {result.final_loss:.4f}); starting the bot",
           file=sys.stderr, flush=True)
     return result.version
 
 
-def in_child_process(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` in a fresh Python process; its result or its exception comes back.
+def in_child_process(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` in a fresh Python process; its result or its exception comes back.
 
     Unsloth patches transformers' model classes for the whole process when it loads a model.
     The engine serves on plain transformers (continuous batching needs its own attention), so
@@ -177,7 +188,7 @@ def in_child_process(fn: Callable[..., Any], *args: Any) -> Any:
     import multiprocessing
 
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
+        return pool.submit(fn, *args, **kwargs).result()
 
 
 def first_run_settings(config: Config) -> TrainSettings:

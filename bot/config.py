@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.errors import UserError
+from training.prompts import PromptStyle
 from training.settings import LoraSettings, ModelSettings, TrainSettings, opt
 
 DEFAULT_PERSONA = (
@@ -156,6 +157,10 @@ class Config:
     @property
     def database(self) -> Path:
         return self.path(self.store.path)
+
+    def prompt_style(self) -> PromptStyle:
+        """The prompt format training, evaluation and serving render through."""
+        return PromptStyle(self.model.prompt_format, self.character.persona, self.character.name)
 
 
 def secret(env_name: str) -> str | None:

@@ -33,7 +33,5 @@ def dataset_files(config: Config, *, quiet: bool = False) -> DatasetFiles:
         val_episodes=1,
     ))
     if not quiet:
-        from bot.commands.prepare import render_report
-
-        print(render_report(report, "alpaca"))
+        print(report.render("alpaca"))
     return DatasetFiles(output, val)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import sys
 import tempfile
@@ -13,23 +12,26 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from bot.adapters import Adapters
 from bot.config import Config
 from bot.datasets import dataset_files
+from bot.status import RetrainStatus
 from bot.store import Store, TrainingRun
 from training.errors import UserError
-from training.logs import ratings_since
-from training.registry import Registry, Version
+from training.registry import Registry
+from training.retrain_job import RetrainJob, read_result, write_job
 
 log = logging.getLogger(__name__)
 Notify = Callable[[str], Awaitable[None]]
 
 
 class Retrainer:
-    def __init__(self, config: Config, store: Store, engine=None, *, echo: bool = False):
+    def __init__(self, config: Config, store: Store, adapters: Adapters | None = None, *, echo: bool = False):
         self.config = config
         self.store = store
-        self.engine = engine  # None for `rolebot retrain`: nothing to hot-swap
-        self.registry = Registry(config.adapter_root, config.character.name)
+        # Promotion goes through the process's one owner of the adapter (bot.adapters);
+        # `rolebot retrain` has no engine, so there nothing is hot-swapped.
+        self.adapters = adapters or Adapters(Registry(config.adapter_root, config.character.name), store=store)
         self.lock = asyncio.Lock()
         self.task: asyncio.Task | None = None
         self.next_run: float | None = None  # set by the scheduler
@@ -49,12 +51,13 @@ class Retrainer:
             self.lock.release()
             raise
         self.last_run = run
+        self.adapters.pending = f"a retrain is running (run {run.id})"
         self.task = asyncio.create_task(self._cycle(run, notify), name=f"retrain-{run.id}")
         return run
 
     async def scheduled(self) -> TrainingRun | None:
         """The scheduler's job: a cycle only when enough new ratings are waiting."""
-        waiting = self.new_ratings()
+        waiting = await self.new_ratings()
         needed = self.config.scheduler.min_new_ratings
         if waiting < needed:
             log.info("scheduled retrain skipped: %d new rated replies, %d needed", waiting, needed)
@@ -75,39 +78,17 @@ class Retrainer:
             await asyncio.shield(self.task)
         return self.last_run
 
-    def new_ratings(self) -> int:
-        since = self.last_run.started_at if self.last_run else 0.0
-        try:
-            return ratings_since(self.config.database, since)
-        except UserError:
-            return 0
+    async def new_ratings(self) -> int:
+        """Rated replies cast or changed since the last run started."""
+        return await self.store.ratings_since(self.last_run.started_at if self.last_run else 0.0)
 
-    def state(self) -> dict:
-        last = self.last_run
-        return {
-            "running": self.lock.locked(),
-            "last_run": None if last is None else {
-                "id": last.id, "status": last.status, "reason": last.reason, "trigger": last.trigger,
-                "started_at": last.started_at, "finished_at": last.finished_at,
-                "candidate_version": last.candidate_version, "metrics": dict(last.metrics)},
-            "next_run": None if self.next_run is None else time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.next_run)),
-            "new_ratings": self.new_ratings(),
-            "active_version": self.engine.adapter_version if self.engine else _name(self.registry.active()),
-        }
+    async def status(self) -> RetrainStatus:
+        next_run = None if self.next_run is None else time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.next_run))
+        return RetrainStatus(running=self.lock.locked(), last_run=self.last_run, next_run=next_run,
+                             new_ratings=await self.new_ratings())
 
     async def load_last_run(self) -> None:
         self.last_run = await self.store.last_run()
-
-    async def rollback(self) -> Version:
-        # Refused rather than queued: a retrain may run for many minutes, and its promotion
-        # would undo the rollback anyway.
-        if self.lock.locked():
-            raise UserError(f"a retrain is running (run {self.last_run.id if self.last_run else '?'}); "
-                            "roll back after it ends")
-        async with self.lock:
-            version = self.registry.rollback()
-            await self._activate(version)
-            return version
 
     async def _cycle(self, run: TrainingRun, notify: Notify | None) -> None:
         try:
@@ -120,6 +101,7 @@ class Retrainer:
         try:
             self.last_run = await self.store.finish_run(run.id, status, reason=reason, candidate_version=version, metrics=metrics)
         finally:
+            self.adapters.pending = None
             self.lock.release()
         log.info("retrain %s %s: %s", run.id, status, reason)
         if notify is not None:
@@ -129,43 +111,37 @@ class Retrainer:
                 log.warning("could not tell the admin about retrain %s", run.id, exc_info=True)
 
     async def _train_and_gate(self, run: TrainingRun) -> tuple[str, str, str | None, dict]:
-        job, result_path = self._job(run)
-        code, output = await self._subprocess(job)
-        result = json.loads(result_path.read_text(encoding="utf-8")) if result_path.exists() else {}
-        if code != 0 or "error" in result:
-            reason = result.get("error") or _tail(output) or f"training exited with {code}"
-            if code < 0 and not result:
+        job, job_file = self._job(run)
+        code, output = await self._subprocess(job_file)
+        result = read_result(job.result)
+        if code != 0 or result is None or result.error is not None:
+            reason = (result.error if result else None) or _tail(output) or f"training exited with {code}"
+            if code < 0 and result is None:
                 reason = f"training was killed (signal {-code}): {reason}"
             return "failed", reason, None, {}
-        if not result["passed"]:
-            return "rejected", f"{result['version']} not promoted: {result['reason']}", result["version"], result["metrics"]
-        version = self.registry.activate(result["version"])
-        await self._activate(version)
-        return "succeeded", f"{version.name} is active: {result['reason']}", version.name, result["metrics"]
+        if not result.passed:
+            return "rejected", f"{result.version} not promoted: {result.reason}", result.version, result.metrics
+        version = await self.adapters.promote(result.version)
+        return "succeeded", f"{version.name} is active: {result.reason}", version.name, result.metrics
 
-    async def _activate(self, version: Version) -> None:
-        await make_active(self.store, self.engine, version)
-
-    def _job(self, run: TrainingRun) -> tuple[Path, Path]:
+    def _job(self, run: TrainingRun) -> tuple[RetrainJob, Path]:
+        """The training child's job, written to a file in a fresh folder beside its result."""
         config = self.config
         files = dataset_files(config, quiet=True)
         work = Path(tempfile.mkdtemp(prefix=f"rolebot-retrain-{run.id}-"))
-        active = self.registry.active() if config.retrain.start_from == "active" else None
-        train = dataclasses.replace(config.training, max_steps=config.retrain.max_steps)
-        job = {
-            "run_id": run.id, "trigger": run.trigger, "db": str(config.database),
-            "original": str(files.train), "val": str(files.val) if files.val else None,
-            "data_file": str(config.path(f"data/retrain/run-{run.id}.json")),
-            "model": dataclasses.asdict(config.model), "lora": dataclasses.asdict(config.lora),
-            "train": dataclasses.asdict(train),
-            "style": {"fmt": config.model.prompt_format, "persona": config.character.persona, "character": config.character.name},
-            "adapters": str(config.adapter_root), "character": config.character.name,
-            "parent": active.name if active else None, "replay_ratio": config.retrain.replay_ratio,
-            "preference": config.retrain.preference,
-            "tolerance": config.retrain.nll_tolerance, "result": str(work / "result.json"),
-        }
-        (work / "job.json").write_text(json.dumps(job, ensure_ascii=False), encoding="utf-8")
-        return work / "job.json", work / "result.json"
+        active = self.adapters.active() if config.retrain.start_from == "active" else None
+        job = RetrainJob(
+            run_id=run.id, trigger=run.trigger, db=config.database, original=files.train, val=files.val,
+            data_file=config.path(f"data/retrain/run-{run.id}.json"),
+            model=config.model, lora=config.lora,
+            train=dataclasses.replace(config.training, max_steps=config.retrain.max_steps),
+            style=config.prompt_style(), adapters=config.adapter_root, character=config.character.name,
+            parent=active.name if active else None, replay_ratio=config.retrain.replay_ratio,
+            preference=config.retrain.preference, tolerance=config.retrain.nll_tolerance,
+            result=work / "result.json",
+        )
+        write_job(job, work / "job.json")
+        return job, work / "job.json"
 
     async def _subprocess(self, job: Path) -> tuple[int, str]:
         """Train in a child process; kill it when it runs past the timeout."""
@@ -188,18 +164,6 @@ class Retrainer:
         return proc.returncode, (output or b"").decode("utf-8", "replace")
 
 
-async def make_active(store: Store, engine, version: Version) -> None:
-    """After the registry activated ``version``: record it in the log, then serve it."""
-    await store.add_adapter_version(version.character, version.name, version.meta)
-    await store.activate_adapter(version.character, version.name)
-    if engine is not None:
-        await engine.swap_adapter(version)
-
-
 def _tail(output: str) -> str:
     lines = [line for line in output.strip().splitlines() if line.strip()]
     return lines[-1][:500] if lines else ""
-
-
-def _name(version: Version | None) -> str | None:
-    return version.name if version else None

@@ -25,13 +25,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from bot import store as db
 from bot.config import Config, GenerationSettings
-from bot.retrain import make_active
+from bot.status import RetrainStatus, ServiceStatus, as_text
+from bot.adapters import Adapters
 from training.errors import UserError
 from training.prompts import Exchange, Sample
 from training.registry import Registry
 
 if TYPE_CHECKING:
     from bot.engine import Engine, ReplyStream
+    from bot.retrain import Retrainer
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +169,7 @@ class RateLimiter:
         return True
 
 
-def normalise(text: str | bytes, limit: int) -> tuple[str, bool]:
+def clean_message(text: str | bytes, limit: int) -> tuple[str, bool]:
     """Clean a message: invalid UTF-8 and lone surrogates become U+FFFD, control and
     zero-width characters go, line ends become ``\\n``. Returns the text cut to ``limit``
     characters and whether it was cut."""
@@ -203,12 +205,14 @@ class Service:
     """One character's conversations across every platform."""
 
     def __init__(self, config: Config, store: db.Store, engine: Engine, *,
-                 registry: Registry | None = None, retrainer: Any = None,
+                 adapters: Adapters | None = None, retrainer: Retrainer | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.store = store
         self.engine = engine
-        self.registry = registry or Registry(config.adapter_root, config.character.name)
+        # One owner of the served adapter per process: the retrainer's, when there is one.
+        self.adapters = adapters or (retrainer.adapters if retrainer is not None else Adapters(
+            Registry(config.adapter_root, config.character.name), store=store, engine=engine))
         self.retrainer = retrainer
         self.limiter = RateLimiter(config.service.rate_limit_per_minute, clock)
         self.notifiers: dict[str, Notifier] = {}  # platform → how to message one of its chats
@@ -217,7 +221,6 @@ class Service:
         self._calls = 0  # handle()/rate() calls in progress, so close() can wait for them
         self._idle = asyncio.Event()
         self._idle.set()
-        self._swap_lock = asyncio.Lock()
 
     @property
     def character(self) -> str:
@@ -241,7 +244,7 @@ class Service:
             return Answer(self._say(UNAVAILABLE), "unavailable")
         self._enter()
         try:
-            text, cut = normalise(msg.text, self.config.service.max_message_chars)
+            text, cut = clean_message(msg.text, self.config.service.max_message_chars)
             if not text:
                 return Answer(self._say(EMPTY), "empty")
             command = parse_command(text)
@@ -312,7 +315,7 @@ class Service:
             stats = getattr(stream, "stats", None)
             text = "".join(pieces).strip()
             try:
-                row = await self.store.finish_reply(reply.message_id, text, _store_stats(stats, started),
+                row = await self.store.finish_reply(reply.message_id, text, _reply_cost(stats, started),
                                                     status=status)
                 if row is None:  # /forget deleted it while it streamed
                     status = "forgotten"
@@ -388,6 +391,43 @@ class Service:
         finally:
             self._leave()
 
+    async def rate_platform_message(self, platform: str, chat_id: str, platform_message_id: str,
+                                    user_id: str, value: int, *,
+                                    display_name: str | None = None) -> db.Rating:
+        """A 👍/👎 on a platform message (a reaction, a button under it): the reply it carries
+        is rated. Raises ``UnknownMessage`` when it carries none of the bot's replies."""
+        reply = await self.reply_by_platform_id(platform, chat_id, platform_message_id)
+        if reply is None:
+            raise UnknownMessage(f"{platform} message {platform_message_id} carries no reply in the log")
+        return await self.rate(platform, user_id, reply.id, value, display_name=display_name)
+
+    async def unrate_platform_message(self, platform: str, chat_id: str, platform_message_id: str,
+                                      user_id: str, value: int) -> bool:
+        """A 👍/👎 taken back (a reaction removed); only a rating of that ``value`` goes, so
+        removing 👍 keeps a 👎 the user switched to since. True if one was removed."""
+        if not self._accepting:
+            raise UserError("the bot is shutting down; rate again once it is back")
+        self._enter()
+        try:
+            reply = await self.reply_by_platform_id(platform, chat_id, platform_message_id)
+            if reply is None:
+                return False
+            return await self.store.unrate(reply.id, platform, str(user_id), value)
+        finally:
+            self._leave()
+
+    async def reply_by_platform_id(self, platform: str, chat_id: str,
+                                   platform_message_id: str) -> db.Message | None:
+        """The bot's reply that a platform message carries, or None (a user's message, or one
+        the log does not know). The chat is part of the key: Telegram numbers messages per chat."""
+        row = await self.store.message_by_platform_id(platform, str(chat_id), str(platform_message_id))
+        return row if row is not None and row.role == "assistant" else None
+
+    async def posted(self, reply: Reply, platform_message_id: str) -> None:
+        """A front-end posted part of ``reply`` as this platform message: linked at once, so a
+        rating on that part finds its reply even while it streams."""
+        await self.store.link_platform_messages(reply.message_id, [str(platform_message_id)])
+
     # Commands
 
     async def _command(self, msg: IncomingMessage, name: str, args: str) -> Answer:
@@ -404,7 +444,7 @@ class Service:
                 return Answer(f"Forgotten: {gone.messages} of your messages, {gone.replies} replies "
                               f"to them and {gone.ratings} ratings.")
             if name == "status":
-                return Answer(render_status(await self.status()))
+                return Answer(as_text(await self.status()))
             if name == "retrain":
                 run = await self.retrain(f"{msg.platform}:{msg.user_id}", self._notify(msg))
                 return Answer(f"Retrain run {run.id} started; you will hear when it ends.")
@@ -423,28 +463,27 @@ class Service:
 
     # Admin actions (commands and the web admin API)
 
-    async def status(self) -> dict:
+    async def status(self) -> ServiceStatus:
         counts = await self.store.counts()
-        versions = await asyncio.to_thread(self.registry.versions)
-        return {
-            "character": self.character,
-            "active_version": self.engine.adapter_version,
-            "versions": [v.name for v in versions],
-            "users": counts.users,
-            "conversations": counts.conversations,
-            "messages": counts.messages,
-            "replies": counts.replies,
-            "ratings": counts.ratings,
-            "replies_in_flight": len(self._tasks),
-            "retrain": await self._retrain_state(),
-            "engine": dataclasses.asdict(self.engine.status()),
-        }
+        versions = await asyncio.to_thread(self.adapters.versions)
+        return ServiceStatus(
+            character=self.character,
+            active_version=self.engine.adapter_version,
+            versions=tuple(v.name for v in versions),
+            users=counts.users,
+            conversations=counts.conversations,
+            messages=counts.messages,
+            replies=counts.replies,
+            ratings=counts.ratings,
+            replies_in_flight=len(self._tasks),
+            retrain=await self._retrain_status(),
+            engine=self.engine.status(),
+        )
 
-    async def _retrain_state(self) -> dict:
+    async def _retrain_status(self) -> RetrainStatus:
         if self.retrainer is not None:
-            return self.retrainer.state()
-        last = await self.store.last_run()
-        return {"running": False, "last_run": dataclasses.asdict(last) if last else None}
+            return await self.retrainer.status()
+        return RetrainStatus(running=False, last_run=await self.store.last_run())
 
     async def retrain(self, requested_by: str, notify: Callable[[str], Awaitable[None]] | None = None):
         """Start a retrain (raises ``NotSetUp`` without a retrainer, ``UserError`` if one runs)."""
@@ -454,12 +493,7 @@ class Service:
 
     async def rollback(self) -> str:
         """Serve the adapter version active before the current one; returns its name."""
-        if self.retrainer is not None:
-            return (await self.retrainer.rollback()).name
-        async with self._swap_lock:
-            version = await asyncio.to_thread(self.registry.rollback)
-            await make_active(self.store, self.engine, version)
-        return version.name
+        return (await self.adapters.rollback()).name
 
     # Shutdown
 
@@ -498,27 +532,13 @@ def _sampling_json(settings: GenerationSettings) -> dict:
     return {k: getattr(settings, k) for k in ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "stop")}
 
 
-def _store_stats(stats, started: float) -> db.ReplyStats:
+def _reply_cost(stats, started: float) -> db.ReplyCost:
     """The engine's measurements in the store's units; our own clock when it has none."""
     if stats is None:
-        return db.ReplyStats(latency_ms=(time.perf_counter() - started) * 1000)
-    return db.ReplyStats(
+        return db.ReplyCost(latency_ms=(time.perf_counter() - started) * 1000)
+    return db.ReplyCost(
         latency_ms=stats.total_s * 1000,
         first_token_ms=stats.first_token_s * 1000 if stats.first_token_s is not None else None,
         prompt_tokens=stats.prompt_tokens,
         completion_tokens=stats.completion_tokens,
     )
-
-
-def render_status(status: dict) -> str:
-    """/status as a few lines of text."""
-    retrain = status["retrain"]
-    last = retrain.get("last_run")
-    last_text = f"run {last['id']} {last['status']}" + (f" ({last['reason']})" if last.get("reason") else "") if last else "none"
-    return "\n".join([
-        f"{status['character']}: serving {status['active_version'] or 'the base model (no adapter)'}",
-        f"versions: {', '.join(status['versions']) or 'none'}",
-        f"messages: {status['messages']} ({status['replies']} replies), ratings: {status['ratings']}, "
-        f"users: {status['users']}",
-        f"retrain: {'running' if retrain.get('running') else 'idle'}; last run: {last_text}",
-    ])

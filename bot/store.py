@@ -1,4 +1,4 @@
-"""The bot's SQLite store: users, conversations, messages, ratings, adapter versions, training runs.
+"""The bot's SQLite store: users, conversations, messages, ratings, adapter activations, training runs.
 
 One writer connection serialises every write behind an asyncio lock; each write method returns only
 after its transaction has committed, so a message or rating the bot acknowledges is on disk. Reads
@@ -105,8 +105,8 @@ MIGRATIONS: list[tuple[str, ...]] = [
             meta       TEXT NOT NULL DEFAULT '{}',
             PRIMARY KEY (character, version)
         )""",
-        # A stack per character: the active version is the newest activation not rolled back,
-        # so repeated rollbacks walk further back instead of flipping between two versions.
+        # An event log of what the bot served; rolled_back_at is no longer written (the
+        # registry's active.json holds the active version and its history).
         """CREATE TABLE adapter_activations (
             id             INTEGER PRIMARY KEY,
             character      TEXT NOT NULL,
@@ -176,8 +176,9 @@ class Message:
 
 
 @dataclass(frozen=True)
-class ReplyStats:
-    """What generating one reply cost, as the engine measured it."""
+class ReplyCost:
+    """What generating one reply cost, in the log's units (milliseconds); the engine's own
+    ``ReplyStats`` measures in seconds."""
 
     latency_ms: float | None = None
     first_token_ms: float | None = None
@@ -203,12 +204,12 @@ class ForgetResult:
 
 
 @dataclass(frozen=True)
-class AdapterVersion:
+class Activation:
+    """An adapter version the bot began to serve (activated, promoted, rolled back to)."""
+
     character: str
     version: str
-    created_at: float
-    meta: Mapping[str, Any]
-    active: bool
+    activated_at: float
 
 
 @dataclass(frozen=True)
@@ -241,15 +242,6 @@ SELECT m.id, m.conversation_id, m.role, m.text, m.status, m.created_at, m.user_i
             WHERE message_id = m.id ORDER BY rowid)) AS platform_message_ids
 FROM messages AS m
 """
-
-_ADAPTER_SELECT = """
-SELECT a.character, a.version, a.created_at, a.meta,
-       a.version IS (SELECT version FROM adapter_activations
-                     WHERE character = a.character AND rolled_back_at IS NULL
-                     ORDER BY id DESC LIMIT 1) AS active
-FROM adapter_versions AS a
-"""
-
 
 class Store:
     """The bot's database: ``store = await Store.open(path)`` or ``async with Store.open(path)``."""
@@ -402,7 +394,7 @@ class Store:
         self,
         message_id: int,
         text: str,
-        stats: ReplyStats,
+        stats: ReplyCost,
         *,
         status: MessageStatus = "complete",
         platform_message_ids: Sequence[str] = (),
@@ -566,12 +558,11 @@ class Store:
             )
             return ForgetResult(messages.rowcount, replies_deleted.rowcount, ratings.rowcount)
 
-    # Adapter versions
+    # Adapter activations: an event log; the registry (active.json) decides what is active
 
-    async def add_adapter_version(
-        self, character: str, version: str, meta: Mapping[str, Any]
-    ) -> AdapterVersion:
-        """Register a trained adapter version (again: its meta is replaced)."""
+    async def log_activation(self, character: str, version: str, meta: Mapping[str, Any]) -> None:
+        """Record that ``version`` became the one served, with its meta; the same version as the
+        last logged one adds nothing (a restart serving what it served before)."""
         async with self._transaction() as conn:
             await conn.execute(
                 "INSERT INTO adapter_versions (character, version, created_at, meta) "
@@ -579,63 +570,25 @@ class Store:
                 "ON CONFLICT (character, version) DO UPDATE SET meta = excluded.meta",
                 (character, version, time.time(), _json(meta)),
             )
-            return await _adapter(conn, character, version)
-
-    async def adapter_versions(self, character: str) -> list[AdapterVersion]:
-        rows = await self._fetchall(
-            f"{_ADAPTER_SELECT} WHERE a.character = ? ORDER BY a.created_at, a.version",
-            (character,),
-        )
-        return [_adapter_from_row(row) for row in rows]
-
-    async def active_adapter(self, character: str) -> AdapterVersion | None:
-        row = await self._fetchone(
-            f"{_ADAPTER_SELECT} WHERE a.character = ? AND active", (character,)
-        )
-        return _adapter_from_row(row) if row else None
-
-    async def activate_adapter(self, character: str, version: str) -> AdapterVersion:
-        """Make a registered version the active one; activating the active one changes nothing."""
-        async with self._transaction() as conn:
-            current = await _active_activation(conn, character)
-            if current is None or current["version"] != version:
-                if not await conn.execute_fetchall(
-                    "SELECT 1 FROM adapter_versions WHERE character = ? AND version = ?",
-                    (character, version),
-                ):
-                    raise UserError(
-                        f"adapter {character}/{version} is not registered; "
-                        "activate a version that training has produced"
-                    )
+            last = await conn.execute_fetchall(
+                "SELECT version FROM adapter_activations WHERE character = ? ORDER BY id DESC LIMIT 1",
+                (character,),
+            )
+            if not last or last[0][0] != version:
                 await conn.execute(
                     "INSERT INTO adapter_activations (character, version, activated_at) "
                     "VALUES (?, ?, ?)",
                     (character, version, time.time()),
                 )
-            return await _adapter(conn, character, version)
 
-    async def rollback_adapter(self, character: str) -> AdapterVersion:
-        """Deactivate the active version and return to the one active before it (/rollback)."""
-        async with self._transaction() as conn:
-            current = await _active_activation(conn, character)
-            previous: list[sqlite3.Row] = []
-            if current is not None:
-                previous = list(await conn.execute_fetchall(
-                    "SELECT version FROM adapter_activations "
-                    "WHERE character = ? AND rolled_back_at IS NULL AND id < ? "
-                    "ORDER BY id DESC LIMIT 1",
-                    (character, current["id"]),
-                ))
-            if not previous:
-                raise UserError(
-                    f"no earlier adapter version of {character} to roll back to; "
-                    "activate one explicitly instead"
-                )
-            await conn.execute(
-                "UPDATE adapter_activations SET rolled_back_at = ? WHERE id = ?",
-                (time.time(), current["id"]),
-            )
-            return await _adapter(conn, character, previous[0][0])
+    async def activations(self, character: str) -> list[Activation]:
+        """Every logged activation of ``character``'s versions, oldest first."""
+        rows = await self._fetchall(
+            "SELECT character, version, activated_at FROM adapter_activations "
+            "WHERE character = ? ORDER BY id",
+            (character,),
+        )
+        return [Activation(**dict(row)) for row in rows]
 
     # Training runs
 
@@ -861,29 +814,6 @@ async def _check_rateable(conn: aiosqlite.Connection, message_id: int) -> None:
         raise RatingError(
             f"message {message_id} was written by a user; only the bot's replies can be rated"
         )
-
-
-async def _adapter(conn: aiosqlite.Connection, character: str, version: str) -> AdapterVersion:
-    rows = await conn.execute_fetchall(
-        f"{_ADAPTER_SELECT} WHERE a.character = ? AND a.version = ?", (character, version)
-    )
-    return _adapter_from_row(rows[0])
-
-
-def _adapter_from_row(row: sqlite3.Row) -> AdapterVersion:
-    fields = dict(row)
-    fields["meta"] = json.loads(fields["meta"])
-    fields["active"] = bool(fields["active"])
-    return AdapterVersion(**fields)
-
-
-async def _active_activation(conn: aiosqlite.Connection, character: str) -> sqlite3.Row | None:
-    rows = await conn.execute_fetchall(
-        "SELECT id, version FROM adapter_activations "
-        "WHERE character = ? AND rolled_back_at IS NULL ORDER BY id DESC LIMIT 1",
-        (character,),
-    )
-    return rows[0] if rows else None
 
 
 async def _run(

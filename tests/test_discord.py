@@ -20,6 +20,7 @@ from bot.config import load_config
 from bot.platforms import Options
 from bot.platforms.discord import MAX_CHARS, DiscordFrontend, from_config, split
 from bot.service import Service
+from bot.status import RetrainStatus
 from bot.store import Store
 from emulators.discord_api import DiscordEmulator
 
@@ -223,8 +224,8 @@ async def test_slash_commands_are_synced_once_and_admins_only_where_it_matters(b
             asyncio.get_running_loop().call_later(0.1, lambda: asyncio.ensure_future(notify("Run finished.")))
             return run
 
-        def state(self):
-            return {"running": bool(retrains), "last_run": None}
+        async def status(self):
+            return RetrainStatus(running=bool(retrains), last_run=None)
 
     bot.service.retrainer = Retrainer()
     assert [(s.guild_id, s.names) for s in dc.command_syncs] == [(None, COMMANDS)]

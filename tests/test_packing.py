@@ -6,8 +6,8 @@ import pytest
 
 from training.evaluate import chrf, rouge_l
 from training.character import answers_in_character, breaks_character
-from training.packing import IGNORE, Collator, Encoded, PromptStyle, encode, pack, to_records
-from training.prompts import Sample
+from training.packing import IGNORE, Collator, Encoded, encode, pack, to_records
+from training.prompts import PromptStyle, Sample
 
 
 def test_first_fit_packing_respects_capacity_and_keeps_every_sample():

@@ -311,7 +311,7 @@ def test_a_negative_count_is_refused_by_the_parser(tmp_path, capsys):
 
 # --- the real script ------------------------------------------------------------------
 
-needs_shared = pytest.mark.skipif(not REAL_SCRIPT.exists(), reason="needs /work/shared")
+needs_shared = pytest.mark.skipif(not REAL_SCRIPT.exists(), reason="needs ../shared/data/zhenhuan/甄嬛传剧本01-10.txt beside the checkout")
 NAIVE = re.compile(r"(.+?)：(.+)")
 WITH_ACTION = re.compile(r"([^（：]+)(（[^）]*）)?：(.+)")
 

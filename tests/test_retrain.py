@@ -14,11 +14,10 @@ from bot.config import load_config
 from bot.datasets import dataset_files
 from bot.retrain import Retrainer
 from bot.scheduler import RetrainSchedule, make_trigger
-from bot.store import ReplyStats, Store
+from bot.store import ReplyCost, Store
 from training.dataset import load_samples
 from training.errors import UserError
-from training.packing import PromptStyle
-from training.prompts import Sample
+from training.prompts import PromptStyle, Sample
 from training.registry import Registry
 
 pytestmark = pytest.mark.slow
@@ -60,7 +59,7 @@ async def log_rated_replies(store: Store, config, liked: int, disliked: int) -> 
         prompt = style.prompt(Sample(pair.instruction), None)
         reply = await store.start_reply(asked.id, adapter_version=None, prompt=prompt, sampling={})
         text = pair.output if i < liked else "我是一个AI助手，很高兴为您服务。"
-        await store.finish_reply(reply.id, text, ReplyStats(completion_tokens=8))
+        await store.finish_reply(reply.id, text, ReplyCost(completion_tokens=8))
         await store.rate(reply.id, "web", f"rater{i}", 1 if i < liked else -1)
 
 
@@ -69,7 +68,7 @@ async def test_a_cycle_trains_gates_and_promotes(tmp_path):
     async with Store.open(config.database) as store:
         await log_rated_replies(store, config, liked=8, disliked=2)
         retrainer = Retrainer(config, store)
-        assert retrainer.new_ratings() == 10
+        assert await retrainer.new_ratings() == 10
         run = await retrainer.request(trigger="admin", requested_by="web:admin")
         with pytest.raises(UserError, match="a retrain is already running"):
             await retrainer.request(trigger="admin", requested_by="web:other")
@@ -80,12 +79,13 @@ async def test_a_cycle_trains_gates_and_promotes(tmp_path):
         meta = registry.active().meta
         assert meta["gate"]["passed"] and meta["retrain"]["run_id"] == run.id
         assert meta["retrain"]["liked"] >= 6 and meta["retrain"]["replayed"] == meta["retrain"]["liked"]
-        assert (await store.active_adapter("甄嬛")).version == "v0001"
+        assert [a.version for a in await store.activations("甄嬛")] == ["v0001"]
         data = json.loads((tmp_path / "data/retrain" / f"run-{run.id}.json").read_text(encoding="utf-8"))
         rated = [r for r in data if r["source"] == "rated"]
         assert rated and all(r["prompt"].startswith(config.character.persona) for r in rated)
         assert not any("AI助手" in r["output"] for r in data), "a 👎 reply was trained on"
-        assert retrainer.state()["new_ratings"] == 0 and retrainer.state()["last_run"]["status"] == "succeeded"
+        status = await retrainer.status()
+        assert status.new_ratings == 0 and status.last_run.status == "succeeded"
 
 
 async def test_a_crash_in_training_keeps_the_old_version_and_records_the_failure(tmp_path):
@@ -98,7 +98,7 @@ async def test_a_crash_in_training_keeps_the_old_version_and_records_the_failure
         while retrainer.process is None:
             await asyncio.sleep(0.05)
         with pytest.raises(UserError, match="a retrain is running .* roll back after it ends"):
-            await retrainer.rollback()
+            await retrainer.adapters.rollback()
         await asyncio.sleep(3)
         retrainer.process.kill()  # what the OOM killer does
         done = await retrainer.wait()
@@ -133,7 +133,8 @@ async def test_the_threshold_holds_the_scheduled_job_back(tmp_path):
         schedule = RetrainSchedule(config.scheduler, retrainer)
         schedule.start()
         try:
-            assert retrainer.state()["next_run"] is not None and not retrainer.state()["running"]
+            status = await retrainer.status()
+            assert status.next_run is not None and not status.running
         finally:
             schedule.stop()
 

@@ -113,7 +113,7 @@ def test_a_missing_script_is_a_user_error(tmp_path):
         parse_script(tmp_path / "nope.txt")
 
 
-@pytest.mark.skipif(not REAL_SCRIPT.exists(), reason="needs /work/shared")
+@pytest.mark.skipif(not REAL_SCRIPT.exists(), reason="needs ../shared/data/zhenhuan/甄嬛传剧本01-10.txt beside the checkout")
 def test_the_real_script_reads_every_line():
     turns = parse_script(REAL_SCRIPT)
     assert sorted({t.episode for t in turns}) == list(range(1, 11))

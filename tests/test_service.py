@@ -15,9 +15,10 @@ import pytest_asyncio
 from bot.config import load_config
 from bot.platforms.console import Console
 from bot.service import (
-    Answer, IncomingMessage, Overrides, Reply, Service, UnknownMessage, normalise, parse_command,
+    Answer, IncomingMessage, Overrides, Reply, Service, UnknownMessage, clean_message, parse_command,
 )
 from bot.store import RatingError, Store
+from training.errors import UserError
 
 CONFIG = """
 [model]
@@ -45,12 +46,12 @@ admins_telegram = ["42"]
 
 
 def test_messages_are_cleaned_before_anyone_sees_them():
-    assert normalise(b"\xff\xfe hi \xe4\xbd\xa0", 100) == ("\ufffd\ufffd hi 你", False)
-    assert normalise("a\u200bb\u200d\ufeffc\x00\x07d\u202e", 100) == ("abcd", False)
-    assert normalise("lone \ud800 surrogate", 100) == ("lone \ufffd surrogate", False)
-    assert normalise("line\r\nbreak\ttab\u2028x", 100) == ("line\nbreak tab\nx", False)
-    assert normalise(" \n\t\u200b ", 100) == ("", False)
-    text, cut = normalise("长" * 1_000_000, 300)
+    assert clean_message(b"\xff\xfe hi \xe4\xbd\xa0", 100) == ("\ufffd\ufffd hi 你", False)
+    assert clean_message("a\u200bb\u200d\ufeffc\x00\x07d\u202e", 100) == ("abcd", False)
+    assert clean_message("lone \ud800 surrogate", 100) == ("lone \ufffd surrogate", False)
+    assert clean_message("line\r\nbreak\ttab\u2028x", 100) == ("line\nbreak tab\nx", False)
+    assert clean_message(" \n\t\u200b ", 100) == ("", False)
+    text, cut = clean_message("长" * 1_000_000, 300)
     assert cut and text == "长" * 300
 
 
@@ -195,6 +196,29 @@ async def test_one_rating_per_user_per_reply_and_it_can_change(bot):
         with pytest.raises(RatingError, match="use 1 or -1"):
             await bot.rate("telegram", "u1", reply.message_id, bad)
     assert len(rows(bot, "SELECT * FROM ratings")) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_platform_message_is_rated_through_the_service(bot):
+    """What Discord and Telegram do: post the reply's parts, then rate (and un-rate) a part."""
+    reply = await say(bot, "你好", platform="discord")
+    await reply.result()
+    await bot.posted(reply, "m-1")
+    await bot.posted(reply, "m-2")
+    found = await bot.reply_by_platform_id("discord", "chat-u1", "m-2")
+    assert found.id == reply.message_id and found.platform_message_ids == ("m-1", "m-2")
+    assert await bot.reply_by_platform_id("discord", "another-chat", "m-2") is None
+    rating = await bot.rate_platform_message("discord", "chat-u1", "m-1", "u2", -1, display_name="二")
+    assert rating.message_id == reply.message_id and rating.value == -1
+    assert not await bot.unrate_platform_message("discord", "chat-u1", "m-1", "u2", 1)  # not that vote
+    assert [r["value"] for r in rows(bot, "SELECT value FROM ratings")] == [-1]
+    with pytest.raises(UnknownMessage, match="carries no reply"):
+        await bot.rate_platform_message("discord", "chat-u1", "m-404", "u2", 1)
+    await bot.close()
+    with pytest.raises(UserError, match="shutting down"):  # the same guard as a rating's
+        await bot.unrate_platform_message("discord", "chat-u1", "m-1", "u2", -1)
+    assert [r["value"] for r in rows(bot, "SELECT value FROM ratings")] == [-1]
 
 
 @pytest.mark.slow

@@ -9,11 +9,11 @@ import time
 import pytest
 import pytest_asyncio
 
-from bot.store import MIGRATIONS, Message, RatingError, ReplyStats, Store
+from bot.store import MIGRATIONS, Message, RatingError, ReplyCost, Store
 from training import logs
 from training.errors import UserError
 
-STATS = ReplyStats(latency_ms=420.0, first_token_ms=80.0, prompt_tokens=120, completion_tokens=24)
+STATS = ReplyCost(latency_ms=420.0, first_token_ms=80.0, prompt_tokens=120, completion_tokens=24)
 SAMPLING = {"temperature": 0.7, "top_p": 0.9}
 
 
@@ -216,7 +216,8 @@ async def test_training_never_sees_a_forgotten_user_even_after_they_return(store
     await store.rate(bob_reply.id, "telegram", "alice", 1)
 
     assert logs.rated_replies(store.path) == []
-    assert logs.ratings_since(store.path, 0) == 0 == await store.ratings_since(0)
+    with logs.open_snapshot(store.path) as snapshot:
+        assert snapshot.ratings_since(0) == 0 == await store.ratings_since(0)
 
 
 @pytest.mark.asyncio
@@ -266,7 +267,8 @@ async def test_training_snapshot_ignores_writes_made_after_it_started(store):
     assert (seen.prompt, seen.adapter_version) == ("<persona>\nfirst\n", "v1")
     assert (seen.score, seen.ups, seen.downs) == (1, 2, 1)
     assert [(r.text, r.score) for r in logs.rated_replies(store.path)] == [("一", 3), ("二", 1)]
-    assert logs.ratings_since(store.path, before) == 2 == await store.ratings_since(before)
+    with logs.open_snapshot(store.path) as snapshot:
+        assert snapshot.ratings_since(before) == 2 == await store.ratings_since(before)
 
 
 @pytest.mark.asyncio
@@ -293,26 +295,14 @@ def test_training_reports_a_missing_or_unmigrated_database(tmp_path):
 
 
 @pytest.mark.asyncio
-async def test_adapter_activation_and_rollback_walk_back_through_history(store):
+async def test_adapter_activations_are_logged_as_events(store):
     for version in ("v1", "v2", "v3"):
-        await store.add_adapter_version("甄嬛", version, {"loss": 1.0})
-        await store.activate_adapter("甄嬛", version)
-    await store.activate_adapter("甄嬛", "v3")  # already active: no new history entry
+        await store.log_activation("甄嬛", version, {"loss": 1.0})
+    await store.log_activation("甄嬛", "v3", {"loss": 1.0})  # served again after a restart: no new event
+    await store.log_activation("甄嬛", "v2", {"loss": 1.0})  # a rollback is one more event
 
-    assert (await store.rollback_adapter("甄嬛")).version == "v2"
-    assert (await store.rollback_adapter("甄嬛")).version == "v1"
-    assert (await store.active_adapter("甄嬛")).version == "v1"
-    with pytest.raises(UserError, match="no earlier adapter version"):
-        await store.rollback_adapter("甄嬛")
-    with pytest.raises(UserError, match="not registered"):
-        await store.activate_adapter("甄嬛", "v9")
-
-    await store.activate_adapter("甄嬛", "v3")
-    assert [(a.version, a.active) for a in await store.adapter_versions("甄嬛")] == [
-        ("v1", False), ("v2", False), ("v3", True)
-    ]
-    assert (await store.active_adapter("甄嬛")).meta == {"loss": 1.0}
-    assert (await store.rollback_adapter("甄嬛")).version == "v1"
+    assert [a.version for a in await store.activations("甄嬛")] == ["v1", "v2", "v3", "v2"]
+    assert await store.activations("嬛嬛") == []
 
 
 @pytest.mark.asyncio

@@ -18,6 +18,7 @@ from bot.config import load_config
 from bot.platforms import Options
 from bot.platforms.telegram import MAX_UNITS, TelegramFrontend, from_config, split, utf16_len
 from bot.service import Service
+from bot.status import RetrainStatus
 from bot.store import Store
 from emulators.telegram_api import TelegramEmulator
 
@@ -230,8 +231,8 @@ async def test_commands_admins_and_the_command_menu(bot):
             asyncio.get_running_loop().call_later(0.1, lambda: asyncio.ensure_future(notify("Run finished.")))
             return run
 
-        def state(self):
-            return {"running": bool(retrains), "last_run": None}
+        async def status(self):
+            return RetrainStatus(running=bool(retrains), last_run=None)
 
     bot.service.retrainer = Retrainer()
     await polling(bot)

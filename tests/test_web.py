@@ -314,15 +314,11 @@ async def test_an_adapter_swap_during_traffic_fails_no_reply(http, site):
     config = site.app.config
     v1, v2 = await asyncio.to_thread(make_versions, config, 2)
     registry = Registry(config.adapter_root, config.character.name)
-    store, engine = site.app.store, site.app.engine
-    for version in (v1, v2):
-        await store.add_adapter_version(version.character, version.name, version.meta)
+    store, adapters = site.app.store, site.app.adapters
 
     async def activate(version):
         # What a retrain does once its candidate passes the gate.
-        registry.activate(version.name)
-        await store.activate_adapter(version.character, version.name)
-        await engine.swap_adapter(version)
+        await adapters.promote(version.name)
 
     await activate(v1)
     traffic = [asyncio.create_task(stream(http, site, f"换人{i}", f"swap{i}")) for i in range(8)]
@@ -335,7 +331,7 @@ async def test_an_adapter_swap_during_traffic_fails_no_reply(http, site):
     replies = site.rows(f"SELECT status, adapter_version FROM messages WHERE id IN ({','.join('?' * 8)})", *ids)
     assert {r["status"] for r in replies} == {"complete"}
     assert {r["adapter_version"] for r in replies} <= {"v0001", "v0002"}
-    assert registry.active().name == "v0001" and (await store.active_adapter(config.character.name)).version == "v0001"
+    assert registry.active().name == "v0001" and (await store.activations(config.character.name))[-1].version == "v0001"
     async with http.get(f"{site.url}/api/admin/status", headers={"Authorization": f"Bearer {TOKEN}"}) as response:
         status = await response.json()
     assert status["active_version"] == "v0001" and status["versions"] == ["v0001", "v0002"]

@@ -34,7 +34,7 @@ import openai
 from training.character import breaks_character
 from training.dataset import read_dataset
 from training.errors import UserError
-from training.registry import write_json_atomic
+from training.atomic import write_json_atomic
 
 Mode = Literal["fewshot", "questions"]
 MODES: tuple[Mode, ...] = ("fewshot", "questions")
@@ -294,13 +294,13 @@ def _clean(text: str) -> str:
 # Similarity: retrieval and duplicates
 
 
-def normalise(text: str) -> str:
+def comparison_key(text: str) -> str:
     """Case-folded, without spaces, punctuation or symbols: what two copies of a line share."""
     return "".join(c for c in text.casefold() if unicodedata.category(c)[0] not in "PSZC")
 
 
 def ngrams(text: str, n: int = NGRAM) -> frozenset[str]:
-    norm = normalise(text)
+    norm = comparison_key(text)
     if len(norm) <= n:
         return frozenset([norm]) if norm else frozenset()
     return frozenset(norm[i:i + n] for i in range(len(norm) - n + 1))
@@ -321,7 +321,7 @@ class Retriever:
 
     @staticmethod
     def _terms(text: str) -> list[str]:
-        norm = normalise(text)
+        norm = comparison_key(text)
         return list(norm) + [norm[i:i + 2] for i in range(len(norm) - 1)]
 
     def top(self, query: str, k: int, rng: random.Random) -> list[Pair]:
@@ -355,7 +355,7 @@ class Seen:
         self.postings: dict[str, list[int]] = {}
 
     def add(self, text: str, origin: str) -> None:
-        self.exact.setdefault(normalise(text), origin)
+        self.exact.setdefault(comparison_key(text), origin)
         grams = ngrams(text)
         for gram in grams:
             self.postings.setdefault(gram, []).append(len(self.grams))
@@ -364,7 +364,7 @@ class Seen:
 
     def duplicate(self, text: str) -> str:
         """Why ``text`` is a copy ('' if it is not): exact or near, of a real or generated pair."""
-        if (origin := self.exact.get(normalise(text))) is not None:
+        if (origin := self.exact.get(comparison_key(text))) is not None:
             return f"exact duplicate of a {origin} pair"
         grams = ngrams(text)
         shared = Counter(i for gram in grams for i in self.postings.get(gram, ()))

@@ -9,8 +9,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 
 from training.character import IDENTITY_PROBES, answers_in_character, breaks_character
-from training.packing import Collator, PromptStyle, encode
-from training.prompts import Sample
+from training.packing import Collator, encode
+from training.prompts import PromptStyle, Sample
 
 
 @dataclass(frozen=True)

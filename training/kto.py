@@ -9,8 +9,7 @@ import sys
 import tempfile
 import time
 
-from training.packing import PromptStyle
-from training.prompts import Sample
+from training.prompts import PromptStyle, Sample
 from training.registry import Registry, Version
 from training.settings import LoraSettings, ModelSettings, TrainSettings
 

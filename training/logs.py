@@ -101,12 +101,6 @@ def rated_replies(path: str | Path) -> list[RatedReply]:
         return snapshot.rated_replies()
 
 
-def ratings_since(path: str | Path, timestamp: float) -> int:
-    """Votes cast or changed after ``timestamp`` in the store at ``path``."""
-    with open_snapshot(path) as snapshot:
-        return snapshot.ratings_since(timestamp)
-
-
 def _connect_read_only(path: Path) -> sqlite3.Connection:
     if not path.is_file():
         raise UserError(

@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from training.prompts import Sample, render_prompt
+from training.prompts import PromptStyle, Sample
 
 if TYPE_CHECKING:  # torch loads only when a batch is built: `rolebot --help` stays quick
     import torch
@@ -32,23 +32,6 @@ IGNORE = -100
 class Encoded:
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]  # IGNORE over the prompt: the loss is on the response only
-
-
-@dataclass(frozen=True)
-class PromptStyle:
-    """How samples become text: the same for training, evaluation and serving."""
-
-    fmt: str = "alpaca"
-    persona: str = ""
-    character: str = ""
-
-    def prompt(self, sample: Sample, tokenizer) -> str:
-        return render_prompt(sample, tokenizer, fmt=self.fmt, persona=self.persona, character=self.character)
-
-    def prompt_ids(self, sample: Sample, tokenizer) -> list[int]:
-        # A chat template already writes its special tokens; the Alpaca text gets the
-        # tokenizer's usual ones (e.g. Llama's BOS), as in the tutorial.
-        return tokenizer(self.prompt(sample, tokenizer), add_special_tokens=self.fmt != "chat")["input_ids"]
 
 
 def encode(samples: list[Sample], tokenizer, style: PromptStyle, max_len: int, overlong: str) -> tuple[list[Encoded], Counter]:

@@ -248,6 +248,30 @@ class Report:
     skipped: tuple[tuple[str, int], ...]  # (reason, count), most frequent first
     interlocutors: tuple[tuple[str, int], ...]  # whose lines the character answers
 
+    def render(self, fmt: str) -> str:
+        """A plain-text report; counts come first so that CJK names need no column padding."""
+        name = self.character.name
+        aliases = f" ({', '.join(self.character.aliases)})" if self.character.aliases else ""
+        lines = [f"Read {len(self.files)} file(s): {', '.join(self.files)}",
+                 f"  {self.episodes} episodes · {self.scenes} scenes · "
+                 f"{self.dialogue_turns} dialogue turns · {self.character_turns} by "
+                 f"{name}{aliases}"]
+        if self.no_speaker:
+            shown = ", ".join(self.no_speaker[:5]) + (" …" if len(self.no_speaker) > 5 else "")
+            lines.append(f"  {len(self.no_speaker)} spoken line(s) name no speaker and were "
+                         f"not used: {shown}")
+        total = sum(n for _, n in self.written)
+        lines.append(f"Wrote {total} pairs ({fmt}):")
+        for index, (path, n) in enumerate(self.written):
+            held = ", ".join(map(str, self.val_episodes))
+            note = f"  validation: episode(s) {held}" if index else ""
+            lines.append(f"  {n:6}  {path}{note}")
+        lines.append("Skipped:" if self.skipped else "Skipped: nothing")
+        lines += [f"  {n:6}  {reason}" for reason, n in self.skipped]
+        lines.append(f"Top interlocutors (whose lines {name} answers):")
+        lines += [f"  {n:6}  {speaker}" for speaker, n in self.interlocutors]
+        return "\n".join(lines)
+
 
 def prepare(request: PrepareRequest) -> Report:
     """Scripts → pairs → (train, validation) files, written all or nothing."""

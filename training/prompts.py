@@ -1,5 +1,8 @@
 """Prompt formats shared by training and serving, so the bot asks exactly as the model learned.
 
+``PromptStyle`` is the configured format (format, persona, character) that training,
+evaluation and the engine all render through.
+
 ``alpaca`` is the tutorial's template; the character's persona, when set, stands before it as
 the system part. ``chat`` uses the model's own chat template with the persona as the system
 message.
@@ -73,3 +76,20 @@ def render_prompt(sample: Sample, tokenizer, *, fmt: str, persona: str = "", cha
             chat_messages(sample, persona, character), tokenize=False, add_generation_prompt=True
         )
     return alpaca_prompt(sample, persona)
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    """How samples become text: the same for training, evaluation and serving."""
+
+    fmt: str = "alpaca"
+    persona: str = ""
+    character: str = ""
+
+    def prompt(self, sample: Sample, tokenizer) -> str:
+        return render_prompt(sample, tokenizer, fmt=self.fmt, persona=self.persona, character=self.character)
+
+    def prompt_ids(self, sample: Sample, tokenizer) -> list[int]:
+        # A chat template already writes its special tokens; the Alpaca text gets the
+        # tokenizer's usual ones (e.g. Llama's BOS), as in the tutorial.
+        return tokenizer(self.prompt(sample, tokenizer), add_special_tokens=self.fmt != "chat")["input_ids"]

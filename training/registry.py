@@ -2,7 +2,8 @@
 
 A version is written into a hidden temporary folder and renamed into place only once complete,
 so a crash or Ctrl-C never leaves a version that can be listed or activated. ``active.json``
-records the active version and the activation history that rollback walks back through.
+records the active version and the activation history that rollback walks back through: the
+one record of both. In the bot, ``bot.adapters`` is its only caller for activation and rollback.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from training.atomic import write_json_atomic
 from training.errors import UserError
 
 VERSION = re.compile(r"^v(\d{4,})$")
@@ -32,16 +34,6 @@ class Version:
     @property
     def parent(self) -> str | None:
         return self.meta.get("parent_version")
-
-
-def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, ensure_ascii=False, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 class Registry:

@@ -8,20 +8,20 @@ result file and decides promotion; this module never activates anything.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from training.atomic import write_json_atomic
 from training.dataset import load_samples
 from training.errors import UserError
 from training.logs import RatedReply, open_snapshot
-from training.packing import PromptStyle
-from training.prompts import Sample
-from training.registry import Registry, write_json_atomic
-from training.settings import LoraSettings, ModelSettings, TrainSettings
+from training.prompts import PromptStyle, Sample
+from training.registry import Registry
+from training.retrain_job import RetrainJob, RetrainResult, read_job, write_result
+from training.settings import ModelSettings
 
 
 @dataclass(frozen=True)
@@ -121,59 +121,56 @@ def gate(model_settings: ModelSettings, style: PromptStyle, active: Path | None,
     return Verdict(True, f"held-out NLL {old_nll:.4f} → {new_nll:.4f}; {why}", metrics)
 
 
-def run_job(job: dict) -> dict:
+def run_job(job: RetrainJob) -> RetrainResult:
     """Everything the subprocess does, from the job file the bot wrote."""
     from training.sft import TrainJob, train
 
-    model = ModelSettings(**job["model"])
-    style = PromptStyle(**job["style"])
-    registry = Registry(Path(job["adapters"]), job["character"])
-    parent = registry.get(job["parent"]) if job.get("parent") else None
-    data = build_data(Path(job["db"]), Path(job["original"]), Path(job["data_file"]),
-                      replay_ratio=job["replay_ratio"], seed=job["train"]["seed"])
+    registry = Registry(job.adapters, job.character)
+    parent = registry.get(job.parent) if job.parent else None
+    data = build_data(job.db, job.original, job.data_file, replay_ratio=job.replay_ratio, seed=job.train.seed)
     if data.liked == 0:
         raise UserError("no 👍-rated replies to learn from yet (outside the held-out share)")
     result = train(TrainJob(
-        data=data.train_file, model=model, lora=LoraSettings(**job["lora"]), train=TrainSettings(**job["train"]),
-        style=style, registry=registry, val=Path(job["val"]) if job.get("val") else None, parent=parent,
-        trigger=job["trigger"], notes={"retrain": {"run_id": job["run_id"], "liked": data.liked,
-                                                   "disliked": data.disliked, "replayed": data.replayed}},
+        data=data.train_file, model=job.model, lora=job.lora, train=job.train, style=job.style,
+        registry=registry, val=job.val, parent=parent, trigger=job.trigger,
+        notes={"retrain": {"run_id": job.run_id, "liked": data.liked, "disliked": data.disliked,
+                           "replayed": data.replayed}},
     ), activate=False)
     candidate = result.version
-    if job.get("preference") == "kto" and data.disliked_samples:
+    if job.preference == "kto" and data.disliked_samples:
         from training.kto import kto_stage
 
         liked = [s for s in load_samples(data.train_file) if s.prompt]
-        candidate = kto_stage(model, LoraSettings(**job["lora"]), TrainSettings(**job["train"]), style, registry,
-                              candidate, liked, list(data.disliked_samples), job["train"]["max_steps"])
-    val = load_samples(Path(job["val"])) if job.get("val") else load_samples(Path(job["original"]))[:64]
-    verdict = gate(model, style, parent.path if parent else None, candidate.path, val,
-                   data.heldout_up, data.heldout_down, job["tolerance"])
+        candidate = kto_stage(job.model, job.lora, job.train, job.style, registry,
+                              candidate, liked, list(data.disliked_samples), job.train.max_steps)
+    val = load_samples(job.val) if job.val else load_samples(job.original)[:64]
+    verdict = gate(job.model, job.style, parent.path if parent else None, candidate.path, val,
+                   data.heldout_up, data.heldout_down, job.tolerance)
     meta = {**candidate.meta, "gate": asdict(verdict)}
     write_json_atomic(candidate.path / "meta.json", meta)
-    return {"version": candidate.name, "passed": verdict.passed, "reason": verdict.reason,
-            "metrics": {**verdict.metrics, "liked": data.liked, "disliked": data.disliked,
-                        "replayed": data.replayed, "final_loss": result.final_loss,
-                        "runtime_s": round(result.runtime_s, 1)}}
+    return RetrainResult(
+        version=candidate.name, passed=verdict.passed, reason=verdict.reason,
+        metrics={**verdict.metrics, "liked": data.liked, "disliked": data.disliked,
+                 "replayed": data.replayed, "final_loss": result.final_loss,
+                 "runtime_s": round(result.runtime_s, 1)})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.retrain", description="one retrain cycle (run by the bot)")
     parser.add_argument("job", type=Path, help="the job file the bot wrote")
     args = parser.parse_args(argv)
-    job = json.loads(args.job.read_text(encoding="utf-8"))
-    result_path = Path(job["result"])
+    job = read_job(args.job)
     try:
         result = run_job(job)
     except UserError as exc:
-        write_json_atomic(result_path, {"error": str(exc)})
+        write_result(RetrainResult(error=str(exc)), job.result)
         print(f"retrain: {exc}", file=sys.stderr)
         return 2
     except BaseException as exc:
-        write_json_atomic(result_path, {"error": f"{type(exc).__name__}: {exc}".strip()})
+        write_result(RetrainResult(error=f"{type(exc).__name__}: {exc}".strip()), job.result)
         traceback.print_exc()
         return 1
-    write_json_atomic(result_path, result)
+    write_result(result, job.result)
     return 0
 
 

@@ -18,8 +18,8 @@ from training import report
 from training.dataset import load_samples, sha256
 from training.errors import UserError
 from training.modeling import device, expandable_cuda_segments, load_base, unsloth
-from training.packing import Collator, PromptStyle, encode, pack, to_records
-from training.prompts import Sample
+from training.packing import Collator, encode, pack, to_records
+from training.prompts import PromptStyle
 from training.registry import Registry, Version
 from training.settings import LoraSettings, ModelSettings, TrainSettings
 
@@ -35,7 +35,6 @@ class TrainJob:
     val: Path | None = None
     parent: Version | None = None
     trigger: str = "cli"
-    extra: tuple[Sample, ...] = ()  # e.g. rated replies from the logs, mixed into the data
     notes: dict = field(default_factory=dict)  # recorded in meta.json as they are
 
 
@@ -49,7 +48,7 @@ class TrainResult:
 
 
 def train(job: TrainJob, *, activate: bool = True) -> TrainResult:
-    samples = load_samples(job.data, job.style.character) + list(job.extra)
+    samples = load_samples(job.data, job.style.character)
     val = load_samples(job.val, job.style.character) if job.val else []
     expandable_cuda_segments()
     FastLanguageModel = unsloth()
@@ -82,7 +81,7 @@ def train(job: TrainJob, *, activate: bool = True) -> TrainResult:
     meta = {
         "base_model": job.model.base,
         "dataset": {"file": str(job.data), "sha256": sha256(job.data), "samples": len(samples),
-                    "extra_samples": len(job.extra), "val_file": str(job.val) if job.val else None,
+                    "val_file": str(job.val) if job.val else None,
                     "dropped": dict(dropped)},
         "config": {"model": _plain(job.model), "lora": _plain(job.lora), "train": _plain(job.train),
                    "prompt": _plain(job.style)},

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import time
 
+from bot.adapters import Adapters
 from bot.config import load_config
 from training.registry import Registry
+
+# This process cannot reach a bot that is running: say so, rather than let the user think the
+# bot changed. A bot's own /rollback would then step back once more from what is active here.
+RUNNING_BOT = ("A bot that is already running is not told: it keeps serving the version it "
+               "loaded until it restarts. To change a running bot, use its /rollback "
+               "(or POST /api/admin/rollback) instead.")
 
 
 def register(sub) -> None:
@@ -15,8 +23,9 @@ def register(sub) -> None:
         "adapters",
         help="list, show, activate or roll back adapter versions",
         description="Manage the adapter store adapters/<character>/<version>/. The active version "
-        "is what `rolebot chat` and `rolebot serve` load; a running bot swaps adapters through "
-        "its admin commands (/rollback) instead.",
+        "is what `rolebot chat` and `rolebot serve` load when they start; a bot already running "
+        "is not told and keeps its version until it restarts: change a running bot through its "
+        "admin commands (/rollback) instead.",
     )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     actions.add_parser("list", help="every version, oldest first, with its losses and metrics").set_defaults(run=list_versions)
@@ -70,12 +79,14 @@ def show_version(args: argparse.Namespace) -> int:
 
 
 def activate_version(args: argparse.Namespace) -> int:
-    version = _registry(args).activate(args.version)
+    version = asyncio.run(Adapters(_registry(args)).activate(args.version))
     print(f"{version.name} is now active ({version.path}).")
+    print(RUNNING_BOT)
     return 0
 
 
 def rollback(args: argparse.Namespace) -> int:
-    version = _registry(args).rollback()
+    version = asyncio.run(Adapters(_registry(args)).rollback())
     print(f"Rolled back: {version.name} is active again.")
+    print(RUNNING_BOT)
     return 0

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bot.commands.train import style
 from bot.config import load_config
 from bot.datasets import dataset_files
 from training.errors import UserError
-from training.registry import Registry, write_json_atomic
+from training.atomic import write_json_atomic
+from training.registry import Registry
 
 DESCRIPTION = """\
 Score the base model and an adapter version on held-out pairs, side by side:
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     model = attach_adapter(model, str(version.path))
     FastLanguageModel.for_inference(model)
     names = (config.character.name, *config.character.aliases)
-    base, tuned = compare(model, tokenizer, samples, style(config), names, max_len=config.model.max_seq_length,
+    base, tuned = compare(model, tokenizer, samples, config.prompt_style(), names, max_len=config.model.max_seq_length,
                           max_new_tokens=config.generation.max_new_tokens, limit=max(1, args.limit))
     print(f"Held-out pairs: {val} ({len(samples)} pairs; replies generated for {min(len(samples), args.limit)})")
     print(table(base.as_dict(), tuned.as_dict(), version.name))

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from bot.commands import count
-from training.pairs import FORMATS, Character, PrepareRequest, Report, prepare
+from training.pairs import FORMATS, Character, PrepareRequest, prepare
 
 DESCRIPTION = """\
 Read screenplays in the 「角色（动作）：台词」 form and write training pairs for one
@@ -72,30 +72,5 @@ def run(args: argparse.Namespace) -> int:
         min_chars=args.min_chars,
         max_chars=args.max_chars,
     )
-    print(render_report(prepare(request), args.format))
+    print(prepare(request).render(args.format))
     return 0
-
-
-def render_report(report: Report, fmt: str) -> str:
-    """A plain-text report; counts come first so that CJK names need no column padding."""
-    name = report.character.name
-    aliases = f" ({', '.join(report.character.aliases)})" if report.character.aliases else ""
-    lines = [f"Read {len(report.files)} file(s): {', '.join(report.files)}",
-             f"  {report.episodes} episodes · {report.scenes} scenes · "
-             f"{report.dialogue_turns} dialogue turns · {report.character_turns} by "
-             f"{name}{aliases}"]
-    if report.no_speaker:
-        shown = ", ".join(report.no_speaker[:5]) + (" …" if len(report.no_speaker) > 5 else "")
-        lines.append(f"  {len(report.no_speaker)} spoken line(s) name no speaker and were "
-                     f"not used: {shown}")
-    total = sum(n for _, n in report.written)
-    lines.append(f"Wrote {total} pairs ({fmt}):")
-    for index, (path, n) in enumerate(report.written):
-        held = ", ".join(map(str, report.val_episodes))
-        note = f"  validation: episode(s) {held}" if index else ""
-        lines.append(f"  {n:6}  {path}{note}")
-    lines.append("Skipped:" if report.skipped else "Skipped: nothing")
-    lines += [f"  {n:6}  {reason}" for reason, n in report.skipped]
-    lines.append(f"Top interlocutors (whose lines {name} answers):")
-    lines += [f"  {n:6}  {speaker}" for speaker, n in report.interlocutors]
-    return "\n".join(lines)

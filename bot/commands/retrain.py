@@ -14,8 +14,8 @@ Run one retrain cycle now, exactly as the bot's scheduler or an admin's /retrain
 rated 👍 in the database become training samples (with the prompt the bot used), mixed with the
 original pairs ([retrain] replay_ratio); the SFT core trains a new version from the active one
 in a subprocess; the gate compares it with the active version on held-out data; a version that
-passes becomes active. A running bot picks it up on its next restart or /rollback; for live
-hot-swapping use the bot's /retrain instead.
+passes becomes active. A bot already running is not told: it serves the version it loaded
+until it restarts; for live hot-swapping use the bot's /retrain instead.
 
 For cron: `rolebot retrain --if-due` does nothing unless [scheduler] min_new_ratings new rated
 replies are waiting.
@@ -38,8 +38,9 @@ async def _run(args: argparse.Namespace) -> int:
     async with Store.open(config.database) as store:
         retrainer = Retrainer(config, store, echo=True)
         await retrainer.load_last_run()
-        if args.if_due and retrainer.new_ratings() < config.scheduler.min_new_ratings:
-            print(f"Not due: {retrainer.new_ratings()} new rated replies, "
+        waiting = await retrainer.new_ratings()
+        if args.if_due and waiting < config.scheduler.min_new_ratings:
+            print(f"Not due: {waiting} new rated replies, "
                   f"{config.scheduler.min_new_ratings} needed ([scheduler] min_new_ratings).")
             return 0
         run = await retrainer.request(trigger="cli", requested_by="cli")

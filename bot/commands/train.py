@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bot.config import Config, load_config
+from bot.config import load_config
 from bot.datasets import dataset_files
-from training.packing import PromptStyle
 from training.registry import Registry
 
 DESCRIPTION = """\
@@ -56,12 +55,8 @@ def run(args: argparse.Namespace) -> int:
 
     result = train(TrainJob(
         data=data, val=val, model=config.model, lora=config.lora, train=config.training,
-        style=style(config), registry=registry, parent=parent,
+        style=config.prompt_style(), registry=registry, parent=parent,
     ), activate=not args.no_activate)
     state = "active" if not args.no_activate else "not activated"
     print(f"Saved {result.version.path} ({state}); loss curve: {result.version.path / 'loss.png'}")
     return 0
-
-
-def style(config: Config) -> PromptStyle:
-    return PromptStyle(config.model.prompt_format, config.character.persona, config.character.name)

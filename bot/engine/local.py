@@ -32,7 +32,6 @@ from bot.config import Config, GenerationSettings
 from bot.engine.base import EngineStatus, prompt_budget
 from bot.engine.stream import IncrementalDecoder, ReplyStats, ReplyStream, StopFilter
 from bot.engine.swap import LoadAdapter, SwapPlan, apply_swap, plan_swap
-from training.packing import PromptStyle
 from training.prompts import Sample
 from training.registry import Version
 
@@ -115,7 +114,7 @@ class LocalEngine:
         self.adapter_version = version.name if version else None
         self.model = self.tokenizer = None
         self._initial = version
-        self._style = PromptStyle(config.model.prompt_format, config.character.persona, config.character.name)
+        self._style = config.prompt_style()
         self._special = config.model.prompt_format != "chat"  # as training tokenises prompts
         self._tokenizer_lock = threading.RLock()  # a fast tokenizer must not be used by two threads at once
         self._swap_lock = asyncio.Lock()

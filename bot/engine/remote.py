@@ -10,7 +10,6 @@ from bot.config import Config, GenerationSettings, secret
 from bot.engine.base import EngineStatus, prompt_budget
 from bot.engine.stream import ReplyStats, ReplyStream, StopFilter
 from training.errors import UserError
-from training.packing import PromptStyle
 from training.prompts import Sample
 from training.registry import Version
 
@@ -35,7 +34,7 @@ class OpenAIEngine:
         self.version = version
         self.tokenizer = None
         self.client = None
-        self._style = PromptStyle(config.model.prompt_format, config.character.persona, config.character.name)
+        self._style = config.prompt_style()
         self._tasks: set[asyncio.Task] = set()
         self.replies = 0
         self.tokens = 0

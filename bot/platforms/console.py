@@ -1,8 +1,10 @@
-"""The console front-end: chat with the character in the terminal that runs ``rolebot serve``.
+"""The console front-end: chat with the character in the terminal that runs ``rolebot serve``
+(beside the other front-ends) or ``rolebot chat`` (alone).
 
 A line is a message (or a command: /reset, /forget, /status, /retrain, /rollback, /help);
 ``+`` or ``-`` rates the last reply 👍 or 👎; /quit or Ctrl-D stops the bot. Whoever sits at
-the console runs the process, so the admin commands are theirs.
+the console runs the process, so the admin commands are theirs. With ``once`` it sends that one
+message, prints the reply and stops, reading nothing from the terminal.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ class Console:
     name = "console"
 
     def __init__(self, service: Service, *, fd: int | None = None, out: TextIO | None = None,
-                 on_quit=None):
+                 on_quit=None, once: str | None = None):
         self.service = service
-        self.fd = sys.stdin.fileno() if fd is None else fd
+        self.once = once
+        self.fd = fd  # None: the terminal's stdin, looked up at start (once reads none)
         self.out = out or sys.stdout
         self.on_quit = on_quit
         self.last_reply: int | None = None
@@ -43,17 +46,22 @@ class Console:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
+        self.service.notifiers[PLATFORM] = self.notify
+        if self.once is not None:
+            self._task = asyncio.create_task(self._answer_once(self.once))
+            return
         # A reader callback rather than input() in a thread: a thread blocked in input() could
         # not be stopped, and shutdown would wait for the user to press Enter.
+        self.fd = sys.stdin.fileno() if self.fd is None else self.fd
         asyncio.get_running_loop().add_reader(self.fd, self._readable)
-        self.service.notifiers[PLATFORM] = self.notify
         self._write(f"Chatting with {self.service.character}. + / - rate the last reply; "
                     "/help lists the commands; /quit or Ctrl-D stops the bot.\n")
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
         self.service.notifiers.pop(PLATFORM, None)
-        asyncio.get_running_loop().remove_reader(self.fd)
+        if self.once is None:
+            asyncio.get_running_loop().remove_reader(self.fd)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -86,6 +94,13 @@ class Console:
         self._write("\n")
         if self.on_quit is not None:
             self.on_quit()
+
+    async def _answer_once(self, text: str) -> None:
+        try:
+            await self._line(text.encode())
+        finally:
+            if self.on_quit is not None:
+                self.on_quit()
 
     async def _line(self, line: bytes) -> None:
         word = line.strip().decode("utf-8", "replace")

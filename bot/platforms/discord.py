@@ -28,7 +28,7 @@ from bot.config import Config, DiscordSettings, secret
 from bot.platforms import Options
 from bot.platforms.text import RATINGS, paced_edits
 from bot.platforms.text import split as text_split
-from bot.service import Answer, IncomingMessage, Reply, Service
+from bot.service import Answer, IncomingMessage, Reply, Service, UnknownMessage
 from training.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -202,8 +202,7 @@ class DiscordFrontend:
             else:
                 sent = await message.reply(chunk, mention_author=False, allowed_mentions=NO_PINGS)
             parts.append(sent)
-            # Linked at once, so a reaction on a part finds its reply even mid-stream.
-            await self.service.store.link_platform_messages(reply.message_id, [str(sent.id)])
+            await self.service.posted(reply, str(sent.id))
 
     # Ratings
 
@@ -215,16 +214,15 @@ class DiscordFrontend:
             return  # another emoji, or the bot's own reactions (the buttons it put there)
         if event.message_author_id is not None and event.message_author_id != me.id:
             return
-        row = await self.service.store.message_by_platform_id(
-            PLATFORM, str(event.channel_id), str(event.message_id))
-        if row is None or row.role != "assistant":
-            return
+        where = (PLATFORM, str(event.channel_id), str(event.message_id))
         try:
             if event.event_type == "REACTION_ADD":
                 name = event.member.display_name if event.member else None
-                await self.service.rate(PLATFORM, str(event.user_id), row.id, value, display_name=name)
+                await self.service.rate_platform_message(*where, str(event.user_id), value, display_name=name)
             else:
-                await self.service.store.unrate(row.id, PLATFORM, str(event.user_id), value)
+                await self.service.unrate_platform_message(*where, str(event.user_id), value)
+        except UnknownMessage:
+            return  # a reaction on a message that is not one of the character's logged replies
         except UserError as exc:
             log.info("Discord: rating on message %s not recorded: %s", event.message_id, exc)
 

@@ -47,7 +47,7 @@ from bot.config import Config, TelegramSettings, secret
 from bot.platforms import Options
 from bot.platforms.text import RATINGS, paced_edits, utf16_len
 from bot.platforms.text import split as text_split
-from bot.service import ADMIN_COMMANDS, Answer, IncomingMessage, Reply, Service
+from bot.service import ADMIN_COMMANDS, Answer, IncomingMessage, Reply, Service, UnknownMessage
 from training.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -282,8 +282,7 @@ class TelegramFrontend:
             else:
                 sent = await message.reply_text(chunk, reply_markup=markup)
             parts.append(sent)
-            # Linked at once, so a press on a part's buttons finds its reply even mid-stream.
-            await self.service.store.link_platform_messages(reply.message_id, [str(sent.message_id)])
+            await self.service.posted(reply, str(sent.message_id))
 
     # Ratings
 
@@ -305,16 +304,15 @@ class TelegramFrontend:
 
     async def _record(self, query, value: int) -> tuple[int | None, str]:
         """Store the vote; returns the reply's row (None if not rated) and what to tell the user."""
-        row = await self.service.store.message_by_platform_id(
-            PLATFORM, str(query.message.chat.id), str(query.message.message_id))
-        if row is None or row.role != "assistant":
-            return None, "This reply is no longer in the log."
         try:
-            await self.service.rate(PLATFORM, str(query.from_user.id), row.id, value,
-                                    display_name=query.from_user.full_name)
+            rating = await self.service.rate_platform_message(
+                PLATFORM, str(query.message.chat.id), str(query.message.message_id),
+                str(query.from_user.id), value, display_name=query.from_user.full_name)
+        except UnknownMessage:
+            return None, "This reply is no longer in the log."
         except UserError as exc:
             return None, str(exc)
-        return row.id, f"Rated {'👍' if value > 0 else '👎'}, thank you."
+        return rating.message_id, f"Rated {'👍' if value > 0 else '👎'}, thank you."
 
 
 class Redact(logging.Filter):

@@ -32,6 +32,7 @@ from aiohttp import web
 from bot.config import Config, secret
 from bot.platforms import Options
 from bot.service import Answer, IncomingMessage, NotSetUp, Overrides, Reply, Service, UnknownMessage
+from bot.status import as_json
 from training.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -237,7 +238,7 @@ class WebChat:
         return response
 
     async def admin_status(self, request: web.Request) -> web.Response:
-        return self._refused(request) or json_response(await self.service.status())
+        return self._refused(request) or json_response(as_json(await self.service.status()))
 
     async def admin_retrain(self, request: web.Request) -> web.Response:
         if refused := self._refused(request):
