@@ -53,7 +53,7 @@ class EngineSettings:
     model: str = opt("", "model name to request from the server (empty: the character's adapter name)")
     api_key_env: str = opt("OPENAI_API_KEY", "env var holding the server's API key (may be unset)")
     timeout: float = opt(120.0, "seconds before a request to the server fails", min=1.0, max=3600.0)
-    weights: str = opt("4bit", "local, on CUDA: serve the 4-bit base as loaded, or dequantised once to bf16 (same values, ~3x the memory, a cheaper decode step)", choices=["4bit", "bf16"])
+    weights: str = opt("auto", "local, on CUDA: serve the 4-bit base as loaded (4bit), dequantised once to bf16 (same values, ~3x the memory, a cheaper decode step), or auto: bf16 when that copy takes at most a third of the free GPU memory", choices=["auto", "4bit", "bf16"])
     prefix_sharing: bool = opt(True, "local: compute prompt blocks that requests share (the persona) once")
     cuda_graphs: bool = opt(True, "local, on CUDA: replay decode steps as CUDA graphs, captured at start for every batch size")
     compile_level: int = opt(0, "local, on CUDA: torch.compile the steps (0 off, 1-3 more speed for a longer start)", min=0, max=3)

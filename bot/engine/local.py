@@ -130,6 +130,7 @@ class LocalEngine:
         self._eos: list[int] = []
         self._device = None
         self._penalty = False
+        self._weights = ""
         self.counters = _Counters()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -144,6 +145,8 @@ class LocalEngine:
             load_serving_model, self.config, str(self._initial.path) if self._initial else None)
         self._device = device()
         self._adapter_name = "default" if self._initial else None
+        four_bit = any(type(m).__name__ == "Linear4bit" for m in self.model.modules())
+        self._weights = "4-bit weights" if four_bit else f"{self.model.dtype} weights".replace("torch.", "")
         eos = self.tokenizer.eos_token_id
         config_eos = getattr(self.model.generation_config, "eos_token_id", None)
         ids = [eos] + (config_eos if isinstance(config_eos, list) else [config_eos])
@@ -388,8 +391,8 @@ class LocalEngine:
             parts.append("shared prompt blocks")
         if cuda and engine.cuda_graphs:
             parts.append("CUDA graphs")
-        if cuda:
-            parts.append(f"{engine.weights} weights")
+        if self._weights:
+            parts.append(self._weights)
         return ", ".join(parts)
 
     def status(self) -> EngineStatus:

@@ -5,9 +5,11 @@ replace the attention with their own KV buffers, which never see that cache. So 
 the same files the way plain transformers does, and training keeps Unsloth in its subprocess.
 
 On CUDA the base is quantised to 4-bit nf4 as in training (``[model] load_in_4bit``). With
-``[engine] weights = "bf16"`` those 4-bit weights are then dequantised once into ordinary bf16
-layers: the same values the 4-bit kernels compute with, at about 3x the memory, and a decode
-step that is a plain bf16 matmul instead of a dequantise + matmul per layer. The LoRA adapter
+``[engine] weights = "bf16"`` (or "auto", the default, where the copy takes at most a third of
+the free GPU memory) those 4-bit weights are then dequantised once into ordinary bf16 layers:
+the same values the 4-bit kernels compute with, at about 3x the memory, and a decode step that
+is a plain bf16 matmul instead of a dequantise + matmul per layer (on the H200, 8B shape: first
+token p95 0.10 s instead of 1.35 s at 8 chats/s). The LoRA adapter
 stays unmerged either way, so a new version is a copy into its tensors.
 """
 
@@ -52,7 +54,7 @@ def load_serving_model(config: Config, adapter_dir: str | None):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"[model] base: cannot load {settings.base!r} for serving: {first} — give a local "
                         "checkpoint path, a hub name this machine can reach, or builtin:smollm2-135m") from None
-    if cuda and config.engine.weights == "bf16":
+    if cuda and wants_dequantized(config.engine.weights, model):
         replaced = dequantize_4bit_layers(model, dtype)
         log.info("engine: %d 4-bit layers dequantised to %s for serving", replaced, dtype)
     if tokenizer.pad_token is None:
@@ -63,6 +65,22 @@ def load_serving_model(config: Config, adapter_dir: str | None):
         model = attach_adapter(model, adapter_dir)
     model.eval()
     return model, tokenizer
+
+
+def wants_dequantized(setting: str, model) -> bool:
+    """"bf16" always; "auto" when the dequantised copy takes at most a third of the GPU memory
+    still free, leaving the rest to the KV cache and to a retrain on the same GPU."""
+    if setting != "auto":
+        return setting == "bf16"
+    import torch
+
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    extra = sum(m.in_features * m.out_features * 2 for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    free, _ = torch.cuda.mem_get_info()
+    return 0 < extra <= free / 3
 
 
 def dequantize_4bit_layers(model, dtype) -> int:
