@@ -276,15 +276,16 @@ class LocalEngine:
         """One step's outputs for one request, on the event loop: decode, filter, stream, finish."""
         if reply.stream.stats is not None:
             return
+        done = output.is_finished()  # the manager has let the request go by itself
         if output.error is not None:
-            self._end(reply, "error", output.error)
+            self._end(reply, "error", output.error, done=done)
             return
         new, reply.read = output.generated_tokens[reply.read:], len(output.generated_tokens)
         now = time.perf_counter()
         with self._tokenizer_lock:
             for token in new:
                 if token in self._eos:
-                    self._end(reply, "stop")
+                    self._end(reply, "stop", done=done)
                     return
                 reply.tokens += 1
                 piece = reply.stops.feed(reply.decoder.push(token))
@@ -292,13 +293,14 @@ class LocalEngine:
                     reply.first_s = now - reply.stream.submitted
                 reply.stream._put(piece)
                 if reply.stops.done:
-                    self._end(reply, "stop")
+                    self._end(reply, "stop", done=done)
                     return
-        if output.is_finished():
-            self._end(reply, "length" if reply.tokens >= reply.gen.max_new_tokens else "stop")
+        if done:
+            self._end(reply, "length" if reply.tokens >= reply.gen.max_new_tokens else "stop", done=True)
 
-    def _end(self, reply: _Reply, reason: str, error: str | None = None) -> None:
-        """Finish a reply (once): release what the decoder and filter hold, tell the manager."""
+    def _end(self, reply: _Reply, reason: str, error: str | None = None, *, done: bool = False) -> None:
+        """Finish a reply (once): release what the decoder and filter hold, and cancel it in the
+        manager unless the manager is ``done`` with it already."""
         if reply.stream.stats is not None:
             return
         if reply.admitted and self._live.pop(reply.rid, None) is not None:
@@ -306,8 +308,8 @@ class LocalEngine:
             if manager is not None:
                 with manager.output_router._lock:
                     manager.output_router.result_handlers.pop(reply.rid, None)
-                if reason in ("stop", "interrupted", "error"):
-                    manager.cancel_request(reply.rid)  # a no-op for a request the manager finished
+                if not done:
+                    manager.cancel_request(reply.rid)
         elif reply in self._held:
             self._held.remove(reply)
         if reason in ("stop", "length"):
