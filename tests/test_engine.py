@@ -305,6 +305,43 @@ def test_incremental_decoding_never_splits_a_character(builtin_path):
     assert not any("\ufffd" in piece for piece in pieces)
 
 
+def test_dequantised_serving_layers_compute_what_the_4bit_layers_do():
+    """[engine] weights = bf16/auto replaces each bitsandbytes 4-bit layer with a plain one
+    holding its dequantised weight: the same outputs, bit for bit (here on the CPU, in float32)."""
+    import bitsandbytes as bnb
+    import torch
+
+    from bot.engine.model import dequantize_4bit_layers
+
+    torch.manual_seed(0)
+
+    def four_bit(dense: torch.nn.Linear):
+        layer = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=True, compute_dtype=torch.float32,
+                                  quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+        layer.bias = torch.nn.Parameter(dense.bias.data.clone(), requires_grad=False)
+        return layer.to("cpu")  # quantises
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = four_bit(torch.nn.Linear(64, 128)), four_bit(torch.nn.Linear(128, 64))
+            self.config = type("Config", (), {"quantization_config": {"load_in_4bit": True}})()
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)))
+
+    model = Tiny()
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        before = model(x)
+        assert dequantize_4bit_layers(model, torch.float32) == 2
+        after = model(x)
+    assert type(model.up) is torch.nn.Linear and type(model.down) is torch.nn.Linear
+    assert torch.equal(before, after)
+    assert model.config.quantization_config is None and model.hf_quantizer is None
+
+
 # The OpenAI-compatible backend against a local server speaking /v1/completions as SSE.
 
 
