@@ -212,6 +212,11 @@ async def test_a_private_chat_reply_streams_with_buttons_and_is_rated(bot, caplo
     await tg.user_clicks(USER, USER, reply.message_id, "rate:-1")  # the same again: nothing to edit
     await tg.wait_for(lambda: len(tg.answered_callbacks) == 3)
     assert bot.ratings() == [(row["id"], str(USER), -1)] and reply.buttons[1][0] == "👎 ✓"
+    # A button the bot does not know (an old keyboard, forged data) is answered too.
+    query = await tg.user_clicks(USER, USER, reply.message_id, "launch:missiles")
+    await tg.wait_for(lambda: len(tg.answered_callbacks) == 4)
+    assert tg.answered_callbacks[-1] == {"callback_query_id": query, "text": "Unknown button."}
+    assert bot.ratings() == [(row["id"], str(USER), -1)]
 
     # The token is in no log line and nowhere in the database.
     assert TOKEN not in caplog.text

@@ -285,6 +285,10 @@ async def test_bad_input_gets_a_clear_answer_and_never_loses_a_row(http, site):
         (json.dumps(chat_body("hi", "x", temperature=9)).encode(), "invalid_request"),
         (json.dumps(chat_body("hi", "x", max_tokens=0)).encode(), "invalid_request"),
         (json.dumps(chat_body("hi", 123)).encode(), "invalid_user"),
+        (b"[" * 100_000 + b"]" * 100_000, "invalid_json"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "invalid_json"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}', "invalid_json"),
+        (json.dumps(chat_body("hi", "x", temperature=1e999)).encode(), "invalid_json"),  # written as Infinity
     ]
     for data, code in malformed:
         status, body = await post(http, site, "/v1/chat/completions", data=data)
@@ -354,3 +358,28 @@ def make_versions(config, count: int):
             tokenizer.save_pretrained(draft.path)
             made.append(draft.commit({"base_model": config.model.base, "trigger": "test"}))
     return made
+
+
+async def test_a_client_that_leaves_mid_body_is_one_info_line(http, site, caplog):
+    """A request whose body never fully arrives: nobody is left to answer, so no error and no
+    traceback, one info line; the server goes on serving."""
+    import logging
+    from urllib.parse import urlsplit
+
+    where = urlsplit(site.url)
+    caplog.set_level(logging.INFO)
+    reader, writer = await asyncio.open_connection(where.hostname, where.port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 5000\r\n\r\n{\"messages\": [")
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    for _ in range(100):
+        if "the client left" in caplog.text:
+            break
+        await asyncio.sleep(0.05)
+    left = [r for r in caplog.records if "the client left" in r.getMessage()]
+    assert len(left) == 1 and left[0].levelno == logging.INFO and left[0].exc_info is None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    async with http.get(site.url + "/v1/models") as response:
+        assert response.status == 200

@@ -115,6 +115,7 @@ class TelegramFrontend:
                                        filters=chats))
         app.add_handler(MessageHandler(filters.TEXT & ~filters.COMMAND & chats, self.chat))
         app.add_handler(CallbackQueryHandler(self.rate, pattern=r"^rate:-?1$"))
+        app.add_handler(CallbackQueryHandler(self.unknown_button))
         app.add_error_handler(self.on_error)
         return app
 
@@ -301,6 +302,11 @@ class TelegramFrontend:
             if rated in self._votes:  # still streaming: its next edit keeps the mark
                 self._votes[rated] = value
             await edit_markup(query.message, keyboard(value))
+
+    async def unknown_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A button this bot does not know (an old keyboard, a forged query): answered too, or the
+        user's client shows a spinner on it."""
+        await update.callback_query.answer("Unknown button.")
 
     async def _record(self, query, value: int) -> tuple[int | None, str]:
         """Store the vote; returns the reply's row (None if not rated) and what to tell the user."""

@@ -21,12 +21,14 @@ import dataclasses
 import hmac
 import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from bot.config import Config, secret
@@ -268,12 +270,20 @@ async def read_json(request: web.Request) -> dict:
     """The body as a JSON object. Invalid UTF-8 inside it becomes U+FFFD, as in a message."""
     raw = await request.read()
     try:
-        body = json.loads(raw.decode("utf-8", "replace"))
+        body = json.loads(raw.decode("utf-8", "replace"), parse_constant=_no_constant)
     except ValueError as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise BadRequest("the body is nested too deeply to be a request (arrays or objects inside each other)",
+                         code="invalid_json") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object", code="invalid_json")
     return body
+
+
+def _no_constant(name: str):
+    """Python's JSON reader takes NaN and Infinity, which JSON has not; no number may be one."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def parse_chat(body: dict) -> ChatRequest:
@@ -337,7 +347,7 @@ def number(body: dict, key: str, *, low: float, high: float | None = None, integ
     if value is None:
         return None
     numeric = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
-    if not numeric or value < low or (high is not None and value > high):
+    if not numeric or not math.isfinite(value) or value < low or (high is not None and value > high):
         bounds = f"from {low} to {high}" if high is not None else f">= {low}"
         raise BadRequest(f"{key} must be {'an integer' if integer else 'a number'} {bounds}, not {value!r}", key)
     return value if integer else float(value)
@@ -409,6 +419,10 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
             raise
         return error(exc.status, exc.reason if exc.status != 413 else
                      f"the body is larger than {MAX_BODY_BYTES} bytes", exc.reason.lower().replace(" ", "_"))
+    except (ConnectionResetError, aiohttp.ClientPayloadError) as exc:
+        # The client went away before its request was read or answered: nobody to answer.
+        log.info("%s %s: the client left (%s)", request.method, request.path, type(exc).__name__)
+        return web.Response(status=499)
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return error(500, "internal error; the server log says more", "internal_error", kind="server_error")
