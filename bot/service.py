@@ -44,6 +44,8 @@ CUT = "（您的话太长，{name}只读了前 {chars} 个字。）"
 FORGOTTEN = "（这条话已被遗忘，{name}不再回答。）"
 UNAVAILABLE = "（{name}已经歇下了，请稍后再来。）"
 NOT_SET_UP = "retraining is not set up in this process"
+# How often the text of replies still streaming is written to their rows (all in one transaction).
+PARTIAL_SAVE_S = 1.0
 
 # How a user speaks in the prompt's history; the screenplay form the model was trained on.
 USER_SPEAKER = "用户"
@@ -218,6 +220,8 @@ class Service:
         self.notifiers: dict[str, Notifier] = {}  # platform → how to message one of its chats
         self._accepting = True
         self._tasks: set[asyncio.Task] = set()
+        self._partial: dict[int, list[str]] = {}  # replies streaming now: their pieces so far
+        self._saver: asyncio.Task | None = None
         self._calls = 0  # handle()/rate() calls in progress, so close() can wait for them
         self._idle = asyncio.Event()
         self._idle.set()
@@ -298,6 +302,9 @@ class Service:
         pieces: list[str] = []
         status: ReplyStatus = "failed"
         started = time.perf_counter()
+        self._partial[reply.message_id] = pieces
+        if self._saver is None or self._saver.done():
+            self._saver = asyncio.get_running_loop().create_task(self._save_partials())
         try:
             async for piece in stream:
                 pieces.append(piece)
@@ -312,6 +319,7 @@ class Service:
         except Exception:
             log.exception("reply %d failed while streaming", reply.message_id)
         finally:
+            self._partial.pop(reply.message_id, None)
             stats = getattr(stream, "stats", None)
             text = "".join(pieces).strip()
             try:
@@ -329,6 +337,20 @@ class Service:
                 completion_tokens=stats.completion_tokens if stats else 0,
                 adapter_version=reply.adapter_version,
             ))
+
+    async def _save_partials(self) -> None:
+        """While replies stream: every PARTIAL_SAVE_S, the text of each that grew goes to its row,
+        all in one transaction. After a crash (``kill -9``) the row holds what the user saw."""
+        saved: dict[int, int] = {}
+        while self._partial:
+            await asyncio.sleep(PARTIAL_SAVE_S)
+            grown = {mid: "".join(pieces).strip() for mid, pieces in list(self._partial.items())
+                     if len(pieces) != saved.get(mid)}
+            saved = {mid: len(pieces) for mid, pieces in self._partial.items()}
+            try:
+                await self.store.save_partial_texts(grown)
+            except Exception:  # the final write still comes; only the crash copy is late
+                log.warning("could not save the partial text of %d replies", len(grown), exc_info=True)
 
     async def _history(self, user_row: db.Message) -> list[Exchange]:
         """The chat's earlier turns, oldest first, up to [generation] history_turns."""
@@ -517,6 +539,9 @@ class Service:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        if self._saver is not None:
+            self._saver.cancel()
+            await asyncio.gather(self._saver, return_exceptions=True)
         await self._idle.wait()
 
 

@@ -421,6 +421,17 @@ class Store:
             await _link(conn, message_id, platform_message_ids)
             return await _message(conn, message_id)
 
+    async def save_partial_texts(self, texts: Mapping[int, str]) -> None:
+        """The text streamed so far of replies still generating, all in one transaction, so a
+        crash leaves each row with what its user saw. A reply already finished keeps its text."""
+        if not texts:
+            return
+        async with self._transaction() as conn:
+            await conn.executemany(
+                "UPDATE messages SET text = ? WHERE id = ? AND role = 'assistant' AND status = 'generating'",
+                [(text, message_id) for message_id, text in texts.items()],
+            )
+
     async def link_platform_messages(
         self, message_id: int, platform_message_ids: Sequence[str]
     ) -> None:

@@ -135,3 +135,53 @@ async def test_first_run_training_errors_reach_the_caller_as_raised():
     with pytest.raises(UserError, match="empty"):
         await asyncio.wait_for(in_thread(fails), 30)  # the bug this guards against hung here
     assert await asyncio.wait_for(in_thread(lambda x: x + 1, 1), 30) == 2
+
+
+async def test_kill_9_mid_stream_leaves_the_streamed_text_in_the_row(tmp_path, builtin_path):
+    """The text streamed so far reaches the reply's row as it goes, so a crash keeps what the
+    user saw; the next start marks the row interrupted."""
+    from bot.store import Store
+
+    # Near-uniform sampling: the small base model almost never picks EOS, so the reply runs long.
+    config = TINY.replace("max_new_tokens = 8\ntemperature = 0.0", "max_new_tokens = 400\ntemperature = 4.0\ntop_p = 1.0\nstop = []")
+    (tmp_path / "config.toml").write_text(config, encoding="utf-8")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "--config", str(tmp_path / "config.toml"), "serve", "--no-train",
+        "--host", "127.0.0.1", "--port", "0",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "ROLEBOT_TEST_SERVE_TOKEN": TOKEN})
+    seen: list[str] = []
+    shown = ""
+    try:
+        url = await asyncio.wait_for(until_serving(process, seen), 300)
+        drain = asyncio.create_task(_drain(process, seen))
+        body = {"messages": [{"role": "user", "content": "Count from 1 to 300, one number after another, separated by commas."}],
+                "user": "crash", "stream": True}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{url}/v1/chat/completions", json=body) as response:
+                first = json.loads((await response.content.readline()).decode().removeprefix("data: "))
+                started = asyncio.get_running_loop().time()
+                async for line in response.content:
+                    text = line.decode().strip().removeprefix("data: ")
+                    if text.startswith("{"):
+                        shown += "".join(c["delta"].get("content", "") for c in json.loads(text)["choices"])
+                    if asyncio.get_running_loop().time() - started > 3.5:
+                        break
+                process.kill()  # kill -9: no shutdown code runs
+        await process.wait()
+        drain.cancel()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    with sqlite3.connect(tmp_path / "rolebot.db") as db:
+        text, status = db.execute("SELECT text, status FROM messages WHERE id = ?", (int(first["id"]),)).fetchone()
+    assert status == "generating" and text, ("the row kept nothing of the streamed reply", status, text, shown)
+    assert shown.strip().startswith(text), (text, shown)  # at most a second behind what the user saw
+    store = await Store.open(tmp_path / "rolebot.db")
+    try:
+        assert await store.mark_unfinished_interrupted() == 1  # what the next start does
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "rolebot.db") as db:
+        assert db.execute("SELECT text, status FROM messages WHERE id = ?", (int(first["id"]),)).fetchone() == (text, "interrupted")
