@@ -25,7 +25,7 @@ from bot.platforms import Frontend, Options, enabled
 from bot.service import Service
 from bot.store import Store
 from training.registry import Registry, Version
-from training.settings import TrainSettings
+from training.settings import TrainSettings, quick_cpu_recipe
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +199,7 @@ def first_run_settings(config: Config) -> TrainSettings:
     steps = config.training.first_run_steps
     if torch.cuda.is_available() or steps == 0:
         return config.training
-    return dataclasses.replace(config.training, batch_size=1, grad_accum=1, warmup_steps=0,
-                               pack_length=512, max_steps=steps)
+    return quick_cpu_recipe(config.training, steps)
 
 
 async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:

@@ -122,6 +122,8 @@ class RetrainSettings:
     replay_ratio: float = opt(1.0, "original pairs mixed in per rated sample", min=0.0, max=100.0)
     preference: str = opt("none", "preference stage after SFT", choices=["none", "kto"])
     max_steps: int = opt(60, "optimizer steps of a retrain", min=1)
+    cpu_max_steps: int = opt(24, "without a GPU: a retrain trains this many steps of one 512-token row instead (a cycle in minutes on 2 cores); 0: the full recipe", min=0)
+    nice: int = opt(10, "CPU priority of the training and gate process (0 = the bot's own, 19 = lowest), so serving keeps the CPU", min=0, max=19)
     timeout_minutes: float = opt(60.0, "a retrain running longer is killed", min=0.1)
     nll_tolerance: float = opt(0.02, "allowed relative worsening of held-out NLL", min=0.0, max=1.0)
 

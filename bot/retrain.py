@@ -4,8 +4,10 @@ hot-swapped into the running engine. The scheduler and an admin's /retrain both 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -20,6 +22,7 @@ from bot.store import Store, TrainingRun
 from training.errors import UserError
 from training.registry import Registry
 from training.retrain_job import RetrainJob, read_result, write_job
+from training.settings import TrainSettings, quick_cpu_recipe
 
 log = logging.getLogger(__name__)
 Notify = Callable[[str], Awaitable[None]]
@@ -85,7 +88,8 @@ class Retrainer:
     async def status(self) -> RetrainStatus:
         next_run = None if self.next_run is None else time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.next_run))
         return RetrainStatus(running=self.lock.locked(), last_run=self.last_run, next_run=next_run,
-                             new_ratings=await self.new_ratings())
+                             new_ratings=await self.new_ratings(), recipe=recipe_text(self.config),
+                             nice=self.config.retrain.nice)
 
     async def load_last_run(self) -> None:
         self.last_run = await self.store.last_run()
@@ -134,7 +138,7 @@ class Retrainer:
             run_id=run.id, trigger=run.trigger, db=config.database, original=files.train, val=files.val,
             data_file=config.path(f"data/retrain/run-{run.id}.json"),
             model=config.model, lora=config.lora,
-            train=dataclasses.replace(config.training, max_steps=config.retrain.max_steps),
+            train=retrain_settings(config),
             style=config.prompt_style(), adapters=config.adapter_root, character=config.character.name,
             parent=active.name if active else None, replay_ratio=config.retrain.replay_ratio,
             preference=config.retrain.preference, tolerance=config.retrain.nll_tolerance,
@@ -150,6 +154,8 @@ class Retrainer:
             stdout=None if self.echo else asyncio.subprocess.PIPE,
             stderr=None if self.echo else asyncio.subprocess.STDOUT)
         self.process = proc
+        with contextlib.suppress(OSError):  # the child may be gone already
+            os.setpriority(os.PRIO_PROCESS, proc.pid, self.config.retrain.nice)
         timeout = self.config.retrain.timeout_minutes * 60
         try:
             output, _ = await asyncio.wait_for(proc.communicate(), timeout)
@@ -162,6 +168,24 @@ class Retrainer:
             await proc.wait()
             raise
         return proc.returncode, (output or b"").decode("utf-8", "replace")
+
+
+def retrain_settings(config: Config) -> TrainSettings:
+    """The recipe of a retrain: [retrain] max_steps of the full recipe on a GPU; without one,
+    [retrain] cpu_max_steps of the quick CPU recipe (the full one takes hours on 2 cores)."""
+    import torch
+
+    steps = config.retrain.cpu_max_steps
+    if torch.cuda.is_available() or steps == 0:
+        return dataclasses.replace(config.training, max_steps=config.retrain.max_steps)
+    return quick_cpu_recipe(config.training, steps)
+
+
+def recipe_text(config: Config) -> str:
+    t = retrain_settings(config)
+    rows = f"{t.batch_size} x {t.grad_accum} rows of {t.pack_length} tokens" if t.batching != "padded" else \
+        f"{t.batch_size} x {t.grad_accum} samples"
+    return f"{t.max_steps} steps of {rows}"
 
 
 def _tail(output: str) -> str:

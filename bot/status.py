@@ -16,6 +16,8 @@ class RetrainStatus:
     last_run: TrainingRun | None
     next_run: str | None = None  # the scheduler's next slot, ISO 8601 local time
     new_ratings: int | None = None  # rated replies since the last run started
+    recipe: str | None = None  # what a retrain trains here, e.g. "24 steps of 1 x 1 rows of 512 tokens"
+    nice: int | None = None  # the CPU priority its process runs at
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,8 @@ def as_text(status: ServiceStatus) -> str:
         f"messages: {status.messages} ({status.replies} replies), ratings: {status.ratings}, "
         f"users: {status.users}",
         f"retrain: {'running' if status.retrain.running else 'idle'}; last run: {last_text}",
-    ])
+    ] + ([f"retrain recipe: {status.retrain.recipe}, at CPU priority nice {status.retrain.nice}"]
+         if status.retrain.recipe else []))
 
 
 def as_json(status: ServiceStatus) -> dict:

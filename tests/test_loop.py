@@ -33,6 +33,7 @@ pack_length = 512
 [retrain]
 start_from = "base"
 max_steps = 2
+cpu_max_steps = 0  # these steps even without a GPU
 nll_tolerance = 0.05
 
 [generation]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ pack_length = 512
 [retrain]
 start_from = "base"
 max_steps = 2
+cpu_max_steps = 0  # these steps even without a GPU
 nll_tolerance = 0.05
 replay_ratio = 1.0
 
@@ -86,6 +88,7 @@ async def test_a_cycle_trains_gates_and_promotes(tmp_path):
         assert not any("AI助手" in r["output"] for r in data), "a 👎 reply was trained on"
         status = await retrainer.status()
         assert status.new_ratings == 0 and status.last_run.status == "succeeded"
+        assert (status.recipe, status.nice) == ("2 steps of 1 x 1 rows of 512 tokens", 10)
 
 
 async def test_a_crash_in_training_keeps_the_old_version_and_records_the_failure(tmp_path):
@@ -97,6 +100,8 @@ async def test_a_crash_in_training_keeps_the_old_version_and_records_the_failure
         await retrainer.request(trigger="admin", requested_by="web:admin")
         while retrainer.process is None:
             await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        assert os.getpriority(os.PRIO_PROCESS, retrainer.process.pid) == 10  # [retrain] nice: serving keeps the CPU
         with pytest.raises(UserError, match="a retrain is running .* roll back after it ends"):
             await retrainer.adapters.rollback()
         await asyncio.sleep(3)
@@ -161,3 +166,21 @@ async def test_a_kto_stage_follows_sft_when_configured(tmp_path):
     assert kto.meta["kto"]["undesirable"] >= 1 and kto.meta["steps"] == 2
     assert all(math.isfinite(loss) for _, loss in kto.meta["losses"]), kto.meta["losses"]
     assert done.candidate_version == "v0002" and "gate" in kto.meta, done.reason
+
+
+def test_without_a_gpu_the_shipped_retrain_is_the_quick_cpu_recipe(tmp_path):
+    """The full recipe (60 steps of 2 x 4 rows of 3,072 tokens) takes hours on 2 cores; a
+    retrain on the CPU trains [retrain] cpu_max_steps single 512-token rows instead."""
+    import torch
+
+    from bot.retrain import recipe_text, retrain_settings
+
+    config = load_config(None)
+    settings = retrain_settings(config)
+    if torch.cuda.is_available():
+        assert settings.max_steps == config.retrain.max_steps == 60
+    else:
+        assert (settings.max_steps, settings.batch_size, settings.grad_accum, settings.pack_length) == (24, 1, 1, 512)
+        assert recipe_text(config) == "24 steps of 1 x 1 rows of 512 tokens"
+    config.retrain.cpu_max_steps = 0
+    assert retrain_settings(config).max_steps == 60
