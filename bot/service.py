@@ -68,7 +68,8 @@ Notifier = Callable[[str, str], Awaitable[None]]  # (chat_id, text): send to a c
 
 @dataclass(frozen=True)
 class IncomingMessage:
-    """What a user sent, as any platform sees it. ``text`` may be raw bytes from a terminal."""
+    """What a user sent, as any platform sees it. ``text`` may be raw bytes from a terminal.
+    Ids and the display name lose their control characters (see ``clean_label``)."""
 
     platform: str
     chat_id: str
@@ -76,6 +77,21 @@ class IncomingMessage:
     text: str | bytes
     display_name: str | None = None
     platform_message_id: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("chat_id", "user_id", "display_name"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, clean_label(str(value)))
+
+
+# Control characters and the bidirectional overrides that can make a name display as another.
+LABEL_DROPPED = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def clean_label(value: str) -> str:
+    """An id or display name as logged and shown: no control characters, no bidi overrides."""
+    return LABEL_DROPPED.sub("", value).strip()
 
 
 @dataclass(frozen=True)
@@ -405,7 +421,8 @@ class Service:
             raise UserError("the bot is shutting down; rate again once it is back")
         self._enter()
         try:
-            return await self.store.rate(message_id, platform, str(user_id), value, display_name=display_name)
+            return await self.store.rate(message_id, platform, clean_label(str(user_id)), value,
+                                         display_name=clean_label(display_name) if display_name else display_name)
         except db.RatingError as exc:
             if await self.store.message(message_id) is None:
                 raise UnknownMessage(str(exc)) from None

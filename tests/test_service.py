@@ -55,6 +55,17 @@ def test_messages_are_cleaned_before_anyone_sees_them():
     assert cut and text == "长" * 300
 
 
+def test_ids_and_display_names_lose_control_characters():
+    """A name with a terminal escape or a bidi override cannot pose as another in a log or a
+    /status line: those characters go before anything stores or shows it."""
+    from bot.service import IncomingMessage, clean_label
+
+    msg = IncomingMessage("web", "chat\x00\x1b[31m1", " u\u202e1\n", "hi", display_name="\u2066Ada\x07 Lovelace\u2069")
+    assert (msg.chat_id, msg.user_id, msg.display_name) == ("chat[31m1", "u1", "Ada Lovelace")
+    assert clean_label("甄嬛 👩‍👩‍👧") == "甄嬛 👩‍👩‍👧"  # emoji joiners are not control characters
+    assert IncomingMessage("discord", 42, 7, "hi").user_id == "7"
+
+
 def test_commands_are_parsed_in_one_place():
     assert parse_command("/reset") == ("reset", "")
     assert parse_command("/Status@rolebot_bot now") == ("status", "now")

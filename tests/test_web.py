@@ -285,6 +285,7 @@ async def test_bad_input_gets_a_clear_answer_and_never_loses_a_row(http, site):
         (json.dumps(chat_body("hi", "x", temperature=9)).encode(), "invalid_request"),
         (json.dumps(chat_body("hi", "x", max_tokens=0)).encode(), "invalid_request"),
         (json.dumps(chat_body("hi", 123)).encode(), "invalid_user"),
+        (json.dumps(chat_body("hi", "\x00\x1b\u202e")).encode(), "invalid_user"),  # nothing left but controls
         (b"[" * 100_000 + b"]" * 100_000, "invalid_json"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "invalid_json"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}', "invalid_json"),

@@ -33,7 +33,7 @@ from aiohttp import web
 
 from bot.config import Config, secret
 from bot.platforms import Options
-from bot.service import Answer, IncomingMessage, NotSetUp, Overrides, Reply, Service, UnknownMessage
+from bot.service import Answer, IncomingMessage, NotSetUp, Overrides, Reply, Service, UnknownMessage, clean_label
 from bot.status import as_json
 from training.errors import UserError
 
@@ -327,9 +327,12 @@ def content_text(content: Any) -> str:
 def parse_user(value: Any, *, required: bool = False) -> str:
     if value is None and not required:
         return ANONYMOUS
-    if not isinstance(value, str) or not value.strip() or len(value) > 256:
-        raise BadRequest("user must be a non-empty string of at most 256 characters", "user", "invalid_user")
-    return value.strip()
+    if isinstance(value, str):
+        value = clean_label(value)
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise BadRequest("user must be a non-empty string of at most 256 characters (control characters "
+                         "do not count)", "user", "invalid_user")
+    return value
 
 
 def parse_message_id(value: Any) -> int:
