@@ -38,8 +38,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
-import os
 import random
 import shutil
 import statistics
@@ -466,7 +466,7 @@ async def engine_client(engine, prompt: str) -> Run:
 
 
 def cb_client(manager, tokenizer, new_tokens: int):
-    counter = iter(range(10**9))
+    counter = itertools.count()
 
     async def client(prompt: str) -> Run:
         ids = tokenizer(prompt)["input_ids"]

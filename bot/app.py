@@ -9,7 +9,6 @@ ends at once; the next start marks whatever was left generating as interrupted.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import signal
 import sys
@@ -25,7 +24,7 @@ from bot.platforms import Frontend, Options, enabled
 from bot.service import Service
 from bot.store import Store
 from training.registry import Registry, Version
-from training.settings import TrainSettings, quick_cpu_recipe
+from training.settings import TrainSettings, recipe_for_device
 
 log = logging.getLogger(__name__)
 
@@ -194,12 +193,7 @@ def in_child_process(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 def first_run_settings(config: Config) -> TrainSettings:
     """The full recipe on a GPU; without one, a short run of single 512-token rows, so that the
     first `rolebot serve` on a laptop answers within minutes instead of hours."""
-    import torch
-
-    steps = config.training.first_run_steps
-    if torch.cuda.is_available() or steps == 0:
-        return config.training
-    return quick_cpu_recipe(config.training, steps)
+    return recipe_for_device(config.training, config.training.first_run_steps)
 
 
 async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:

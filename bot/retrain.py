@@ -22,7 +22,7 @@ from bot.store import Store, TrainingRun
 from training.errors import UserError
 from training.registry import Registry
 from training.retrain_job import RetrainJob, read_result, write_job
-from training.settings import TrainSettings, quick_cpu_recipe
+from training.settings import TrainSettings, recipe_for_device
 
 log = logging.getLogger(__name__)
 Notify = Callable[[str], Awaitable[None]]
@@ -173,12 +173,8 @@ class Retrainer:
 def retrain_settings(config: Config) -> TrainSettings:
     """The recipe of a retrain: [retrain] max_steps of the full recipe on a GPU; without one,
     [retrain] cpu_max_steps of the quick CPU recipe (the full one takes hours on 2 cores)."""
-    import torch
-
-    steps = config.retrain.cpu_max_steps
-    if torch.cuda.is_available() or steps == 0:
-        return dataclasses.replace(config.training, max_steps=config.retrain.max_steps)
-    return quick_cpu_recipe(config.training, steps)
+    return recipe_for_device(dataclasses.replace(config.training, max_steps=config.retrain.max_steps),
+                             config.retrain.cpu_max_steps)
 
 
 def recipe_text(config: Config) -> str:

@@ -50,12 +50,17 @@ class LoraSettings:
     loftq: bool = opt(False, "LoftQ initialisation (needs an unquantised base)")
 
 
-def quick_cpu_recipe(settings: "TrainSettings", steps: int) -> "TrainSettings":
-    """``steps`` steps of single 512-token rows: what a 2-core machine trains in minutes (about
-    2 s a step on the builtin model) where the full recipe takes hours."""
+def recipe_for_device(settings: "TrainSettings", cpu_steps: int) -> "TrainSettings":
+    """``settings`` on a GPU (or when ``cpu_steps`` is 0); without one, ``cpu_steps`` steps of
+    single 512-token rows: what a 2-core machine trains in minutes (about 2 s a step on the
+    builtin model) where the full recipe takes hours."""
     from dataclasses import replace
 
-    return replace(settings, batch_size=1, grad_accum=1, warmup_steps=0, pack_length=512, max_steps=steps)
+    import torch
+
+    if torch.cuda.is_available() or cpu_steps == 0:
+        return settings
+    return replace(settings, batch_size=1, grad_accum=1, warmup_steps=0, pack_length=512, max_steps=cpu_steps)
 
 
 @dataclass
