@@ -62,10 +62,13 @@ class EngineSettings:
 
 @dataclass
 class ServiceSettings:
-    rate_limit_per_minute: int = opt(12, "messages a user may send per minute", min=1, max=10000)
+    rate_limit_per_minute: int = opt(12, "messages and commands a user may send per minute", min=1, max=10000)
+    rate_limit_per_address: int = opt(60, "messages and commands per minute from one client address without an API key (web page sessions, open local API); loopback clients are not counted", min=1, max=100000)
+    max_waiting: int = opt(16, "replies that may wait for a free row beyond the max_batch_size being generated; more get a polite 'busy' (HTTP 503 with Retry-After)", min=0, max=100000)
+    max_wait_s: float = opt(60.0, "a reply that has not begun after this many seconds is dropped with a notice", min=1.0, max=3600.0)
     max_message_chars: int = opt(4000, "longer messages are cut to this", min=16, max=100000)
     admin_token_env: str = opt("ROLEBOT_ADMIN_TOKEN", "env var holding the web admin API token")
-    admins_web: list[str] = opt([], "web chat user ids that are admins")
+    admins_web: list[str] = opt([], "web identities that are admins: API-key identities (from [web] api_keys_*); a user field a request merely claims never counts. The admin token is always admin")
     admins_discord: list[str] = opt([], "Discord user ids that are admins")
     admins_telegram: list[str] = opt([], "Telegram user ids that are admins")
 
@@ -85,6 +88,9 @@ class WebSettings:
     enabled: bool = opt(True, "serve the local web chat and its HTTP API")
     host: str = opt("127.0.0.1", "address to bind")
     port: int = opt(8080, "port to bind", min=0, max=65535)
+    api_keys_file: str = opt("", "file of API keys, one 'KEY IDENTITY' per line; IDENTITY is a user id, or 'NAME/*' for a key that acts for many end users (their user field becomes NAME/user)")
+    api_keys_env: str = opt("ROLEBOT_API_KEYS", "env var with more API keys in the same form, separated by newlines or commas")
+    session_secret: str = opt("web_session.key", "file holding the secret that signs chat page session cookies (relative to the config file; created on first start)")
 
 
 @dataclass

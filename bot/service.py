@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import re
 import time
@@ -43,6 +44,8 @@ EMPTY = "（{name}抬眼望来）您似乎什么也没有说。"
 CUT = "（您的话太长，{name}只读了前 {chars} 个字。）"
 FORGOTTEN = "（这条话已被遗忘，{name}不再回答。）"
 UNAVAILABLE = "（{name}已经歇下了，请稍后再来。）"
+BUSY = "（{name}此刻应接不暇，请稍候片刻再同她说话。）"
+DROPPED = "（{name}这会儿实在忙不过来，没能回您这句话，请稍后再说一次。）"
 NOT_SET_UP = "retraining is not set up in this process"
 # How often the text of replies still streaming is written to their rows (all in one transaction).
 PARTIAL_SAVE_S = 1.0
@@ -62,7 +65,7 @@ ADMIN_COMMANDS = ("status", "retrain", "rollback")
 USER_COMMANDS = ("reset", "forget", "help")
 
 ReplyStatus = Literal["complete", "interrupted", "failed", "forgotten"]
-AnswerKind = Literal["answer", "empty", "rate_limited", "unavailable", "error"]
+AnswerKind = Literal["answer", "empty", "rate_limited", "busy", "unavailable", "error"]
 Notifier = Callable[[str, str], Awaitable[None]]  # (chat_id, text): send to a chat unprompted
 
 
@@ -77,6 +80,12 @@ class IncomingMessage:
     text: str | bytes
     display_name: str | None = None
     platform_message_id: str | None = None
+    # Set by a front-end that authenticated the sender as an admin (the web's admin token or a
+    # key listed in admins_web); platforms whose ids the platform vouches for use [service] lists.
+    admin: bool = False
+    # The client's network address where the platform has one (the web), for per-address limits;
+    # None where the platform authenticates its users.
+    address: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("chat_id", "user_id", "display_name"):
@@ -108,12 +117,14 @@ class Answer:
     """Text for the user that the model did not write: a command's answer or a refusal.
 
     ``kind`` says why, so an HTTP front-end can pick a status code: ``answer`` (a command),
-    ``empty`` (nothing to answer), ``rate_limited``, ``unavailable`` (shutting down) or
-    ``error`` (the message could not be answered; the log says why).
+    ``empty`` (nothing to answer), ``rate_limited``, ``busy`` (too many replies waiting; try
+    again in ``retry_after`` seconds), ``unavailable`` (shutting down) or ``error`` (the message
+    could not be answered; the log says why).
     """
 
     text: str
     kind: AnswerKind = "answer"
+    retry_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,8 @@ class ReplyResult:
     prompt_tokens: int
     completion_tokens: int
     adapter_version: str | None
+    # Why there is no reply, for the user, when the bot dropped it (it waited past max_wait_s).
+    notice: str | None = None
 
 
 class Reply:
@@ -141,6 +154,12 @@ class Reply:
         self.notice = notice  # e.g. that the user's message was cut; show it beside the reply
         self._pieces: asyncio.Queue[str | None] = asyncio.Queue()
         self._result: asyncio.Future[ReplyResult] = asyncio.get_running_loop().create_future()
+        self._cancel: Callable[[], None] = lambda: None
+
+    def cancel(self) -> None:
+        """Stop the reply at the engine's next step (the user left or pressed stop); the text so
+        far is kept and the row ends ``interrupted``."""
+        self._cancel()
 
     async def __aiter__(self) -> AsyncIterator[str]:
         while (piece := await self._pieces.get()) is not None:
@@ -169,7 +188,8 @@ class UnknownMessage(db.RatingError):
 
 
 class RateLimiter:
-    """A sliding window per user: at most ``per_minute`` messages in any 60 seconds."""
+    """A sliding window per key (a user, or a client address): at most ``per_minute`` events in
+    any 60 seconds."""
 
     def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic):
         self.per_minute = per_minute
@@ -233,6 +253,10 @@ class Service:
             Registry(config.adapter_root, config.character.name), store=store, engine=engine))
         self.retrainer = retrainer
         self.limiter = RateLimiter(config.service.rate_limit_per_minute, clock)
+        self.address_limiter = RateLimiter(config.service.rate_limit_per_address, clock)
+        # Replies in flight beyond which a new message is turned away as busy.
+        self.capacity = config.generation.max_batch_size + config.service.max_waiting
+        self._durations: deque[float] = deque(maxlen=32)  # recent replies' seconds, for Retry-After
         self.notifiers: dict[str, Notifier] = {}  # platform → how to message one of its chats
         self._accepting = True
         self._tasks: set[asyncio.Task] = set()
@@ -247,11 +271,31 @@ class Service:
         return self.config.character.name
 
     def is_admin(self, platform: str, user_id: str) -> bool:
-        """Admins are listed per platform in [service]; whoever sits at the console runs the
-        process and is one already."""
+        """Discord and Telegram admins are listed by platform user id in [service] (the platform
+        authenticates its users); whoever sits at the console runs the process and is one
+        already. A web user is an admin only when the web front-end authenticated it as one
+        (``IncomingMessage.admin``): an id a request names proves nothing."""
         if platform == "console":
             return True
+        if platform == "web":
+            return False
         return str(user_id) in getattr(self.config.service, f"admins_{platform}", [])
+
+    def _limited(self, msg: IncomingMessage) -> bool:
+        """Messages and commands both count, per user and, for traffic no key vouches for, per
+        client address (a loopback client is this machine: a local tool or a proxy)."""
+        if msg.platform == "console":
+            return False
+        if msg.address is not None and not _loopback(msg.address) and not self.address_limiter.allow(("address", msg.address)):
+            return True
+        return not self.limiter.allow((msg.platform, str(msg.user_id)))
+
+    def retry_after(self) -> float:
+        """Seconds until a turned-away message is likely to get a place: a recent reply's time."""
+        if not self._durations:
+            return 5.0
+        ordered = sorted(self._durations)
+        return float(min(120, max(1, round(ordered[len(ordered) // 2]))))
 
     def _say(self, template: str, **values: Any) -> str:
         return template.format(name=self.character, **values)
@@ -267,11 +311,13 @@ class Service:
             text, cut = clean_message(msg.text, self.config.service.max_message_chars)
             if not text:
                 return Answer(self._say(EMPTY), "empty")
+            if self._limited(msg):
+                return Answer(self._say(RATE_LIMITED), "rate_limited", retry_after=60.0)
             command = parse_command(text)
             if command:
                 return await self._command(msg, *command)
-            if not self.limiter.allow((msg.platform, str(msg.user_id))):
-                return Answer(self._say(RATE_LIMITED), "rate_limited")
+            if len(self._tasks) >= self.capacity:
+                return Answer(self._say(BUSY), "busy", retry_after=self.retry_after())
             started: asyncio.Future[Outgoing] = asyncio.get_running_loop().create_future()
             task = asyncio.create_task(self._reply(msg, text, cut, self._settings(sampling), started))
             self._tasks.add(task)
@@ -311,6 +357,7 @@ class Service:
             return
         notice = self._say(CUT, chars=len(trimmed)) if cut or trimmed != text else None
         reply = Reply(row.id, user_row.id, stream.adapter_version, notice)
+        reply._cancel = stream.cancel
         started.set_result(reply)
         await self._stream(reply, stream)
 
@@ -321,8 +368,19 @@ class Service:
         self._partial[reply.message_id] = pieces
         if self._saver is None or self._saver.done():
             self._saver = asyncio.get_running_loop().create_task(self._save_partials())
+        dropped = False
+
+        def drop_if_waiting() -> None:  # still no text after max_wait_s: give up the place
+            nonlocal dropped
+            if not pieces and stream.stats is None:
+                dropped = True
+                stream.cancel()
+
+        timer = asyncio.get_running_loop().call_later(self.config.service.max_wait_s, drop_if_waiting)
         try:
             async for piece in stream:
+                if not pieces:
+                    timer.cancel()
                 pieces.append(piece)
                 reply._push(piece)
             status = _STATUS.get(stream.stats.finish_reason, "failed")
@@ -335,9 +393,15 @@ class Service:
         except Exception:
             log.exception("reply %d failed while streaming", reply.message_id)
         finally:
+            timer.cancel()
             self._partial.pop(reply.message_id, None)
             stats = getattr(stream, "stats", None)
             text = "".join(pieces).strip()
+            if dropped:
+                log.info("reply %d dropped: no place in the engine within %.0f s", reply.message_id,
+                         self.config.service.max_wait_s)
+            elif status == "complete":
+                self._durations.append(time.perf_counter() - started)
             try:
                 row = await self.store.finish_reply(reply.message_id, text, _reply_cost(stats, started),
                                                     status=status)
@@ -352,6 +416,7 @@ class Service:
                 prompt_tokens=stats.prompt_tokens if stats else 0,
                 completion_tokens=stats.completion_tokens if stats else 0,
                 adapter_version=reply.adapter_version,
+                notice=self._say(DROPPED) if dropped else None,
             ))
 
     async def _save_partials(self) -> None:
@@ -412,9 +477,11 @@ class Service:
     # Ratings
 
     async def rate(self, platform: str, user_id: str, message_id: int, value: int, *,
-                   display_name: str | None = None) -> db.Rating:
+                   display_name: str | None = None, chat_id: str | None = None) -> db.Rating:
         """Record (or change) a user's 👍 (+1) or 👎 (-1) on a reply. Raises ``RatingError``
-        for an unknown message, a user's own message or a value other than ±1."""
+        for an unknown message, a user's own message or a value other than ±1; with
+        ``chat_id``, a reply outside that chat is unknown (``UnknownMessage``): only a user who
+        can see a reply rates it."""
         if type(value) is not int or value not in (1, -1):
             raise db.RatingError(f"rating value {value!r} for message {message_id}: use 1 or -1")
         if not self._accepting:
@@ -422,11 +489,10 @@ class Service:
         self._enter()
         try:
             return await self.store.rate(message_id, platform, clean_label(str(user_id)), value,
-                                         display_name=clean_label(display_name) if display_name else display_name)
-        except db.RatingError as exc:
-            if await self.store.message(message_id) is None:
-                raise UnknownMessage(str(exc)) from None
-            raise
+                                         display_name=clean_label(display_name) if display_name else display_name,
+                                         chat_id=None if chat_id is None else clean_label(str(chat_id)))
+        except db.UnknownReply as exc:
+            raise UnknownMessage(str(exc)) from None
         finally:
             self._leave()
 
@@ -438,7 +504,7 @@ class Service:
         reply = await self.reply_by_platform_id(platform, chat_id, platform_message_id)
         if reply is None:
             raise UnknownMessage(f"{platform} message {platform_message_id} carries no reply in the log")
-        return await self.rate(platform, user_id, reply.id, value, display_name=display_name)
+        return await self.rate(platform, user_id, reply.id, value, display_name=display_name, chat_id=chat_id)
 
     async def unrate_platform_message(self, platform: str, chat_id: str, platform_message_id: str,
                                       user_id: str, value: int) -> bool:
@@ -471,7 +537,7 @@ class Service:
 
     async def _command(self, msg: IncomingMessage, name: str, args: str) -> Answer:
         """Every command goes through here, so access control is in one place."""
-        admin = self.is_admin(msg.platform, str(msg.user_id))
+        admin = msg.admin or self.is_admin(msg.platform, str(msg.user_id))
         if name in ADMIN_COMMANDS and not admin:
             return Answer(f"/{name} is for admins only.")
         try:
@@ -563,6 +629,13 @@ class Service:
 
 
 _STATUS: dict[str, ReplyStatus] = {"stop": "complete", "length": "complete", "interrupted": "interrupted"}
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def _settle(future: asyncio.Future, value: Any) -> None:

@@ -143,6 +143,10 @@ class RatingError(UserError):
     """A rating that cannot be recorded: unknown message, a user's own message, or a bad value."""
 
 
+class UnknownReply(RatingError):
+    """The message to rate is not in the log, or not in the rater's chat."""
+
+
 @dataclass(frozen=True)
 class User:
     id: int
@@ -490,13 +494,17 @@ class Store:
         value: int,
         *,
         display_name: str | None = None,
+        chat_id: str | None = None,
     ) -> Rating:
-        """Record or change a user's 👍 (+1) / 👎 (-1) on a reply; returns once committed."""
+        """Record or change a user's 👍 (+1) / 👎 (-1) on a reply; returns once committed.
+
+        With ``chat_id`` the reply must be in that chat of ``platform``: only those who can see
+        a reply rate it."""
         if value not in (1, -1):
             raise RatingError(f"rating value {value!r} for message {message_id}: use +1 or -1")
         now = time.time()
         async with self._transaction() as conn:
-            await _check_rateable(conn, message_id)
+            await _check_rateable(conn, message_id, platform if chat_id is not None else None, chat_id)
             user_id = await _upsert_user(conn, platform, platform_user_id, display_name, now)
             await conn.execute(
                 "INSERT INTO ratings (message_id, user_id, value, rated_at) VALUES (?, ?, ?, ?) "
@@ -814,10 +822,16 @@ def _message_from_row(row: sqlite3.Row) -> Message:
     return Message(**fields)
 
 
-async def _check_rateable(conn: aiosqlite.Connection, message_id: int) -> None:
-    rows = await conn.execute_fetchall("SELECT role FROM messages WHERE id = ?", (message_id,))
+async def _check_rateable(conn: aiosqlite.Connection, message_id: int, platform: str | None = None,
+                          chat_id: str | None = None) -> None:
+    rows = await conn.execute_fetchall(
+        "SELECT m.role FROM messages AS m JOIN conversations AS c ON c.id = m.conversation_id "
+        "WHERE m.id = ? AND (? IS NULL OR (c.platform = ? AND c.chat_id = ?))",
+        (message_id, platform, platform, chat_id))
+    if not rows and chat_id is not None:
+        raise UnknownReply(f"message {message_id} is not a reply in this chat; rate a reply you were given")
     if not rows:
-        raise RatingError(
+        raise UnknownReply(
             f"message {message_id} is not in the log (it may have been forgotten); "
             "rate one of the bot's replies"
         )

@@ -151,6 +151,7 @@ async def test_history_is_in_the_prompt_until_reset(bot):
     await second.result()
     prompt = rows(bot, "SELECT prompt FROM messages WHERE id = ?", second.message_id)[0]["prompt"]
     assert "第一句话" in prompt and "第二句话" in prompt
+    bot.limiter.clock.now += 61  # commands count toward the rate limit too
     answer = await bot.handle(IncomingMessage("telegram", "chat-u1", "u1", "/reset"))
     assert isinstance(answer, Answer) and "new conversation" in answer.text
     bot.limiter.clock.now += 61
@@ -273,8 +274,9 @@ async def test_empty_and_invisible_messages_get_a_polite_refusal(bot):
 @pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="module")
 async def test_admin_commands_are_for_admins(bot):
-    def command(text, user):
-        return bot.handle(IncomingMessage("telegram", "c", user, text))
+    def command(text, user, platform="telegram", **authenticated):
+        bot.limiter.clock.now += 61  # past the rate limit, which commands count toward
+        return bot.handle(IncomingMessage(platform, "c", user, text, **authenticated))
 
     for name in ("status", "retrain", "rollback"):
         assert (await command(f"/{name}", "7")).text == f"/{name} is for admins only."
@@ -285,6 +287,27 @@ async def test_admin_commands_are_for_admins(bot):
     assert "/status" in (await command("/help", "42")).text and "/status" not in (await command("/help", "7")).text
     assert (await command("/dance", "7")).text.startswith("Unknown command /dance.")
     assert bot.is_admin("console", "anyone") and not bot.is_admin("web", "42")
+    # On the web an id proves nothing: only what the front-end authenticated (the admin token).
+    bot.config.service.admins_web = ["42"]
+    assert (await command("/status", "42", "web")).text == "/status is for admins only."
+    assert "retrain: idle" in (await command("/status", "admin", "web", admin=True)).text
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
+async def test_commands_count_toward_the_rate_limit_and_addresses_have_their_own(bot):
+    for _ in range(2):
+        assert (await bot.handle(IncomingMessage("telegram", "c", "spammer", "/help"))).kind == "answer"
+    assert (await bot.handle(IncomingMessage("telegram", "c", "spammer", "/help"))).kind == "rate_limited"
+    # Anonymous web traffic from one address is limited whatever ids it rotates through.
+    bot.address_limiter.per_minute = 3
+    kinds = [(await bot.handle(IncomingMessage("web", f"id{i}", f"id{i}", "/help", address="203.0.113.9"))).kind
+             for i in range(5)]
+    assert kinds == ["answer"] * 3 + ["rate_limited"] * 2
+    # Loopback is this machine (a local tool, a proxy): not counted per address.
+    kinds = [(await bot.handle(IncomingMessage("web", f"lo{i}", f"lo{i}", "/help", address="127.0.0.1"))).kind
+             for i in range(5)]
+    assert kinds == ["answer"] * 5
 
 
 @pytest.mark.slow

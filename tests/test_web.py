@@ -132,13 +132,14 @@ async def test_a_client_that_leaves_mid_reply_loses_no_row(site):
     async with aiohttp.ClientSession() as http:
         async with http.post(site.url + "/v1/chat/completions", json=chat_body("说来话长", "leaver", stream=True)) as response:
             first = json.loads((await response.content.readline()).decode().removeprefix("data: "))
-    # The connection is gone; the reply still ends in the log as if it had been read.
+    # The connection is gone: the reply is cancelled (or had just finished), and its row is
+    # finished either way, nothing lost. tests/test_web_load.py cancels one deterministically.
     for _ in range(1200):
         [row] = site.rows("SELECT status, text FROM messages WHERE id = ?", int(first["id"]))
         if row["status"] != "generating":
             break
         await asyncio.sleep(0.05)
-    assert row["status"] == "complete" and row["text"]
+    assert row["status"] in ("interrupted", "complete")
 
 
 async def test_the_openai_client_works_streaming_and_not(site):
@@ -181,13 +182,17 @@ async def test_a_rating_is_stored_and_can_change(http, site):
 
     status, body = await post(http, site, "/api/ratings", {"message_id": 987654321, "user": "rater", "value": 1})
     assert status == 404 and body["error"]["code"] == "unknown_message"
+    # Only a user who can see the reply (its own chat) rates it; to anyone else it does not exist.
+    for stranger in ({"message_id": rid, "value": 1}, {"message_id": rid, "user": "someone-else", "value": 1}):
+        status, body = await post(http, site, "/api/ratings", stranger)
+        assert status == 404 and body["error"]["code"] == "unknown_message", stranger
+    assert [r["value"] for r in site.rows("SELECT value FROM ratings WHERE message_id = ?", rid)] == [-1]
     own = reply["rolebot"]["user_message_id"]
     bad = [
         {"message_id": rid, "user": "rater", "value": 2},
         {"message_id": rid, "user": "rater", "value": True},
         {"message_id": rid, "user": "rater", "value": "1"},
         {"message_id": rid, "user": "rater"},
-        {"message_id": rid, "value": 1},
         {"message_id": "abc", "user": "rater", "value": 1},
         {"message_id": 2**70, "user": "rater", "value": 1},
         {"message_id": own, "user": "rater", "value": 1},

@@ -169,6 +169,8 @@ class DiscordFrontend:
                 if out.notice:
                     await message.channel.send(out.notice, allowed_mentions=NO_PINGS)
                 parts = await self.stream(message, out)
+            if (await out.result()).notice:  # dropped before it began: nothing to rate
+                return
             for emoji in RATINGS:  # the buttons: a click is a rating
                 await parts[-1].add_reaction(emoji)
         except discord.HTTPException as exc:

@@ -57,7 +57,9 @@ async def paced_edits(reply: Reply, interval: float, show: Callable[[str], Await
             if await show(text):
                 shown = text
             last = loop.time()
-    final = (await reply.result()).text or NO_TEXT
+    result = await reply.result()
+    # A reply dropped before it began (it waited past [service] max_wait_s) shows why instead.
+    final = result.text or result.notice or NO_TEXT
     if final != shown.strip():
         await asyncio.sleep(max(0.0, last + interval - loop.time()))
     return final

@@ -3,20 +3,24 @@ admin API behind a bearer token.
 
 | method and path              | what it does                                                    |
 |------------------------------|-----------------------------------------------------------------|
-| GET  /                       | the chat page (streams replies, 👍/👎 under each)                |
-| POST /v1/chat/completions    | OpenAI chat completions, streaming or not; ``user`` is the user |
+| GET  /                       | the chat page (streams replies, 👍/👎 under each); sets the      |
+|                              | visitor's signed session cookie                                 |
+| POST /v1/chat/completions    | OpenAI chat completions, streaming or not                       |
 | GET  /v1/models              | the one model: the character                                    |
-| POST /api/ratings            | ``{"message_id", "user", "value": 1 or -1}``                    |
+| POST /api/ratings            | ``{"message_id", "value": 1 or -1}``: a reply in your own chat  |
 | GET  /api/admin/status       | JSON status (admin token)                                       |
 | POST /api/admin/retrain      | start a retrain (admin token)                                   |
 | POST /api/admin/rollback     | serve the previous adapter version (admin token)                |
 
-Only the last user message of a chat request is new: the conversation the model sees is the
-one the store holds for that user, so earlier messages in the request are not used.
+Who the caller is comes from ``web_auth``: the session cookie, an API key, the admin token, or
+(only on a loopback server with no keys) the ``user`` field. Only the last user message of a
+chat request is new: the conversation the model sees is the one the store holds for that user,
+so earlier messages in the request are not used. A client that disconnects cancels its reply.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import json
@@ -33,6 +37,7 @@ from aiohttp import web
 
 from bot.config import Config, secret
 from bot.platforms import Options
+from bot.platforms.web_auth import COOKIE, COOKIE_MAX_AGE, Authenticator, Identity, Unauthorized, is_loopback, load_keys, load_secret
 from bot.service import Answer, IncomingMessage, NotSetUp, Overrides, Reply, Service, UnknownMessage, clean_label
 from bot.status import as_json
 from training.errors import UserError
@@ -40,7 +45,6 @@ from training.errors import UserError
 log = logging.getLogger(__name__)
 
 PLATFORM = "web"
-ANONYMOUS = "anonymous"  # the user of a chat request without a ``user`` field
 # A 1 MB message must reach the service (which cuts it and says so), not die as a 413.
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_MESSAGE_ID = 2**63 - 1  # SQLite's largest integer
@@ -48,6 +52,7 @@ MAX_MESSAGE_ID = 2**63 - 1  # SQLite's largest integer
 ANSWER_ERRORS = {
     "empty": (400, "invalid_request_error", "empty_message"),
     "rate_limited": (429, "rate_limit_error", "rate_limit_exceeded"),
+    "busy": (503, "server_error", "busy"),
     "unavailable": (503, "server_error", "unavailable"),
     "error": (500, "server_error", "reply_failed"),
 }
@@ -64,22 +69,39 @@ class BadRequest(Exception):
 
 @dataclass(frozen=True)
 class ChatRequest:
-    user: str
+    user: str | None  # the user field: who an open local API or a many-user key speaks for
     text: str
     stream: bool
     include_usage: bool
     overrides: Overrides
 
 
+# How often a waiting handler looks whether its client is still connected.
+DISCONNECT_POLL_S = 0.25
+
+
 def from_config(config: Config, service: Service, options: Options) -> WebChat | None:
     if not config.web.enabled:
         return None
+    host = options.host or config.web.host
+    keys_file = config.path(config.web.api_keys_file) if config.web.api_keys_file else None
+    keys = load_keys(keys_file, config.web.api_keys_env)
+    admin_token = secret(config.service.admin_token_env)
+    open_api = is_loopback(host) and not keys
+    if not open_api and not keys:
+        log.warning("[web] host %s is not a loopback address and no API keys are set: the HTTP API refuses "
+                    "requests without a key (401); the chat page works with its session cookies. Set keys "
+                    "with [web] api_keys_file or $%s", host, config.web.api_keys_env)
+    auth = Authenticator(secret=load_secret(config.path(config.web.session_secret)), keys=keys,
+                         admin_token=admin_token, admins=config.service.admins_web, open_api=open_api,
+                         keys_hint=f"[web] api_keys_file or ${config.web.api_keys_env}")
     return WebChat(
         service,
-        host=options.host or config.web.host,
+        host=host,
         port=config.web.port if options.port is None else options.port,
-        admin_token=secret(config.service.admin_token_env),
+        admin_token=admin_token,
         admin_token_env=config.service.admin_token_env,
+        auth=auth,
     )
 
 
@@ -89,8 +111,9 @@ class WebChat:
     name = "web"
 
     def __init__(self, service: Service, *, host: str, port: int, admin_token: str | None,
-                 admin_token_env: str = "ROLEBOT_ADMIN_TOKEN"):
+                 auth: Authenticator, admin_token_env: str = "ROLEBOT_ADMIN_TOKEN"):
         self.service = service
+        self.auth = auth
         self.host = host
         self.port = port
         self.admin_token = admin_token
@@ -135,8 +158,17 @@ class WebChat:
 
     async def page(self, request: web.Request) -> web.Response:
         html = resources.files("bot.platforms").joinpath("web_page.html").read_text(encoding="utf-8")
-        return web.Response(text=html.replace("{{character}}", self.service.character),
-                            content_type="text/html", charset="utf-8")
+        response = web.Response(text=html.replace("{{character}}", self.service.character),
+                                content_type="text/html", charset="utf-8")
+        if self.auth.session_user(request.cookies.get(COOKIE)) is None:
+            # The visitor's identity: an id only this server can sign, which scripts cannot read.
+            response.set_cookie(COOKIE, self.auth.new_session(), max_age=COOKIE_MAX_AGE, path="/",
+                                httponly=True, samesite="Strict", secure=request.secure)
+        return response
+
+    def identify(self, request: web.Request, claimed: str | None) -> Identity:
+        """Raises ``Unauthorized``; ``claimed`` is the body's ``user`` field, if any."""
+        return self.auth.identify(request.headers.get("Authorization"), request.cookies.get(COOKIE), claimed)
 
     async def models(self, request: web.Request) -> web.Response:
         return json_response({"object": "list", "data": [
@@ -148,21 +180,33 @@ class WebChat:
         """POST /v1/chat/completions: the last user message is the new message."""
         try:
             chat = parse_chat(await read_json(request))
+            who = self.identify(request, chat.user)
         except BadRequest as exc:
             return error(400, str(exc), exc.code, param=exc.param)
-        out = await self.service.handle(IncomingMessage(PLATFORM, chat.user, chat.user, chat.text),
-                                        sampling=chat.overrides)
+        except Unauthorized as exc:
+            return unauthorized(str(exc))
+        incoming = IncomingMessage(PLATFORM, who.user, who.user, chat.text, admin=who.admin,
+                                   address=None if who.keyed else request.remote)
+        out = await self.service.handle(incoming, sampling=chat.overrides)
         if isinstance(out, Answer) and out.kind != "answer":
             status, kind, code = ANSWER_ERRORS[out.kind]
-            return error(status, out.text, code, kind=kind)
+            response = error(status, out.text, code, kind=kind)
+            if out.retry_after is not None:
+                response.headers["Retry-After"] = str(max(1, math.ceil(out.retry_after)))
+            return response
         if chat.stream:
             return await self._stream(request, out, chat)
-        return await self._complete(out)
+        return await self._complete(request, out)
 
-    async def _complete(self, out: Answer | Reply) -> web.Response:
+    async def _complete(self, request: web.Request, out: Answer | Reply) -> web.Response:
         if isinstance(out, Answer):
             return json_response(completion(f"cmd-{uuid.uuid4().hex}", self.service.character, out.text))
-        result = await out.result()
+        async with cancel_on_disconnect(request, out):
+            result = await out.result()
+        if result.notice and not result.text:  # dropped: it waited too long for a place
+            response = error(503, result.notice, "busy", kind="server_error")
+            response.headers["Retry-After"] = str(max(1, math.ceil(self.service.retry_after())))
+            return response
         if result.status == "failed" and not result.text:
             return error(500, "the model failed to answer; try again", "reply_failed", kind="server_error")
         body = completion(str(out.message_id), self.service.character, result.text,
@@ -173,7 +217,7 @@ class WebChat:
 
     async def _stream(self, request: web.Request, out: Answer | Reply, chat: ChatRequest) -> web.StreamResponse:
         """Server-sent events as OpenAI sends them, ending with ``data: [DONE]``. If the client
-        goes away the reply still finishes and is logged."""
+        goes away the reply is cancelled; what it had is logged as interrupted."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         model = self.service.character
@@ -187,9 +231,12 @@ class WebChat:
                 first = chunk(cid, model, {"role": "assistant", "content": ""})
                 first["rolebot"] = extension(out, "generating")
                 await send(response, first)
-                async for piece in out:
-                    await send(response, chunk(cid, model, {"content": piece}))
+                async with cancel_on_disconnect(request, out):
+                    async for piece in out:
+                        await send(response, chunk(cid, model, {"content": piece}))
                 result = await out.result()
+                if result.notice and not result.text:
+                    await send(response, chunk(cid, model, {"content": result.notice}))
                 last = chunk(cid, model, {}, finish_reason(result.finish_reason))
                 last["rolebot"] = extension(out, result.status)
                 await send(response, last)
@@ -198,24 +245,31 @@ class WebChat:
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
         except ConnectionResetError:
+            if isinstance(out, Reply):
+                out.cancel()
             log.info("a web client left before its reply ended")
         return response
 
     # Ratings
 
     async def rate(self, request: web.Request) -> web.Response:
-        """POST /api/ratings ``{"message_id": 12, "user": "u1", "value": 1}``; again changes it."""
+        """POST /api/ratings ``{"message_id": 12, "value": 1}``; again changes it. The rater is
+        who the request authenticates as (the ``user`` field counts only where the chat endpoint
+        takes it); only a reply in the rater's own chat can be rated."""
         try:
             body = await read_json(request)
             message_id = parse_message_id(body.get("message_id"))
-            user = parse_user(body.get("user"), required=True)
+            claimed = parse_user(body.get("user")) if body.get("user") is not None else None
             value = body.get("value")
             if type(value) is not int or value not in (1, -1):
                 raise BadRequest(f"value must be 1 (👍) or -1 (👎), not {value!r}", "value", "invalid_value")
+            user = self.identify(request, claimed).user
         except BadRequest as exc:
             return error(400, str(exc), exc.code, param=exc.param)
+        except Unauthorized as exc:
+            return unauthorized(str(exc))
         try:
-            rating = await self.service.rate(PLATFORM, user, message_id, value)
+            rating = await self.service.rate(PLATFORM, user, message_id, value, chat_id=user)
         except UnknownMessage as exc:
             return error(404, str(exc), "unknown_message", param="message_id")
         except UserError as exc:
@@ -300,7 +354,7 @@ def parse_chat(body: dict) -> ChatRequest:
     if not isinstance(options, dict):
         raise BadRequest("stream_options must be an object", "stream_options")
     return ChatRequest(
-        user=parse_user(body.get("user")),
+        user=parse_user(body.get("user")) if body.get("user") is not None else None,
         text=content_text(last.get("content")),
         stream=stream,
         include_usage=options.get("include_usage") is True,
@@ -324,9 +378,7 @@ def content_text(content: Any) -> str:
     raise BadRequest("the last message's content must be text", "messages")
 
 
-def parse_user(value: Any, *, required: bool = False) -> str:
-    if value is None and not required:
-        return ANONYMOUS
+def parse_user(value: Any) -> str:
     if isinstance(value, str):
         value = clean_label(value)
     if not isinstance(value, str) or not value or len(value) > 256:
@@ -356,7 +408,38 @@ def number(body: dict, key: str, *, low: float, high: float | None = None, integ
     return value if integer else float(value)
 
 
+class cancel_on_disconnect:
+    """While the block runs, a client that disconnects cancels ``reply`` (its place in the engine
+    goes to someone who is still there). aiohttp does not cancel handlers on disconnect, so the
+    transport is looked at every DISCONNECT_POLL_S."""
+
+    def __init__(self, request: web.Request, reply: Reply):
+        self.request, self.reply = request, reply
+        self._task: asyncio.Task | None = None
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(DISCONNECT_POLL_S)
+            transport = self.request.transport
+            if transport is None or transport.is_closing():
+                log.info("a web client left; reply %d is cancelled", self.reply.message_id)
+                self.reply.cancel()
+                return
+
+    async def __aenter__(self) -> None:
+        self._task = asyncio.create_task(self._watch())
+
+    async def __aexit__(self, *exc_info) -> None:
+        self._task.cancel()
+
+
 # Responses
+
+
+def unauthorized(message: str) -> web.Response:
+    response = error(401, message, "invalid_api_key", kind="authentication_error")
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
 
 
 def completion(cid: str, model: str, text: str, finish_reason: str = "stop") -> dict:
