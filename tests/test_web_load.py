@@ -1,0 +1,153 @@
+"""Overload (issue 15, item 3): a bot with room for 2 replies generating and 2 waiting, over real
+HTTP. Beyond that a message gets a 503 with Retry-After at once; the admitted ones finish; a
+client that leaves cancels its reply in the engine; a reply that waits too long is dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from bot.app import App
+from bot.config import load_config
+
+CONFIG = """
+[model]
+max_seq_length = 512
+
+[character]
+persona = "你是甄嬛。"
+
+[generation]
+max_new_tokens = 400
+temperature = 0.0
+repetition_penalty = 1.0
+stop = []
+max_batch_size = 2
+
+[console]
+enabled = false
+
+[web]
+port = 0
+
+[service]
+rate_limit_per_minute = 1000
+max_waiting = 2
+
+[scheduler]
+enabled = false
+
+[discord]
+token_env = "ROLEBOT_TEST_LOAD_NO_DISCORD"
+
+[telegram]
+token_env = "ROLEBOT_TEST_LOAD_NO_TELEGRAM"
+"""
+
+pytestmark = pytest.mark.slow
+ASYNC = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def site(tmp_path_factory, builtin_path):
+    root = tmp_path_factory.mktemp("load")
+    (root / "config.toml").write_text(CONFIG, encoding="utf-8")
+    app = await App.start(load_config(str(root / "config.toml")), train=False)
+    try:
+        web = next(f for f in app.frontends if f.name == "web")
+        yield app, web.url
+    finally:
+        await app.stop()
+
+
+def rows(app: App, sql: str, *params) -> list[sqlite3.Row]:
+    with sqlite3.connect(app.config.database) as conn:
+        conn.row_factory = sqlite3.Row
+        return conn.execute(sql, params).fetchall()
+
+
+def body(text: str, user: str, **extra) -> dict:
+    return {"messages": [{"role": "user", "content": text}], "user": user, **extra}
+
+
+async def idle(app: App) -> None:
+    """Until nothing is in flight, in the service or the engine."""
+    for _ in range(2400):
+        status = app.engine.status()
+        if not app.service._tasks and status.generating == 0 and status.queue_depth == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"still busy: {app.engine.status()}")
+
+
+@ASYNC
+async def test_more_clients_than_the_queue_holds_get_503_while_the_admitted_finish(site):
+    app, url = site
+
+    async def one(http, i):
+        async with http.post(url + "/v1/chat/completions", json=body(f"第{i}位客人", f"crowd{i}", max_tokens=24)) as r:
+            return r.status, r.headers.get("Retry-After"), await r.json()
+
+    async with aiohttp.ClientSession() as http:
+        results = await asyncio.gather(*(one(http, i) for i in range(10)))
+    answered = [b for s, _, b in results if s == 200]
+    busy = [(after, b) for s, after, b in results if s == 503]
+    assert len(answered) + len(busy) == 10
+    assert len(answered) >= app.service.capacity and busy  # 2 generating + 2 waiting got in
+    for reply in answered:
+        assert reply["choices"][0]["message"]["content"] and reply["rolebot"]["status"] == "complete"
+    for after, refusal in busy:
+        assert int(after) >= 1 and refusal["error"]["code"] == "busy"
+        assert "甄嬛" in refusal["error"]["message"]  # in character
+    # A refused message is not logged; every admitted one is, with its finished reply.
+    logged = rows(app, "SELECT COUNT(*) FROM messages m JOIN users u ON u.id = m.user_id "
+                       "WHERE u.platform_user_id LIKE 'crowd%'")[0][0]
+    assert logged == len(answered)
+    await idle(app)
+
+
+@ASYNC
+async def test_a_client_that_disconnects_cancels_its_reply_in_the_engine(site):
+    app, url = site
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url + "/v1/chat/completions", json=body("请讲一个很长的故事", "leaver", stream=True)) as response:
+            first = json.loads((await response.content.readline()).decode().removeprefix("data: "))
+            await response.content.readline()
+            # Leave once text is flowing.
+            while b'"content": ""' in (line := await response.content.readline()) or not line.strip():
+                pass
+    await idle(app)  # the engine let go of the row: nobody generates for a client that left
+    [row] = rows(app, "SELECT status, text, completion_tokens FROM messages WHERE id = ?", int(first["id"]))
+    assert row["status"] == "interrupted"
+    assert row["completion_tokens"] < 400  # cut short, not generated to the end
+
+
+@ASYNC
+async def test_a_reply_that_waits_past_max_wait_is_dropped_with_a_notice(site):
+    app, url = site
+    app.service.config.service.max_wait_s = 1.0
+    try:
+        async with aiohttp.ClientSession() as http:
+            # Two long replies hold both rows; the third waits for one and is dropped after 1 s.
+            long = [asyncio.create_task(http.post(url + "/v1/chat/completions", json=body("说个长故事", f"hog{i}",
+                                                                                          max_tokens=200)))
+                    for i in range(2)]
+            await asyncio.sleep(0.5)
+            async with http.post(url + "/v1/chat/completions", json=body("我来晚了", "late")) as response:
+                status, after, refusal = response.status, response.headers.get("Retry-After"), await response.json()
+            for task in long:  # their clients leave, which cancels them too
+                task.cancel()
+            await asyncio.gather(*long, return_exceptions=True)
+    finally:
+        app.service.config.service.max_wait_s = 60.0
+    assert status == 503 and int(after) >= 1 and refusal["error"]["code"] == "busy"
+    assert "没能回您这句话" in refusal["error"]["message"]
+    [row] = rows(app, "SELECT m.status, m.text FROM messages m JOIN messages q ON q.id = m.reply_to "
+                      "JOIN users u ON u.id = q.user_id WHERE u.platform_user_id = 'late'")
+    assert row["status"] == "interrupted" and row["text"] == ""  # logged, and never trained on
+    await idle(app)
