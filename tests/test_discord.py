@@ -275,6 +275,24 @@ async def test_a_429_is_waited_out_and_a_dropped_gateway_resumed(bot):
 
 @pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="module")
+async def test_a_reply_that_finishes_during_shutdown_still_gets_its_reactions(bot, caplog):
+    """The App's order: the service lets replies finish (its grace), then the front-end stops.
+    The last edit and the 👍/👎 come before the HTTP session closes, not after ("Session is closed")."""
+    dc = bot.dc
+    said = await dc.user_sends("临别之言", user_id=USER, mention_bot=True)
+    await dc.wait_for(lambda: any(m.reply_to == int(said["id"]) for m in dc.sent_messages), 60)  # streaming
+    await bot.service.close(grace_s=30)
+    await bot.frontend.stop()
+    [row] = bot.rows("SELECT r.* FROM messages r JOIN message_platform_ids p ON p.message_id = r.reply_to "
+                     "WHERE p.platform_message_id = ?", said["id"])
+    [last] = [m for m in dc.sent_messages if m.id == int(bot.platform_ids(row["id"])[-1])]
+    assert row["status"] == "complete" and last.content == row["text"]
+    assert dc.reactions[last.id] == {"👍": {dc.bot_user_id}, "👎": {dc.bot_user_id}}
+    assert "Session is closed" not in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
 async def test_a_reply_longer_than_a_message_goes_on_in_a_second_one(bot):
     """The model is too slow on CPU to write 2000 characters, so this reply's text is scripted;
     everything from the service's Reply onwards is the real path."""

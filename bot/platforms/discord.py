@@ -39,6 +39,8 @@ SKIN_TONES = re.compile("[\U0001f3fb-\U0001f3ff]")  # 👍🏽 is a 👍 too
 # Whatever the model writes, nobody is notified: no @everyone, roles, users or reply pings.
 NO_PINGS = discord.AllowedMentions.none()
 RETRY_FIRST_S, RETRY_MAX_S = 2.0, 300.0
+# How long stop() waits for replies that finished during shutdown to get their edit and reactions.
+STOP_GRACE_S = 5.0
 # (name, description, admin only, slow: acknowledge at once and answer in a follow-up, since
 # Discord forgets an interaction that is not acknowledged within 3 seconds).
 COMMANDS = (
@@ -75,14 +77,20 @@ class DiscordFrontend:
         self.synced = False
         self._task: asyncio.Task | None = None
         self._stopping = False
+        self._answering: set[asyncio.Task] = set()  # on_message handlers still posting
 
     async def start(self) -> None:
         self.service.notifiers[PLATFORM] = self.notify
         self._task = asyncio.create_task(self._keep_connected(), name="discord")
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Disconnect. A reply that finished as the bot shut down still gets its last edit and
+        its 👍/👎 first: the handlers posting are waited for (up to ``grace_s``) before the HTTP
+        session closes under them."""
         self._stopping = True
         self.service.notifiers.pop(PLATFORM, None)
+        if self._answering:
+            await asyncio.wait(set(self._answering), timeout=grace_s)
         if self.client is not None:
             await self.client.close()
         if self._task is not None:
@@ -160,6 +168,8 @@ class DiscordFrontend:
         incoming = IncomingMessage(PLATFORM, str(message.channel.id), str(message.author.id), text,
                                    display_name=message.author.display_name,
                                    platform_message_id=str(message.id))
+        task = asyncio.current_task()
+        self._answering.add(task)
         try:
             async with message.channel.typing():
                 out = await self.service.handle(incoming)
@@ -176,6 +186,8 @@ class DiscordFrontend:
         except discord.HTTPException as exc:
             log.warning("Discord: could not answer message %s in channel %s: %s",
                         message.id, message.channel.id, exc)
+        finally:
+            self._answering.discard(task)
 
     async def stream(self, message: discord.Message, reply: Reply) -> list[discord.Message]:
         """Show the reply as it grows: the first text as a reply to the user, then an edit at
