@@ -1,5 +1,5 @@
 # rolebot on a CUDA GPU: `docker build -t rolebot . && docker run --gpus all -p 8080:8080 \
-#   -e DISCORD_BOT_TOKEN -e TELEGRAM_BOT_TOKEN -e ROLEBOT_ADMIN_TOKEN \
+#   -e DISCORD_BOT_TOKEN -e TELEGRAM_BOT_TOKEN -e ROLEBOT_ADMIN_TOKEN -e ROLEBOT_API_KEYS \
 #   -v rolebot-adapters:/app/adapters -v rolebot-data:/data rolebot`
 FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
@@ -19,8 +19,11 @@ COPY . .
 RUN pip install --no-deps .
 
 # The container's config is the project's, with the web chat on all interfaces, the database
-# on the data volume and no terminal chat.
+# and the session-cookie secret on the data volume and no terminal chat. Off loopback the HTTP
+# API needs a key: set ROLEBOT_API_KEYS ("KEY=user,KEY2=service/*"), or mount a key file and
+# point [web] api_keys_file at it; without keys only the chat page (session cookies) answers.
 RUN sed -e 's|^path = "rolebot.db"|path = "/data/rolebot.db"|' -e 's|^host = "127.0.0.1"|host = "0.0.0.0"|' \
+        -e 's|^session_secret = "web_session.key"|session_secret = "/data/web_session.key"|' \
         -e '/^\[console\]/,/^enabled/ s|^enabled = true|enabled = false|' config.toml > docker.toml
 VOLUME ["/app/adapters", "/data"]
 EXPOSE 8080

@@ -87,3 +87,19 @@ def test_no_file_means_the_embedded_defaults(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("ROLEBOT_CONFIG", raising=False)
     assert load_config(None).model.base == "builtin:smollm2-135m"
+
+
+def test_the_docker_images_config_binds_everywhere_and_keeps_its_state_on_the_volume(tmp_path):
+    """The Dockerfile's sed turns config.toml into docker.toml; run that very command."""
+    import re
+    import shlex
+    import subprocess
+
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    command = re.search(r"^RUN (sed .*?config\.toml) > docker\.toml$", text, re.S | re.M).group(1).replace("\\\n", " ")
+    out = subprocess.run(shlex.split(command), cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    (tmp_path / "docker.toml").write_text(out, encoding="utf-8")
+    config = load_config(str(tmp_path / "docker.toml"))
+    assert config.web.host == "0.0.0.0" and not config.console.enabled
+    assert config.database == Path("/data/rolebot.db")
+    assert config.path(config.web.session_secret) == Path("/data/web_session.key")
