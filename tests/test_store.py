@@ -514,3 +514,59 @@ async def test_a_schema_2_database_with_data_migrates_to_alternatives(tmp_path):
         assert [m.text for m in await store.recent_history(1, 10)] == ["嬛嬛", "臣妾在。"]
     [rated] = logs.rated_replies(path)
     assert (rated.message_id, rated.score) == (2, 1)
+
+
+@pytest.mark.asyncio
+async def test_alternatives_the_user_kept_or_rated_become_preference_pairs(store):
+    # Swiped A away, went on from B: B over A.
+    q1, a1 = await exchange(store, "q1", chat="c1", answer="a1")
+    b1 = await regenerate(store, q1, "b1")
+    await exchange(store, "went on", chat="c1")
+    # 👍 against 👎 on the same message, nothing regenerated after.
+    q2, a2 = await exchange(store, "q2", chat="c2", answer="a2")
+    b2 = await regenerate(store, q2, "b2")
+    await store.rate(a2.id, "telegram", "bob", 1)
+    await store.rate(b2.id, "telegram", "bob", -1)
+    # Went back to A (◀) and went on from it: A over B.
+    q3, a3 = await exchange(store, "q3", chat="c3", answer="a3")
+    b3 = await regenerate(store, q3, "b3")
+    await store.keep_alternative(q3.id, a3.id)
+    await exchange(store, "went on", chat="c3")
+    # Two 👍 and one swiped away unrated: both 👍 over it, never one 👍 over the other.
+    q4, a4 = await exchange(store, "q4", chat="c4", answer="a4")
+    b4 = await regenerate(store, q4, "b4")
+    c4 = await regenerate(store, q4, "c4")
+    await store.keep_alternative(q4.id, b4.id)
+    await store.rate(a4.id, "telegram", "carol", 1)
+    await store.rate(b4.id, "telegram", "carol", 1)
+    # Regenerated but neither kept (the conversation stops here) nor rated: no signal.
+    q5, _ = await exchange(store, "q5", chat="c5", answer="a5")
+    await regenerate(store, q5, "b5")
+    # Went on from B although rating it 👎, A unrated: nothing was preferred.
+    q6, a6 = await exchange(store, "q6", chat="c6", answer="a6")
+    b6 = await regenerate(store, q6, "b6")
+    await store.rate(b6.id, "telegram", "alice", -1)
+    await exchange(store, "went on", chat="c6")
+    # A single 👍 reply, an interrupted alternative and a 👍 from a forgotten rater pair with nothing.
+    await exchange(store, "q7", chat="c7")
+    q8, a8 = await exchange(store, "q8", chat="c8", answer="a8")
+    await regenerate(store, q8, "b8 half", status="interrupted")
+    q9, a9 = await exchange(store, "q9", chat="c9", answer="a9")
+    await regenerate(store, q9, "b9")
+    await store.rate(a9.id, "telegram", "mallory", 1)
+    await store.forget_user("telegram", "mallory")
+
+    with logs.open_snapshot(store.path) as snapshot:
+        pairs = snapshot.preference_pairs()
+
+    assert [(p.user_message_id, p.chosen, p.rejected, p.reason) for p in pairs] == [
+        (q1.id, "b1", "a1", "kept"),
+        (q2.id, "a2", "b2", "rated"),
+        (q3.id, "a3", "b3", "kept"),
+        (q4.id, "a4", "c4", "rated"),
+        (q4.id, "b4", "c4", "rated"),
+    ]
+    first = pairs[0]
+    assert (first.chosen_id, first.rejected_id) == (b1.id, a1.id)
+    assert (first.prompt, first.user_text) == ("<persona>\nq1\n", "q1")
+    assert {a2.id, b2.id, a3.id, b3.id, c4.id} <= {p.chosen_id for p in pairs} | {p.rejected_id for p in pairs}
