@@ -126,7 +126,7 @@ class SchedulerSettings:
 class RetrainSettings:
     start_from: str = opt("active", "start from the active adapter or the base", choices=["active", "base"])
     replay_ratio: float = opt(1.0, "original pairs mixed in per rated sample", min=0.0, max=100.0)
-    preference: str = opt("none", "preference stage after SFT", choices=["none", "kto"])
+    preference: str = opt("none", "preference stage after SFT: kto on 👍/👎 replies, dpo on pairs of regenerated alternatives (kept or 👍 vs swiped away or 👎)", choices=["none", "kto", "dpo"])
     max_steps: int = opt(60, "optimizer steps of a retrain", min=1)
     cpu_max_steps: int = opt(24, "without a GPU: a retrain trains this many steps of one 512-token row instead (a cycle in minutes on 2 cores); 0: the full recipe", min=0)
     nice: int = opt(10, "CPU priority of the training and gate process (0 = the bot's own, 19 = lowest), so serving keeps the CPU", min=0, max=19)

@@ -39,14 +39,26 @@ def as_text(status: ServiceStatus) -> str:
     """/status as a few lines of text."""
     last = status.retrain.last_run
     last_text = f"run {last.id} {last.status}" + (f" ({last.reason})" if last.reason else "") if last else "none"
-    return "\n".join([
+    lines = [
         f"{status.character}: serving {status.active_version or 'the base model (no adapter)'}",
         f"versions: {', '.join(status.versions) or 'none'}",
         f"messages: {status.messages} ({status.replies} replies), ratings: {status.ratings}, "
         f"users: {status.users}",
         f"retrain: {'running' if status.retrain.running else 'idle'}; last run: {last_text}",
-    ] + ([f"retrain recipe: {status.retrain.recipe}, at CPU priority nice {status.retrain.nice}"]
-         if status.retrain.recipe else []))
+    ]
+    if last and (data := data_text(last.metrics)):
+        lines.append(f"last run's data: {data}")
+    if status.retrain.recipe:
+        lines.append(f"retrain recipe: {status.retrain.recipe}, at CPU priority nice {status.retrain.nice}")
+    return "\n".join(lines)
+
+
+def data_text(metrics: dict) -> str | None:
+    """What a run trained on, from its metrics; None for a run that got no data (it failed)."""
+    if "liked" not in metrics:
+        return None
+    return (f"{metrics['liked']} 👍 replies, {metrics['disliked']} 👎, {metrics['replayed']} script pairs "
+            f"replayed, {metrics.get('pairs', 0)} preference pairs")
 
 
 def as_json(status: ServiceStatus) -> dict:

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import aiosqlite
 
 from training.errors import UserError
-from training.logs import NEW_RATINGS_SQL, SCHEMA_VERSION
+from training.logs import NEW_RATINGS_SQL, SCHEMA_VERSION, kept_reply_sql
 
 # How long a connection waits for another process's lock (e.g. `rolebot status` beside the bot).
 BUSY_TIMEOUT_MS = 5000
@@ -136,6 +136,12 @@ MIGRATIONS: list[tuple[str, ...]] = [
         # up fails only runs whose process is gone, not a `rolebot retrain` running beside it.
         "ALTER TABLE training_runs ADD COLUMN owner TEXT",
     ),
+    (
+        # Regenerated replies are siblings: assistant rows with the same reply_to. The user row
+        # records the one the user kept (went back to); NULL means the latest, the one shown last.
+        # Deleting the kept reply falls back to the latest.
+        "ALTER TABLE messages ADD COLUMN kept_reply INTEGER REFERENCES messages (id) ON DELETE SET NULL",
+    ),
 ]
 
 
@@ -145,6 +151,10 @@ class RatingError(UserError):
 
 class UnknownReply(RatingError):
     """The message to rate is not in the log, or not in the rater's chat."""
+
+
+class AlternativeError(UserError):
+    """An alternative that cannot be kept: not a reply to that user message, or not one shown."""
 
 
 @dataclass(frozen=True)
@@ -386,6 +396,8 @@ class Store:
             if not rows:
                 # Most likely the user ran /forget while their message waited for the model.
                 raise LookupError(f"user message {reply_to} is not in the log")
+            # A regenerated reply replaces the one shown: the latest alternative is kept again.
+            await conn.execute("UPDATE messages SET kept_reply = NULL WHERE id = ?", (reply_to,))
             cursor = await conn.execute(
                 "INSERT INTO messages (conversation_id, role, status, created_at, reply_to, "
                 "adapter_version, prompt, sampling) "
@@ -474,15 +486,90 @@ class Store:
     async def recent_history(self, conversation_id: int, limit: int) -> list[Message]:
         """The conversation's last ``limit`` messages the user saw, oldest first.
 
-        Replies still generating or failed are left out: the model should not see them as said.
+        Of a user message's alternatives only the kept one counts (the latest, unless the user
+        went back to another); the ones swiped away were not said. Replies still generating or
+        failed are left out: the model should not see them as said.
         """
         rows = await self._fetchall(
             f"""{_MESSAGE_SELECT}
             WHERE m.conversation_id = ? AND m.status IN ('complete', 'interrupted') AND m.text != ''
+              AND (m.reply_to IS NULL OR m.id = {kept_reply_sql("m.reply_to")})
             ORDER BY m.id DESC LIMIT ?""",
             (conversation_id, limit),
         )
         return [_message_from_row(row) for row in reversed(rows)]
+
+    async def last_user_message(self, conversation_id: int) -> Message | None:
+        """The conversation's latest user message: what /retry and 🔄 answer again."""
+        row = await self._fetchone(
+            f"{_MESSAGE_SELECT} WHERE m.conversation_id = ? AND m.role = 'user' "
+            "ORDER BY m.id DESC LIMIT 1",
+            (conversation_id,),
+        )
+        return _message_from_row(row) if row else None
+
+    # Alternatives: regenerated replies to one user message
+
+    async def alternatives(self, user_message_id: int) -> list[Message]:
+        """Every reply to a user message, oldest first (a regenerate adds one at the end)."""
+        rows = await self._fetchall(
+            f"{_MESSAGE_SELECT} WHERE m.reply_to = ? AND m.role = 'assistant' ORDER BY m.id",
+            (user_message_id,),
+        )
+        return [_message_from_row(row) for row in rows]
+
+    async def kept_reply(self, user_message_id: int) -> Message | None:
+        """The alternative the conversation goes on from: the one the user went back to, else
+        the latest. None when the message has no reply."""
+        row = await self._fetchone(
+            f"{_MESSAGE_SELECT} WHERE m.id = {kept_reply_sql('?')}", (user_message_id, user_message_id)
+        )
+        return _message_from_row(row) if row else None
+
+    async def keep_alternative(self, user_message_id: int, reply_id: int) -> Message:
+        """Keep one alternative (◀ ▶ on the web page): the next turn's prompt uses it, and
+        training takes it as chosen over its siblings once the user goes on from it."""
+        async with self._transaction() as conn:
+            rows = await conn.execute_fetchall(
+                "SELECT reply_to, role, status FROM messages WHERE id = ?", (reply_id,)
+            )
+            if not rows or rows[0]["role"] != "assistant" or rows[0]["reply_to"] != user_message_id:
+                raise AlternativeError(
+                    f"message {reply_id} is not a reply to message {user_message_id}; keep one of "
+                    f"its alternatives (Store.alternatives({user_message_id}))"
+                )
+            if rows[0]["status"] not in ("complete", "interrupted"):
+                raise AlternativeError(
+                    f"reply {reply_id} is {rows[0]['status']}; keep a reply that was shown in full "
+                    "or stopped"
+                )
+            await conn.execute(
+                "UPDATE messages SET kept_reply = ? WHERE id = ?", (reply_id, user_message_id)
+            )
+            return await _message(conn, reply_id)
+
+    # Greetings
+
+    async def greet(self, platform: str, chat_id: str, text: str) -> Message | None:
+        """Open the chat's current conversation with the character's greeting ([character]
+        greeting) as its first reply; None (nothing written) once the conversation has messages.
+
+        The greeting has no prompt, so training never learns from it, but the model sees it in
+        the next turn's history, as the user did.
+        """
+        now = time.time()
+        async with self._transaction() as conn:
+            conversation_id = await _current_conversation_id(conn, platform, chat_id, now)
+            if await conn.execute_fetchall(
+                "SELECT 1 FROM messages WHERE conversation_id = ? LIMIT 1", (conversation_id,)
+            ):
+                return None
+            cursor = await conn.execute(
+                "INSERT INTO messages (conversation_id, role, text, status, created_at) "
+                "VALUES (?, 'assistant', ?, 'complete', ?)",
+                (conversation_id, text, now),
+            )
+            return await _message(conn, cursor.lastrowid)
 
     # Ratings
 

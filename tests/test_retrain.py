@@ -184,3 +184,82 @@ def test_without_a_gpu_the_shipped_retrain_is_the_quick_cpu_recipe(tmp_path):
         assert recipe_text(config) == "24 steps of 1 x 1 rows of 512 tokens"
     config.retrain.cpu_max_steps = 0
     assert retrain_settings(config).max_steps == 60
+
+
+async def log_regenerated(store: Store, config, count: int) -> None:
+    """Users who swiped an out-of-character reply away and went on from the regenerated one."""
+    style = PromptStyle(config.model.prompt_format, config.character.persona, config.character.name)
+    pairs = load_samples(dataset_files(config, quiet=True).train)
+    for i in range(count):
+        pair = pairs[-1 - i]
+        asked = await store.add_user_message("web", f"swipes{i}", f"swiper{i}", pair.instruction)
+        prompt = style.prompt(Sample(pair.instruction), None)
+        for text in ("我是一个AI助手，很高兴为您服务。", pair.output):
+            reply = await store.start_reply(asked.id, adapter_version=None, prompt=prompt, sampling={})
+            await store.finish_reply(reply.id, text, ReplyCost(completion_tokens=8))
+        await store.add_user_message("web", f"swipes{i}", f"swiper{i}", "嗯。")
+
+
+async def test_a_dpo_stage_trains_on_kept_alternatives_and_is_gated(tmp_path):
+    (tmp_path / "config.toml").write_text(TINY.replace('replay_ratio = 1.0', 'replay_ratio = 1.0\npreference = "dpo"'), encoding="utf-8")
+    config = load_config(str(tmp_path / "config.toml"))
+    async with Store.open(config.database) as store:
+        await log_rated_replies(store, config, liked=6, disliked=0)
+        await log_regenerated(store, config, 3)
+        retrainer = Retrainer(config, store)
+        await retrainer.request(trigger="admin")
+        done = await retrainer.wait()
+    registry = Registry(config.adapter_root, "甄嬛")
+    dpo = registry.get("v0002")
+    assert dpo.parent == "v0001" and dpo.meta["stage"] == "dpo"
+    assert dpo.meta["dpo"]["pairs"] == dpo.meta["dpo"]["kept"] == 3 and dpo.meta["steps"] == 2
+    assert dpo.meta["dpo"]["reference"] == "parent"  # DPO measured against the SFT candidate
+    assert all(math.isfinite(loss) for _, loss in dpo.meta["losses"]), dpo.meta["losses"]
+    assert not (dpo.path / "ref").exists(), "the frozen reference adapter was saved with the version"
+    assert done.candidate_version == "v0002" and "gate" in dpo.meta, done.reason
+    assert done.status in ("succeeded", "rejected") and "held-out NLL" in done.reason, done.reason
+    assert done.metrics["pairs"] == 3 and registry.get("v0001").meta["retrain"]["pairs"] == 3
+
+
+async def test_the_retrain_data_counts_pairs_and_keeps_held_out_replies_out_of_them(tmp_path):
+    from training.retrain import build_data
+
+    config = load_config(str(project(tmp_path)))
+    async with Store.open(config.database) as store:
+        await log_rated_replies(store, config, liked=6, disliked=0)
+        await log_regenerated(store, config, 2)
+        # The newest 👍 (held out for the gate) against the reply swiped away before it: no pair.
+        asked = await store.add_user_message("web", "late", "late", "皇上万福")
+        swiped = await store.start_reply(asked.id, adapter_version=None, prompt="p", sampling={})
+        await store.finish_reply(swiped.id, "AI", ReplyCost())
+        liked = await store.start_reply(asked.id, adapter_version=None, prompt="p", sampling={})
+        await store.finish_reply(liked.id, "臣妾恭请皇上圣安。", ReplyCost())
+        await store.rate(liked.id, "web", "rater", 1)
+    data = build_data(config.database, dataset_files(config, quiet=True).train, tmp_path / "run.json",
+                      replay_ratio=1.0, seed=1)
+    assert [p.reason for p in data.pairs] == ["kept", "kept"]
+    assert "臣妾恭请皇上圣安。" in {s.output for s in data.heldout_up}
+    assert data.report() == {"liked": 6, "disliked": 0, "replayed": 6, "pairs": 2}  # the 7th 👍 is held out
+
+
+def test_a_dpo_stage_with_no_pairs_is_skipped_and_says_so(tmp_path):
+    from bot.retrain import retrain_settings
+    from bot.status import data_text
+    from training.retrain import RetrainData, preference_stage
+    from training.retrain_job import RetrainJob
+
+    config = load_config(str(project(tmp_path)))
+    config.retrain.preference = "dpo"
+    job = RetrainJob(
+        run_id=1, trigger="admin", db=config.database, original=tmp_path / "pairs.json", val=None,
+        data_file=tmp_path / "run.json", model=config.model, lora=config.lora, train=retrain_settings(config),
+        style=config.prompt_style(), adapters=config.adapter_root, character="甄嬛", parent="v0001",
+        replay_ratio=1.0, preference=config.retrain.preference, tolerance=0.02, result=tmp_path / "result.json",
+    )
+    registry = Registry(config.adapter_root, "甄嬛")
+    data = RetrainData(train_file=tmp_path / "run.json", liked=4, disliked=1, replayed=4,
+                       heldout_up=(), heldout_down=(), disliked_samples=())
+    candidate, skipped = preference_stage(job, registry, "the SFT candidate", data)
+    assert candidate == "the SFT candidate" and skipped.startswith("DPO stage skipped: no preference pairs yet")
+    assert registry.versions() == []
+    assert data_text(data.report()) == "4 👍 replies, 1 👎, 4 script pairs replayed, 0 preference pairs"

@@ -9,7 +9,7 @@ import time
 import pytest
 import pytest_asyncio
 
-from bot.store import MIGRATIONS, Message, RatingError, ReplyCost, Store
+from bot.store import MIGRATIONS, AlternativeError, Message, RatingError, ReplyCost, Store
 from training import logs
 from training.errors import UserError
 
@@ -380,3 +380,193 @@ async def test_a_run_from_before_owners_were_recorded_counts_as_stale(store):
     async with store._transaction() as conn:
         await conn.execute("UPDATE training_runs SET owner = NULL WHERE id = ?", (run.id,))
     assert await store.fail_unfinished_runs() == 1
+
+
+async def regenerate(store: Store, asked: Message, answer: str, *, status="complete") -> Message:
+    """Another reply to the same user message, as the service logs a 🔄 / /retry."""
+    reply = await store.start_reply(
+        asked.id, adapter_version="v2", prompt=f"<persona>\n{asked.text}\n",
+        sampling={"temperature": 0.9, "top_p": 0.9},
+    )
+    return await store.finish_reply(reply.id, answer, STATS, status=status)
+
+
+@pytest.mark.asyncio
+async def test_regenerated_replies_are_alternatives_and_the_next_prompt_uses_the_kept_one(store):
+    asked, first = await exchange(store, "你可还好？", answer="一")
+    second = await regenerate(store, asked, "二")
+    third = await regenerate(store, asked, "三")
+
+    alternatives = await store.alternatives(asked.id)
+    assert [m.text for m in alternatives] == ["一", "二", "三"]
+    assert [m.adapter_version for m in alternatives] == ["v1", "v2", "v2"]
+    assert rows(store.path, "SELECT sampling FROM messages WHERE id = ?", (third.id,)) == [
+        ('{"temperature": 0.9, "top_p": 0.9}',)]
+    # By default the last one shown is kept: the swiped-away ones are not in the history.
+    assert (await store.kept_reply(asked.id)).id == third.id
+    history = await store.recent_history(asked.conversation_id, limit=10)
+    assert [m.text for m in history] == ["你可还好？", "三"]
+
+    # The user goes back to the second one (◀ on the web page); the next turn sees it.
+    kept = await store.keep_alternative(asked.id, second.id)
+    assert kept.id == second.id and (await store.kept_reply(asked.id)).id == second.id
+    assert rows(store.path, "SELECT kept_reply FROM messages WHERE id = ?", (asked.id,)) == [(second.id,)]
+    later, _ = await exchange(store, "那便好", answer="嗯")
+    history = await store.recent_history(asked.conversation_id, limit=10)
+    assert [m.text for m in history] == ["你可还好？", "二", "那便好", "嗯"]
+    assert [m.text for m in await store.recent_history(asked.conversation_id, limit=3)] == ["二", "那便好", "嗯"]
+    assert (await store.last_user_message(asked.conversation_id)).id == later.id
+    assert first.id not in {m.id for m in history}
+
+    # A new regenerate replaces what is shown: the latest is kept again.
+    fourth = await regenerate(store, asked, "四")
+    assert (await store.kept_reply(asked.id)).id == fourth.id
+
+
+@pytest.mark.asyncio
+async def test_only_a_shown_sibling_can_be_kept(store):
+    asked, reply = await exchange(store, "嬛嬛")
+    other, other_reply = await exchange(store, "槿汐", user="bob", chat="c2")
+    generating = await store.start_reply(asked.id, adapter_version="v1", prompt="p", sampling={})
+
+    with pytest.raises(AlternativeError, match=f"message {other_reply.id} is not a reply to message {asked.id}"):
+        await store.keep_alternative(asked.id, other_reply.id)
+    with pytest.raises(AlternativeError, match="is not a reply"):
+        await store.keep_alternative(asked.id, asked.id)  # the user message itself
+    with pytest.raises(AlternativeError, match="is not a reply"):
+        await store.keep_alternative(asked.id, 99999)
+    with pytest.raises(AlternativeError, match=f"reply {generating.id} is generating"):
+        await store.keep_alternative(asked.id, generating.id)
+    assert rows(store.path, "SELECT kept_reply FROM messages WHERE id = ?", (asked.id,)) == [(None,)]
+    # While the new one streams, history leaves the turn's reply out rather than show a swiped one.
+    assert [m.text for m in await store.recent_history(asked.conversation_id, 10)] == ["嬛嬛"]
+    await store.finish_reply(generating.id, "", STATS, status="failed")
+    await store.keep_alternative(asked.id, reply.id)
+    assert [m.text for m in await store.recent_history(asked.conversation_id, 10)] == ["嬛嬛", "臣妾在。"]
+    assert await store.last_user_message(12345) is None
+    assert await store.kept_reply(other.id) == other_reply
+
+
+@pytest.mark.asyncio
+async def test_forget_removes_every_alternative_and_their_ratings(store):
+    asked, first = await exchange(store, "alice asks", user="alice")
+    second = await regenerate(store, asked, "again")
+    await store.keep_alternative(asked.id, first.id)
+    await store.rate(second.id, "telegram", "bob", 1)
+    await store.rate(first.id, "telegram", "alice", -1)
+    _, bob_reply = await exchange(store, "bob asks", user="bob")
+
+    result = await store.forget_user("telegram", "alice")
+
+    assert (result.messages, result.replies, result.ratings) == (1, 2, 2)
+    assert rows(store.path, "SELECT id FROM messages WHERE role = 'assistant'") == [(bob_reply.id,)]
+    assert await store.alternatives(asked.id) == []
+    with logs.open_snapshot(store.path) as snapshot:
+        assert snapshot.preference_pairs() == []
+
+
+@pytest.mark.asyncio
+async def test_a_greeting_opens_a_new_conversation_once(store):
+    greeting = await store.greet("web", "c1", "嬛嬛给您请安。")
+    assert (greeting.role, greeting.reply_to, greeting.text) == ("assistant", None, "嬛嬛给您请安。")
+    assert await store.greet("web", "c1", "again") is None
+    asked = await store.add_user_message("web", "c1", "alice", "起来吧")
+    assert [m.text for m in await store.recent_history(asked.conversation_id, 10)] == ["嬛嬛给您请安。", "起来吧"]
+    await store.rate(greeting.id, "web", "alice", 1)
+    assert logs.rated_replies(store.path) == []  # no prompt: nothing to train on
+    await store.new_conversation("web", "c1")
+    assert (await store.greet("web", "c1", "嬛嬛给您请安。")).conversation_id != asked.conversation_id
+
+
+def schema_2_database(path) -> None:
+    """A database as rolebot wrote it before alternatives: schema 2, a rated exchange in it."""
+    conn = sqlite3.connect(path)
+    with conn:
+        for migration in MIGRATIONS[:2]:
+            for statement in migration:
+                conn.execute(statement)
+        conn.execute("PRAGMA user_version = 2")
+        conn.execute("INSERT INTO users VALUES (1, 'telegram', 'alice', 'Alice', 1.0, NULL)")
+        conn.execute("INSERT INTO users VALUES (2, 'telegram', 'bob', 'Bob', 1.0, NULL)")
+        conn.execute("INSERT INTO conversations VALUES (1, 'telegram', 'c1', 1.0, NULL)")
+        conn.execute("INSERT INTO messages (id, conversation_id, user_id, role, text, status, created_at) "
+                     "VALUES (1, 1, 1, 'user', '嬛嬛', 'complete', 2.0)")
+        conn.execute("INSERT INTO messages (id, conversation_id, role, text, status, created_at, reply_to, "
+                     "adapter_version, prompt, sampling) VALUES (2, 1, 'assistant', '臣妾在。', 'complete', "
+                     "3.0, 1, 'v1', '<persona>\n嬛嬛\n', '{}')")
+        conn.execute("INSERT INTO ratings VALUES (2, 2, 1, 4.0)")
+    conn.close()
+
+
+@pytest.mark.asyncio
+async def test_a_schema_2_database_with_data_migrates_to_alternatives(tmp_path):
+    path = tmp_path / "old.db"
+    schema_2_database(path)
+
+    async with Store.open(path) as store:
+        assert rows(path, "PRAGMA user_version") == [(logs.SCHEMA_VERSION,)]
+        assert rows(path, "SELECT id, kept_reply FROM messages ORDER BY id") == [(1, None), (2, None)]
+        assert [m.text for m in await store.recent_history(1, 10)] == ["嬛嬛", "臣妾在。"]
+        [old] = await store.alternatives(1)
+        regenerated = await regenerate(store, await store.message(1), "嬛嬛在此。")
+        assert [m.id for m in await store.alternatives(1)] == [old.id, regenerated.id]
+        await store.keep_alternative(1, old.id)
+        assert [m.text for m in await store.recent_history(1, 10)] == ["嬛嬛", "臣妾在。"]
+    [rated] = logs.rated_replies(path)
+    assert (rated.message_id, rated.score) == (2, 1)
+
+
+@pytest.mark.asyncio
+async def test_alternatives_the_user_kept_or_rated_become_preference_pairs(store):
+    # Swiped A away, went on from B: B over A.
+    q1, a1 = await exchange(store, "q1", chat="c1", answer="a1")
+    b1 = await regenerate(store, q1, "b1")
+    await exchange(store, "went on", chat="c1")
+    # 👍 against 👎 on the same message, nothing regenerated after.
+    q2, a2 = await exchange(store, "q2", chat="c2", answer="a2")
+    b2 = await regenerate(store, q2, "b2")
+    await store.rate(a2.id, "telegram", "bob", 1)
+    await store.rate(b2.id, "telegram", "bob", -1)
+    # Went back to A (◀) and went on from it: A over B.
+    q3, a3 = await exchange(store, "q3", chat="c3", answer="a3")
+    b3 = await regenerate(store, q3, "b3")
+    await store.keep_alternative(q3.id, a3.id)
+    await exchange(store, "went on", chat="c3")
+    # Two 👍 and one swiped away unrated: both 👍 over it, never one 👍 over the other.
+    q4, a4 = await exchange(store, "q4", chat="c4", answer="a4")
+    b4 = await regenerate(store, q4, "b4")
+    c4 = await regenerate(store, q4, "c4")
+    await store.keep_alternative(q4.id, b4.id)
+    await store.rate(a4.id, "telegram", "carol", 1)
+    await store.rate(b4.id, "telegram", "carol", 1)
+    # Regenerated but neither kept (the conversation stops here) nor rated: no signal.
+    q5, _ = await exchange(store, "q5", chat="c5", answer="a5")
+    await regenerate(store, q5, "b5")
+    # Went on from B although rating it 👎, A unrated: nothing was preferred.
+    q6, a6 = await exchange(store, "q6", chat="c6", answer="a6")
+    b6 = await regenerate(store, q6, "b6")
+    await store.rate(b6.id, "telegram", "alice", -1)
+    await exchange(store, "went on", chat="c6")
+    # A single 👍 reply, an interrupted alternative and a 👍 from a forgotten rater pair with nothing.
+    await exchange(store, "q7", chat="c7")
+    q8, a8 = await exchange(store, "q8", chat="c8", answer="a8")
+    await regenerate(store, q8, "b8 half", status="interrupted")
+    q9, a9 = await exchange(store, "q9", chat="c9", answer="a9")
+    await regenerate(store, q9, "b9")
+    await store.rate(a9.id, "telegram", "mallory", 1)
+    await store.forget_user("telegram", "mallory")
+
+    with logs.open_snapshot(store.path) as snapshot:
+        pairs = snapshot.preference_pairs()
+
+    assert [(p.user_message_id, p.chosen, p.rejected, p.reason) for p in pairs] == [
+        (q1.id, "b1", "a1", "kept"),
+        (q2.id, "a2", "b2", "rated"),
+        (q3.id, "a3", "b3", "kept"),
+        (q4.id, "a4", "c4", "rated"),
+        (q4.id, "b4", "c4", "rated"),
+    ]
+    first = pairs[0]
+    assert (first.chosen_id, first.rejected_id) == (b1.id, a1.id)
+    assert (first.prompt, first.user_text) == ("<persona>\nq1\n", "q1")
+    assert {a2.id, b2.id, a3.id, b3.id, c4.id} <= {p.chosen_id for p in pairs} | {p.rejected_id for p in pairs}

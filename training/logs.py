@@ -10,6 +10,7 @@ Timestamps in the store are unix seconds (float, UTC).
 from __future__ import annotations
 
 import sqlite3
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +19,16 @@ from pathlib import Path
 from training.errors import UserError
 
 # The store's schema version this reader understands; bot/store.py migrates to exactly this.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+
+def kept_reply_sql(user_message: str) -> str:
+    """SQL for the id of the alternative a user message's conversation goes on from: the one
+    the user kept (``messages.kept_reply``), else the latest reply. ``user_message`` is an SQL
+    expression for the user message's id; shared with bot/store.py so that the prompt of the
+    next turn and training agree on which reply was kept."""
+    return (f"COALESCE((SELECT kept_reply FROM messages WHERE id = {user_message}), "
+            f"(SELECT MAX(id) FROM messages WHERE reply_to = {user_message}))")
 
 # The ratings training may use: votes on finished replies, with nothing from a forgotten user
 # (neither their question nor their vote). Forgetting deletes those rows; the filters also keep
@@ -47,6 +57,82 @@ ORDER BY m.id
 NEW_RATINGS_SQL = f"SELECT COUNT(*) {_TRAINABLE_RATINGS} AND r.rated_at > ?"
 
 
+# Finished replies to user messages that have at least two of them (regenerated alternatives),
+# with what the user did about each: their votes, whether the conversation went on from it.
+_ALTERNATIVE_REPLY = ("{m}.role = 'assistant' AND {m}.status = 'complete' AND {m}.prompt IS NOT NULL "
+                      "AND {m}.text != ''")
+_ALTERNATIVES_SQL = f"""
+SELECT m.id AS message_id, q.id AS user_message_id, m.prompt, m.text, q.text AS user_text,
+       COALESCE((SELECT SUM(r.value) FROM ratings AS r
+                 JOIN users AS rater ON rater.id = r.user_id AND rater.forgotten_at IS NULL
+                 WHERE r.message_id = m.id), 0) AS score,
+       m.id = {kept_reply_sql("q.id")} AS kept,
+       EXISTS (SELECT 1 FROM messages AS later WHERE later.conversation_id = q.conversation_id
+               AND later.role = 'user' AND later.id > q.id) AS continued
+FROM messages AS m
+JOIN messages AS q ON q.id = m.reply_to AND q.role = 'user'
+JOIN users AS asker ON asker.id = q.user_id AND asker.forgotten_at IS NULL
+WHERE {_ALTERNATIVE_REPLY.format(m="m")}
+  AND (SELECT COUNT(*) FROM messages AS s WHERE s.reply_to = q.id AND {_ALTERNATIVE_REPLY.format(m="s")}) >= 2
+ORDER BY q.id, m.id
+"""
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """Two replies to the same prompt, one the user preferred: the data of a DPO stage.
+
+    ``reason`` says why: ``kept``, the user went on from ``chosen`` after swiping ``rejected``
+    away; ``rated``, the user rated ``chosen`` 👍 and ``rejected`` 👎 or swiped it away.
+    """
+
+    user_message_id: int
+    prompt: str
+    user_text: str
+    chosen_id: int
+    chosen: str
+    rejected_id: int
+    rejected: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Alternative:
+    message_id: int
+    user_message_id: int
+    prompt: str
+    text: str
+    user_text: str
+    score: int
+    kept: int
+    continued: int
+
+    @property
+    def went_on_from(self) -> bool:
+        return bool(self.kept and self.continued) and self.score >= 0
+
+
+def pairs_of(alternatives: list[_Alternative]) -> list[PreferencePair]:
+    """The (chosen, rejected) pairs among one user message's alternatives.
+
+    Chosen: rated 👍 on balance, or the one the conversation went on from (unless rated 👎).
+    Rejected, once something was chosen: rated 👎, or swiped away unrated. Only replies to the
+    same prompt pair up (a changed persona makes a different prompt).
+    """
+    chosen = [a for a in alternatives if a.score > 0 or a.went_on_from]
+    if not chosen:
+        return []
+    rejected = [a for a in alternatives if a.score < 0 or (a.score == 0 and a not in chosen)]
+    return [
+        PreferencePair(
+            user_message_id=good.user_message_id, prompt=good.prompt, user_text=good.user_text,
+            chosen_id=good.message_id, chosen=good.text, rejected_id=bad.message_id,
+            rejected=bad.text, reason="rated" if good.score > 0 else "kept",
+        )
+        for good in chosen for bad in rejected if good.prompt == bad.prompt
+    ]
+
+
 @dataclass(frozen=True)
 class RatedReply:
     """One assistant reply with its votes: the exact prompt the model saw and what it answered."""
@@ -73,6 +159,12 @@ class LogSnapshot:
         """Every finished assistant reply with at least one vote, oldest first."""
         rows = self._conn.execute(_RATED_REPLIES_SQL).fetchall()
         return [RatedReply(**dict(row)) for row in rows]
+
+    def preference_pairs(self) -> list[PreferencePair]:
+        """Every (chosen, rejected) pair from regenerated alternatives, oldest first."""
+        rows = [_Alternative(**dict(row)) for row in self._conn.execute(_ALTERNATIVES_SQL)]
+        grouped = itertools.groupby(rows, key=lambda a: a.user_message_id)
+        return [pair for _, group in grouped for pair in pairs_of(list(group))]
 
     def ratings_since(self, timestamp: float) -> int:
         """Votes cast or changed after ``timestamp`` (unix seconds)."""

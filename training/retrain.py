@@ -17,7 +17,7 @@ from pathlib import Path
 from training.atomic import write_json_atomic
 from training.dataset import load_samples
 from training.errors import UserError
-from training.logs import RatedReply, open_snapshot
+from training.logs import PreferencePair, RatedReply, open_snapshot
 from training.prompts import PromptStyle, Sample
 from training.registry import Registry
 from training.retrain_job import RetrainJob, RetrainResult, read_job, write_result
@@ -35,6 +35,12 @@ class RetrainData:
     heldout_up: tuple[Sample, ...]
     heldout_down: tuple[Sample, ...]
     disliked_samples: tuple[Sample, ...]  # kept for a preference (KTO) stage
+    pairs: tuple[PreferencePair, ...] = ()  # (chosen, rejected) alternatives for a DPO stage
+
+    def report(self) -> dict:
+        """The counts a run reports (meta.json, the run's metrics, /status)."""
+        return {"liked": self.liked, "disliked": self.disliked, "replayed": self.replayed,
+                "pairs": len(self.pairs)}
 
 
 def as_sample(reply: RatedReply) -> Sample:
@@ -44,12 +50,16 @@ def as_sample(reply: RatedReply) -> Sample:
 def build_data(db: Path, original: Path, out: Path, *, replay_ratio: float, seed: int, holdout: float = 0.2) -> RetrainData:
     """Net-👍 replies become samples with the prompt the bot used, mixed with ``replay_ratio``
     original pairs per reply so the character does not drift; the latest ``holdout`` share of
-    rated replies is kept back for the gate (time-ordered, never trained on)."""
+    rated replies is kept back for the gate (time-ordered, never trained on), and so are the
+    preference pairs with a reply in it."""
     with open_snapshot(db) as snapshot:
         rated = snapshot.rated_replies()
+        pairs = snapshot.preference_pairs()
     rated = [r for r in rated if r.score != 0]
     kept_back = max(0, int(len(rated) * holdout)) if len(rated) >= 5 else 0
     train_part, held = rated[: len(rated) - kept_back], rated[len(rated) - kept_back:]
+    held_ids = {r.message_id for r in held}
+    pairs = [p for p in pairs if not {p.chosen_id, p.rejected_id} & held_ids]
     liked = [as_sample(r) for r in train_part if r.score > 0]
     disliked = [as_sample(r) for r in train_part if r.score < 0]
     originals = load_samples(original)
@@ -64,7 +74,7 @@ def build_data(db: Path, original: Path, out: Path, *, replay_ratio: float, seed
         train_file=out, liked=len(liked), disliked=len(disliked), replayed=len(replay),
         heldout_up=tuple(as_sample(r) for r in held if r.score > 0),
         heldout_down=tuple(as_sample(r) for r in held if r.score < 0),
-        disliked_samples=tuple(disliked),
+        disliked_samples=tuple(disliked), pairs=tuple(pairs),
     )
 
 
@@ -133,26 +143,42 @@ def run_job(job: RetrainJob) -> RetrainResult:
     result = train(TrainJob(
         data=data.train_file, model=job.model, lora=job.lora, train=job.train, style=job.style,
         registry=registry, val=job.val, parent=parent, trigger=job.trigger,
-        notes={"retrain": {"run_id": job.run_id, "liked": data.liked, "disliked": data.disliked,
-                           "replayed": data.replayed}},
+        notes={"retrain": {"run_id": job.run_id, **data.report()}},
     ), activate=False)
-    candidate = result.version
-    if job.preference == "kto" and data.disliked_samples:
-        from training.kto import kto_stage
-
-        liked = [s for s in load_samples(data.train_file) if s.prompt]
-        candidate = kto_stage(job.model, job.lora, job.train, job.style, registry,
-                              candidate, liked, list(data.disliked_samples), job.train.max_steps)
+    candidate, skipped = preference_stage(job, registry, result.version, data)
     val = load_samples(job.val) if job.val else load_samples(job.original)[:64]
     verdict = gate(job.model, job.style, parent.path if parent else None, candidate.path, val,
                    data.heldout_up, data.heldout_down, job.tolerance)
     meta = {**candidate.meta, "gate": asdict(verdict)}
     write_json_atomic(candidate.path / "meta.json", meta)
     return RetrainResult(
-        version=candidate.name, passed=verdict.passed, reason=verdict.reason,
-        metrics={**verdict.metrics, "liked": data.liked, "disliked": data.disliked,
-                 "replayed": data.replayed, "final_loss": result.final_loss,
+        version=candidate.name, passed=verdict.passed,
+        reason=verdict.reason + (f"; {skipped}" if skipped else ""),
+        metrics={**verdict.metrics, **data.report(), "final_loss": result.final_loss,
                  "runtime_s": round(result.runtime_s, 1)})
+
+
+def preference_stage(job: RetrainJob, registry: Registry, candidate, data: RetrainData):
+    """[retrain] preference after SFT: the stage's version, or the SFT candidate and why the
+    stage was skipped (nothing to learn a preference from yet)."""
+    if job.preference == "kto":
+        if not data.disliked_samples:
+            return candidate, "KTO stage skipped: no 👎-rated replies to learn from yet"
+        from training.kto import kto_stage
+
+        liked = [s for s in load_samples(data.train_file) if s.prompt]
+        return kto_stage(job.model, job.lora, job.train, job.style, registry,
+                         candidate, liked, list(data.disliked_samples), job.train.max_steps), None
+    if job.preference == "dpo":
+        if not data.pairs:
+            return candidate, ("DPO stage skipped: no preference pairs yet (a regenerated reply "
+                               "the user kept or rated 👍 against one swiped away or rated 👎)")
+        from training.dpo import dpo_stage
+
+        print(f"retrain: DPO on {len(data.pairs)} preference pairs", file=sys.stderr)
+        return dpo_stage(job.model, job.lora, job.train, registry, candidate, list(data.pairs),
+                         job.train.max_steps), None
+    return candidate, None
 
 
 def main(argv: list[str] | None = None) -> int:

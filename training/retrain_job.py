@@ -35,7 +35,7 @@ class RetrainJob:
     character: str
     parent: str | None  # the version to start from; None: the base model
     replay_ratio: float
-    preference: str  # "" or "kto"
+    preference: str  # "none", "kto" or "dpo": the stage after SFT
     tolerance: float  # the gate's held-out NLL tolerance
     result: Path  # where the child writes its RetrainResult
 

@@ -7,6 +7,7 @@ import asyncio
 
 from bot.config import load_config
 from bot.retrain import Retrainer
+from bot.status import data_text
 from bot.store import Store
 
 DESCRIPTION = """\
@@ -47,4 +48,6 @@ async def _run(args: argparse.Namespace) -> int:
         print(f"Retrain run {run.id} started.")
         finished = await retrainer.wait()
     print(f"Run {finished.id} {finished.status}: {finished.reason}")
+    if data := data_text(finished.metrics):
+        print(f"Trained on {data}.")
     return 0 if finished.status == "succeeded" else 1
