@@ -44,6 +44,7 @@ class GenerationSettings:
     stop: list[str] = opt(["###"], "strings that end a reply")
     max_batch_size: int = opt(32, "replies generated together: rows of the running batch", min=1, max=1024)
     history_turns: int = opt(8, "earlier turns of the chat kept in the prompt", min=0, max=200)
+    regenerate_temperature: float = opt(0.8, "sampling temperature of a regenerate (🔄, /retry) when temperature is 0, so the new reply can differ", min=0.01, max=5.0)
 
 
 @dataclass

@@ -62,7 +62,10 @@ SURROGATE = re.compile("[\ud800-\udfff]")  # a lone half of a UTF-16 pair: not a
 COMMAND = re.compile(r"^/([A-Za-z_]+)(?:@\S+)?(?:\s+(.*))?$", re.DOTALL)
 
 ADMIN_COMMANDS = ("status", "retrain", "rollback")
-USER_COMMANDS = ("reset", "forget", "help")
+USER_COMMANDS = ("retry", "stop", "reset", "forget", "help")
+NOTHING_TO_RETRY = "There is no message of yours in this conversation to answer again yet."
+NOT_YOURS = "Only the one who wrote the last message can ask for another reply to it."
+NOTHING_TO_STOP = "No reply is being written in this chat."
 
 ReplyStatus = Literal["complete", "interrupted", "failed", "forgotten"]
 AnswerKind = Literal["answer", "empty", "rate_limited", "busy", "unavailable", "error"]
@@ -152,6 +155,8 @@ class Reply:
         self.user_message_id = user_message_id
         self.adapter_version = adapter_version
         self.notice = notice  # e.g. that the user's message was cut; show it beside the reply
+        # A regenerate: the alternative this reply replaces (edit its platform messages in place).
+        self.replaces: db.Message | None = None
         self._pieces: asyncio.Queue[str | None] = asyncio.Queue()
         self._result: asyncio.Future[ReplyResult] = asyncio.get_running_loop().create_future()
         self._cancel: Callable[[], None] = lambda: None
@@ -177,6 +182,26 @@ class Reply:
 
 
 Outgoing = Answer | Reply
+
+
+@dataclass
+class Alternative:
+    """One reply to a user message, as the chat page shows it."""
+
+    id: int
+    text: str
+    status: str
+    rating: int | None  # the viewing user's own 👍 (1) / 👎 (-1)
+    kept: bool  # the one the conversation goes on from
+
+
+@dataclass
+class Turn:
+    """A user message (None for the greeting) and its replies, oldest first."""
+
+    id: int | None
+    text: str
+    replies: list[Alternative]
 
 
 class NotSetUp(UserError):
@@ -261,6 +286,7 @@ class Service:
         self._accepting = True
         self._tasks: set[asyncio.Task] = set()
         self._partial: dict[int, list[str]] = {}  # replies streaming now: their pieces so far
+        self._live: dict[tuple[str, str], Reply] = {}  # (platform, chat) → its reply streaming now
         self._saver: asyncio.Task | None = None
         self._calls = 0  # handle()/rate() calls in progress, so close() can wait for them
         self._idle = asyncio.Event()
@@ -314,26 +340,112 @@ class Service:
             if self._limited(msg):
                 return Answer(self._say(RATE_LIMITED), "rate_limited", retry_after=60.0)
             command = parse_command(text)
+            if command and command[0] == "retry":
+                return await self._regenerate(msg, sampling)
             if command:
                 return await self._command(msg, *command)
-            if len(self._tasks) >= self.capacity:
-                return Answer(self._say(BUSY), "busy", retry_after=self.retry_after())
-            started: asyncio.Future[Outgoing] = asyncio.get_running_loop().create_future()
-            task = asyncio.create_task(self._reply(msg, text, cut, self._settings(sampling), started))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            return await asyncio.shield(started)
+            return await self._start(msg, sampling, text=text, cut=cut)
         finally:
             self._leave()
 
+    async def regenerate(self, msg: IncomingMessage, *, sampling: Overrides | None = None) -> Outgoing:
+        """Another reply to the chat's last user message (🔄, /retry): a new alternative beside
+        the earlier ones, which stay in the log; it counts toward the rate limit. ``msg`` says
+        who asks and where (its text is not used)."""
+        if not self._accepting:
+            return Answer(self._say(UNAVAILABLE), "unavailable")
+        self._enter()
+        try:
+            if self._limited(msg):
+                return Answer(self._say(RATE_LIMITED), "rate_limited", retry_after=60.0)
+            return await self._regenerate(msg, sampling)
+        finally:
+            self._leave()
+
+    async def _regenerate(self, msg: IncomingMessage, sampling: Overrides | None) -> Outgoing:
+        conversation = await self.store.current_conversation(msg.platform, str(msg.chat_id))
+        last = await self.store.last_user_message(conversation.id)
+        if last is None:
+            return Answer(NOTHING_TO_RETRY)
+        asker = await self.store.user(msg.platform, str(msg.user_id))
+        if asker is None or asker.id != last.user_id:
+            return Answer(NOT_YOURS)
+        live = self._live.get((msg.platform, str(msg.chat_id)))
+        if live is not None:  # 🔄 while it streams: that one stops (and stays, interrupted)
+            live.cancel()
+            await live.result()
+        settings = self._settings(sampling)
+        if settings.temperature == 0:  # greedy would write the same reply again
+            settings = dataclasses.replace(settings, temperature=self.config.generation.regenerate_temperature)
+        replaces = await self.store.kept_reply(last.id)
+        return await self._start(msg, None, settings=settings, user_row=last, replaces=replaces)
+
+    async def _start(self, msg: IncomingMessage, sampling: Overrides | None, *, text: str = "", cut: bool = False,
+                     settings: GenerationSettings | None = None, user_row: db.Message | None = None,
+                     replaces: db.Message | None = None) -> Outgoing:
+        if len(self._tasks) >= self.capacity:
+            return Answer(self._say(BUSY), "busy", retry_after=self.retry_after())
+        started: asyncio.Future[Outgoing] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._reply(msg, text, cut, settings or self._settings(sampling), started,
+                                               user_row=user_row, replaces=replaces))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(started)
+
+    def stop(self, platform: str, chat_id: str) -> bool:
+        """Stop the reply being written in a chat (stop button, /stop) at the engine's next step;
+        its text so far stays, ``interrupted``, and can be rated. False if none is."""
+        reply = self._live.get((platform, str(chat_id)))
+        if reply is None:
+            return False
+        reply.cancel()
+        return True
+
+    async def keep(self, platform: str, chat_id: str, reply_id: int) -> db.Message:
+        """The user went back to an earlier alternative (◀ ▶): the conversation goes on from it.
+        Raises ``UnknownMessage`` for a reply outside this chat's current conversation."""
+        reply = await self.store.message(reply_id)
+        conversation = await self.store.current_conversation(platform, str(chat_id))
+        if reply is None or reply.role != "assistant" or reply.reply_to is None or reply.conversation_id != conversation.id:
+            raise UnknownMessage(f"message {reply_id} is not a reply in this chat's conversation")
+        return await self.store.keep_alternative(reply.reply_to, reply_id)
+
+    async def conversation(self, platform: str, chat_id: str, user_id: str) -> list[Turn]:
+        """The chat's current conversation as its user saw it, oldest first: each user message
+        with every alternative reply, the kept one marked, and the user's own ratings."""
+        conversation = await self.store.current_conversation(platform, str(chat_id))
+        user = await self.store.user(platform, str(user_id))
+        messages = await self.store.conversation_messages(conversation.id)
+        ratings = await self.store.user_ratings(user.id, conversation.id) if user else {}
+        turns: list[Turn] = []
+        by_question: dict[int, Turn] = {}
+        for m in messages:
+            if m.role == "user":
+                turns.append(by_question.setdefault(m.id, Turn(m.id, m.text, [])))
+            elif m.reply_to is None:  # a greeting
+                turns.append(Turn(None, "", [Alternative(m.id, m.text, m.status, None, True)]))
+            elif m.reply_to in by_question:
+                by_question[m.reply_to].replies.append(Alternative(m.id, m.text, m.status, ratings.get(m.id), False))
+        for turn in by_question.values():
+            if turn.replies:
+                kept = await self.store.kept_reply(turn.id)
+                for alternative in turn.replies:
+                    alternative.kept = kept is not None and alternative.id == kept.id
+        return turns
+
     async def _reply(self, msg: IncomingMessage, text: str, cut: bool, settings: GenerationSettings,
-                     started: asyncio.Future[Outgoing]) -> None:
-        """Log the message, start the reply row, then stream the model's reply into it."""
+                     started: asyncio.Future[Outgoing], *, user_row: db.Message | None = None,
+                     replaces: db.Message | None = None) -> None:
+        """Log the message (unless it is logged: a regenerate), start the reply row, then stream
+        the model's reply into it."""
         stream = None
         try:
-            user_row = await self.store.add_user_message(
-                msg.platform, str(msg.chat_id), str(msg.user_id), text,
-                display_name=msg.display_name, platform_message_id=msg.platform_message_id)
+            if user_row is None:
+                user_row = await self.store.add_user_message(
+                    msg.platform, str(msg.chat_id), str(msg.user_id), text,
+                    display_name=msg.display_name, platform_message_id=msg.platform_message_id)
+            else:
+                text = user_row.text
             prompt, trimmed = self._fit(text, await self._history(user_row))
             stream = self.engine.generate(prompt, settings)
             try:
@@ -358,8 +470,15 @@ class Service:
         notice = self._say(CUT, chars=len(trimmed)) if cut or trimmed != text else None
         reply = Reply(row.id, user_row.id, stream.adapter_version, notice)
         reply._cancel = stream.cancel
+        reply.replaces = replaces
+        chat = (msg.platform, str(msg.chat_id))
+        self._live[chat] = reply
         started.set_result(reply)
-        await self._stream(reply, stream)
+        try:
+            await self._stream(reply, stream)
+        finally:
+            if self._live.get(chat) is reply:
+                del self._live[chat]
 
     async def _stream(self, reply: Reply, stream: ReplyStream) -> None:
         pieces: list[str] = []
@@ -541,6 +660,8 @@ class Service:
         if name in ADMIN_COMMANDS and not admin:
             return Answer(f"/{name} is for admins only.")
         try:
+            if name == "stop":
+                return Answer("Stopped." if self.stop(msg.platform, str(msg.chat_id)) else NOTHING_TO_STOP)
             if name == "reset":
                 await self.store.new_conversation(msg.platform, str(msg.chat_id))
                 return Answer("A new conversation begins; earlier messages are no longer in the prompt.")
@@ -560,7 +681,8 @@ class Service:
         known = USER_COMMANDS + (ADMIN_COMMANDS if admin else ())
         intro = "" if name == "help" else f"Unknown command /{name}. "
         return Answer(intro + "Commands: " + ", ".join(f"/{c}" for c in known)
-                      + ". /reset starts a new conversation; /forget deletes your messages and ratings.")
+                      + ". /retry answers your last message again; /stop stops the reply being written; "
+                      "/reset starts a new conversation; /forget deletes your messages and ratings.")
 
     def _notify(self, msg: IncomingMessage) -> Callable[[str], Awaitable[None]] | None:
         send = self.notifiers.get(msg.platform)

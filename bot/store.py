@@ -499,6 +499,20 @@ class Store:
         )
         return [_message_from_row(row) for row in reversed(rows)]
 
+    async def conversation_messages(self, conversation_id: int) -> list[Message]:
+        """Every message of a conversation, oldest first: user messages, each alternative reply
+        (whatever its status) and the greeting."""
+        rows = await self._fetchall(f"{_MESSAGE_SELECT} WHERE m.conversation_id = ? ORDER BY m.id",
+                                    (conversation_id,))
+        return [_message_from_row(row) for row in rows]
+
+    async def user_ratings(self, user_id: int, conversation_id: int) -> dict[int, int]:
+        """A user's own votes in a conversation: message id → +1 or -1."""
+        rows = await self._fetchall(
+            "SELECT r.message_id, r.value FROM ratings AS r JOIN messages AS m ON m.id = r.message_id "
+            "WHERE r.user_id = ? AND m.conversation_id = ?", (user_id, conversation_id))
+        return {row[0]: row[1] for row in rows}
+
     async def last_user_message(self, conversation_id: int) -> Message | None:
         """The conversation's latest user message: what /retry and 🔄 answer again."""
         row = await self._fetchone(

@@ -15,7 +15,8 @@ import pytest_asyncio
 from bot.config import load_config
 from bot.platforms.console import Console
 from bot.service import (
-    Answer, IncomingMessage, Overrides, Reply, Service, UnknownMessage, clean_message, parse_command,
+    NOTHING_TO_RETRY, NOTHING_TO_STOP, NOT_YOURS, Answer, IncomingMessage, Overrides, Reply, Service, UnknownMessage,
+    clean_message, parse_command,
 )
 from bot.store import RatingError, Store
 from training.errors import UserError
@@ -353,3 +354,65 @@ class _Output:
 
     def getvalue(self) -> str:
         return "".join(self.parts)
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
+async def test_regenerate_adds_an_alternative_that_the_next_turn_goes_on_from(bot):
+    first = await say(bot, "讲个故事", user="swiper")
+    await first.result()
+    bot.limiter.clock.now += 61
+    me = IncomingMessage("telegram", "chat-swiper", "swiper", "")
+    second = await bot.regenerate(me)
+    assert isinstance(second, Reply) and second.user_message_id == first.user_message_id
+    assert second.replaces is not None and second.replaces.id == first.message_id
+    await second.result()
+    [sampling] = rows(bot, "SELECT sampling FROM messages WHERE id = ?", second.message_id)
+    assert json.loads(sampling[0])["temperature"] == bot.config.generation.regenerate_temperature  # greedy configured
+    alternatives = [m.id for m in await bot.store.alternatives(first.user_message_id)]
+    assert alternatives == [first.message_id, second.message_id]
+    # Someone else in the chat cannot regenerate it; nothing to regenerate in an empty chat.
+    bot.limiter.clock.now += 61
+    assert (await bot.regenerate(IncomingMessage("telegram", "chat-swiper", "other", ""))).text == NOT_YOURS
+    assert (await bot.regenerate(IncomingMessage("telegram", "empty-chat", "swiper", ""))).text == NOTHING_TO_RETRY
+    # Going back to the first alternative: the next turn's prompt holds it, not the second.
+    texts = {m.id: m.text for m in await bot.store.alternatives(first.user_message_id)}
+    await bot.keep("telegram", "chat-swiper", first.message_id)
+    turns = await bot.conversation("telegram", "chat-swiper", "swiper")
+    assert [(a.id, a.kept) for a in turns[-1].replies] == [(first.message_id, True), (second.message_id, False)]
+    with pytest.raises(UnknownMessage):
+        await bot.keep("telegram", "another-chat", first.message_id)
+    bot.limiter.clock.now += 61
+    third = await say(bot, "然后呢", user="swiper")
+    await third.result()
+    [prompt] = rows(bot, "SELECT prompt FROM messages WHERE id = ?", third.message_id)
+    if texts[first.message_id] != texts[second.message_id]:
+        assert texts[first.message_id] in prompt[0] and texts[second.message_id] not in prompt[0]
+    # /retry as a command is a regenerate too, and counts toward the rate limit.
+    bot.limiter.clock.now += 61
+    again = await bot.handle(IncomingMessage("telegram", "chat-swiper", "swiper", "/retry"))
+    assert isinstance(again, Reply) and again.user_message_id == third.user_message_id
+    await again.result()
+    await (await bot.handle(IncomingMessage("telegram", "chat-swiper", "swiper", "/retry"))).result()
+    assert (await bot.handle(IncomingMessage("telegram", "chat-swiper", "swiper", "/retry"))).kind == "rate_limited"
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
+async def test_stop_ends_the_reply_at_the_next_step_and_keeps_its_text(bot):
+    bot.config.generation.max_new_tokens = 120  # within [model] max_seq_length 256 with the prompt
+    try:
+        reply = await say(bot, "请讲一个很长很长的故事", user="stopper", max_tokens=120)
+        async for _ in reply:  # the first piece: it is generating
+            break
+        answer = await bot.handle(IncomingMessage("telegram", "chat-stopper", "stopper", "/stop"))
+        assert answer.text == "Stopped."
+        result = await reply.result()
+    finally:
+        bot.config.generation.max_new_tokens = 8
+    assert result.status == "interrupted" and result.completion_tokens < 120
+    [row] = rows(bot, "SELECT status, text FROM messages WHERE id = ?", reply.message_id)
+    assert row["status"] == "interrupted" and row["text"] == result.text
+    await bot.rate("telegram", "stopper", reply.message_id, 1)  # a stopped reply can be rated
+    bot.limiter.clock.now += 61
+    assert (await bot.handle(IncomingMessage("telegram", "chat-stopper", "stopper", "/stop"))).text == NOTHING_TO_STOP
