@@ -8,11 +8,15 @@ admin API behind a bearer token.
 | POST /v1/chat/completions    | OpenAI chat completions, streaming or not                       |
 | GET  /v1/models              | the one model: the character                                    |
 | POST /api/ratings            | ``{"message_id", "value": 1 or -1}``: a reply in your own chat  |
+| GET  /api/conversation       | your current conversation: messages, alternatives, your ratings |
+| POST /api/keep               | ``{"message_id"}``: go on from this alternative (◀ ▶)           |
+| POST /api/stop               | stop the reply being written in your chat                       |
 | GET  /api/admin/status       | JSON status (admin token)                                       |
 | POST /api/admin/retrain      | start a retrain (admin token)                                   |
 | POST /api/admin/rollback     | serve the previous adapter version (admin token)                |
 
-Who the caller is comes from ``web_auth``: the session cookie, an API key, the admin token, or
+``/retry`` as the message regenerates the last reply (a new alternative, streamed like any
+reply); ``/stop`` stops one. Who the caller is comes from ``web_auth``: the session cookie, an API key, the admin token, or
 (only on a loopback server with no keys) the ``user`` field. Only the last user message of a
 chat request is new: the conversation the model sees is the one the store holds for that user,
 so earlier messages in the request are not used. A client that disconnects cancels its reply.
@@ -131,6 +135,9 @@ class WebChat:
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/api/ratings", self.rate)
+        app.router.add_get("/api/conversation", self.conversation)
+        app.router.add_post("/api/keep", self.keep)
+        app.router.add_post("/api/stop", self.stop_reply)
         app.router.add_get("/api/admin/status", self.admin_status)
         app.router.add_post("/api/admin/retrain", self.admin_retrain)
         app.router.add_post("/api/admin/rollback", self.admin_rollback)
@@ -276,6 +283,52 @@ class WebChat:
             return error(400, str(exc), "invalid_rating", param="message_id")
         return json_response({"message_id": message_id, "user": user, "value": rating.value,
                               "rated_at": rating.rated_at})
+
+    # The conversation (the page's history after a reload, ◀ ▶, stop)
+
+    async def _who(self, request: web.Request, body: dict | None = None) -> Identity:
+        claimed = body.get("user") if body else request.query.get("user")
+        return self.identify(request, parse_user(claimed) if claimed is not None else None)
+
+    async def conversation(self, request: web.Request) -> web.Response:
+        """GET /api/conversation: the user's current conversation, oldest first."""
+        try:
+            who = await self._who(request)
+        except BadRequest as exc:
+            return error(400, str(exc), exc.code, param=exc.param)
+        except Unauthorized as exc:
+            return unauthorized(str(exc))
+        turns = await self.service.conversation(PLATFORM, who.user, who.user)
+        return json_response({"character": self.service.character, "turns": [plain(t) for t in turns]})
+
+    async def keep(self, request: web.Request) -> web.Response:
+        """POST /api/keep ``{"message_id": 12}``: the conversation goes on from that alternative."""
+        try:
+            body = await read_json(request)
+            message_id = parse_message_id(body.get("message_id"))
+            who = await self._who(request, body)
+        except BadRequest as exc:
+            return error(400, str(exc), exc.code, param=exc.param)
+        except Unauthorized as exc:
+            return unauthorized(str(exc))
+        try:
+            kept = await self.service.keep(PLATFORM, who.user, message_id)
+        except UnknownMessage as exc:
+            return error(404, str(exc), "unknown_message", param="message_id")
+        except UserError as exc:
+            return error(409, str(exc), "not_keepable", param="message_id")
+        return json_response({"message_id": kept.id, "user_message_id": kept.reply_to})
+
+    async def stop_reply(self, request: web.Request) -> web.Response:
+        """POST /api/stop: the reply being written in the caller's chat ends at the next step."""
+        try:
+            body = await read_json(request) if request.can_read_body else {}
+            who = await self._who(request, body)
+        except BadRequest as exc:
+            return error(400, str(exc), exc.code, param=exc.param)
+        except Unauthorized as exc:
+            return unauthorized(str(exc))
+        return json_response({"stopped": self.service.stop(PLATFORM, who.user)})
 
     # Admin
 
@@ -463,9 +516,11 @@ def usage(result) -> dict:
 
 
 def extension(reply: Reply, status: str) -> dict:
-    """rolebot's own fields beside OpenAI's (clients ignore them)."""
+    """rolebot's own fields beside OpenAI's (clients ignore them). ``replaces``: the reply a
+    regenerate replaces."""
     return {"user_message_id": reply.user_message_id, "adapter_version": reply.adapter_version,
-            "notice": reply.notice, "status": status}
+            "notice": reply.notice, "status": status,
+            "replaces": reply.replaces.id if reply.replaces is not None else None}
 
 
 def finish_reason(engine_reason: str) -> str:
