@@ -389,3 +389,24 @@ async def test_a_client_that_leaves_mid_body_is_one_info_line(http, site, caplog
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     async with http.get(site.url + "/v1/models") as response:
         assert response.status == 200
+
+
+async def test_retry_keep_stop_and_the_conversation_over_the_api(http, site):
+    status, first = await post(http, site, "/v1/chat/completions", chat_body("再说一遍", "swiper"))
+    assert status == 200
+    status, second = await post(http, site, "/v1/chat/completions", chat_body("/retry", "swiper"))
+    assert status == 200 and second["rolebot"]["replaces"] == int(first["id"])
+    assert second["rolebot"]["user_message_id"] == first["rolebot"]["user_message_id"]
+    async with http.get(site.url + "/api/conversation", params={"user": "swiper"}) as response:
+        turns = (await response.json())["turns"]
+    [turn] = [t for t in turns if t["id"] == first["rolebot"]["user_message_id"]]
+    assert [(r["id"], r["kept"]) for r in turn["replies"]] == [(int(first["id"]), False), (int(second["id"]), True)]
+    # Someone else can neither keep nor see this conversation's replies; the author can.
+    status, body = await post(http, site, "/api/keep", {"message_id": int(first["id"]), "user": "intruder"})
+    assert status == 404 and body["error"]["code"] == "unknown_message"
+    status, body = await post(http, site, "/api/keep", {"message_id": int(first["id"]), "user": "swiper"})
+    assert status == 200 and body == {"message_id": int(first["id"]), "user_message_id": turn["id"]}
+    async with http.get(site.url + "/api/conversation", params={"user": "intruder"}) as response:
+        assert (await response.json())["turns"] == []
+    status, body = await post(http, site, "/api/stop", {"user": "swiper"})
+    assert status == 200 and body == {"stopped": False}  # nothing streaming now
