@@ -11,7 +11,7 @@ from bot import __version__
 from training.errors import UserError
 
 # Each name is a module in bot/commands with ``register(subparsers)``.
-COMMANDS = ["prepare", "train", "eval", "adapters", "chat", "serve", "retrain", "augment"]
+COMMANDS = ["prepare", "train", "eval", "adapters", "chat", "serve", "retrain", "augment", "card"]
 
 DESCRIPTION = """\
 rolebot turns a screenplay into a LoRA fine-tune of a small or 4-bit base model and serves

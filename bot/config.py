@@ -33,6 +33,14 @@ class CharacterSettings:
     aliases: list[str] = opt(["嬛嬛", "莞贵人", "莞嫔", "熹妃", "熹贵妃"], "other names of the character in the script")
     persona: str = opt(DEFAULT_PERSONA, "who the character is; the system part of every prompt")
     script: list[str] = opt([], "screenplay files to prepare (empty: the project's sample script)")
+    greeting: str = opt("", "the character's first message in every new conversation ({{user}}: the user's name); empty: none")
+    card: str = opt("", "the character card the character was imported from (rolebot card import keeps a copy; export starts from it)")
+
+    def greeting_for(self, user_name: str) -> str | None:
+        """The greeting a new conversation starts with, addressed to ``user_name``; None if unset."""
+        if not self.greeting.strip():
+            return None
+        return re.sub(r"\{\{user\}\}|<USER>", lambda _: user_name, self.greeting, flags=re.IGNORECASE)
 
 
 @dataclass

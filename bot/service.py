@@ -647,6 +647,13 @@ class Service:
         row = await self.store.message_by_platform_id(platform, str(chat_id), str(platform_message_id))
         return row if row is not None and row.role == "assistant" else None
 
+    async def greet(self, platform: str, chat_id: str, display_name: str | None = None) -> db.Message | None:
+        """Open the chat's current conversation with [character] greeting, addressed to
+        ``display_name``, for the front-end to show; None when no greeting is configured or the
+        conversation has begun (the greeting is already there, or the user spoke first)."""
+        text = self.config.character.greeting_for(clean_label(display_name or "") or USER_SPEAKER)
+        return None if text is None else await self.store.greet(platform, str(chat_id), text)
+
     async def posted(self, reply: Reply, platform_message_id: str) -> None:
         """A front-end posted part of ``reply`` as this platform message: linked at once, so a
         rating on that part finds its reply even while it streams."""

@@ -416,3 +416,23 @@ async def test_stop_ends_the_reply_at_the_next_step_and_keeps_its_text(bot):
     await bot.rate("telegram", "stopper", reply.message_id, 1)  # a stopped reply can be rated
     bot.limiter.clock.now += 61
     assert (await bot.handle(IncomingMessage("telegram", "chat-stopper", "stopper", "/stop"))).text == NOTHING_TO_STOP
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_greeting_opens_a_new_conversation_and_the_model_sees_it(bot):
+    bot.config.character.greeting = "{{user}}，嬛嬛给您请安。"
+    greeting = await bot.greet("web", "chat-g1", "Ada\u202e")
+    assert (greeting.role, greeting.text) == ("assistant", "Ada，嬛嬛给您请安。")
+    assert await bot.greet("web", "chat-g1", "Ada") is None  # already greeted
+
+    reply = await say(bot, "起来吧", user="g1", platform="web")
+    await reply.result()
+
+    [(prompt,)] = rows(bot, "SELECT prompt FROM messages WHERE id = ?", reply.message_id)
+    assert "Ada，嬛嬛给您请安。" in prompt
+    assert await bot.greet("web", "chat-g1", "Ada") is None  # the conversation has begun
+    bot.config.character.greeting = ""
+    assert await bot.greet("web", "chat-g2", "Ada") is None
+    assert rows(bot, "SELECT COUNT(*) FROM messages WHERE conversation_id IN "
+                     "(SELECT id FROM conversations WHERE chat_id = 'chat-g2')")[0][0] == 0
