@@ -671,7 +671,9 @@ class Service:
                 return Answer("Stopped." if self.stop(msg.platform, str(msg.chat_id)) else NOTHING_TO_STOP)
             if name == "reset":
                 await self.store.new_conversation(msg.platform, str(msg.chat_id))
-                return Answer("A new conversation begins; earlier messages are no longer in the prompt.")
+                text = "A new conversation begins; earlier messages are no longer in the prompt."
+                greeting = await self.greet(msg.platform, str(msg.chat_id), msg.display_name)
+                return Answer(f"{text}\n\n{greeting.text}" if greeting else text)
             if name == "forget":
                 gone = await self.store.forget_user(msg.platform, str(msg.user_id))
                 return Answer(f"Forgotten: {gone.messages} of your messages, {gone.replies} replies "

@@ -27,6 +27,7 @@ max_seq_length = 512
 
 [character]
 persona = "你是甄嬛。"
+greeting = "{{user}}，嬛嬛给您请安。"
 
 [generation]
 max_new_tokens = 160
@@ -100,22 +101,25 @@ async def test_chat_stream_stop_regenerate_rate_and_reload(site, page):
     assert await page.title() == "甄嬛 · rolebot"
     [cookie] = [c for c in await page.context.cookies() if c["name"] == "rolebot_session"]
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    # A new conversation opens with the character's greeting ([character] greeting).
+    await page.wait_for_selector(".msg.bot")
+    assert await page.text_content(".msg.bot") == "用户，嬛嬛给您请安。"
 
     # A reply streams: text shows while the send button is still the stop button.
     await send(page, "请讲一个很长的故事")
-    await page.wait_for_function("() => document.querySelector('.msg.bot')?.textContent.length > 0 "
+    await page.wait_for_function("() => document.querySelectorAll('.msg.bot')[1]?.textContent.length > 0 "
                                  "&& document.getElementById('send').textContent === '⏹'", timeout=60_000)
     # Stop it: the reply ends at the next step, its text kept and shown as interrupted.
     await page.click("#send")
     await page.wait_for_function("() => document.getElementById('send').textContent === '发送' "
                                  "&& document.querySelector('.msg.bot.interrupted')", timeout=60_000)
-    [stopped] = rows(app, "SELECT id, status, text FROM messages WHERE role = 'assistant'")
+    [stopped] = rows(app, "SELECT id, status, text FROM messages WHERE role = 'assistant' AND prompt IS NOT NULL")
     assert stopped["status"] == "interrupted" and stopped["text"]
-    assert await page.text_content(".msg.bot") == stopped["text"]
+    assert await page.text_content(".msg.bot >> nth=1") == stopped["text"]
 
     # Another message, answered to the end, then 🔄: a second alternative in the same bubble.
     await send(page, "你好")
-    await page.wait_for_function("() => document.querySelectorAll('.msg.bot').length === 2 "
+    await page.wait_for_function("() => document.querySelectorAll('.msg.bot').length === 3 "
                                  "&& document.getElementById('send').textContent === '发送'", timeout=120_000)
     [first] = rows(app, "SELECT id, text, reply_to FROM messages WHERE role = 'assistant' AND id > ?", stopped["id"])
     await page.click(".rate >> nth=-1 >> text=🔄")
@@ -124,7 +128,7 @@ async def test_chat_stream_stop_regenerate_rate_and_reload(site, page):
                                  timeout=120_000)
     alternatives = rows(app, "SELECT id, text FROM messages WHERE reply_to = ? ORDER BY id", first["reply_to"])
     assert len(alternatives) == 2 and alternatives[0]["id"] == first["id"]
-    assert len(await page.query_selector_all(".msg.bot")) == 2  # replaced in place, not added
+    assert len(await page.query_selector_all(".msg.bot")) == 3  # replaced in place, not added
     assert await page.text_content(".msg.bot >> nth=-1") == alternatives[1]["text"]
 
     # ◀ goes back to the first alternative; 👍 rates it.
@@ -138,9 +142,10 @@ async def test_chat_stream_stop_regenerate_rate_and_reload(site, page):
 
     # A reload shows the whole conversation from the database: nothing is lost.
     await page.reload()
-    await page.wait_for_function("() => document.querySelectorAll('.msg.bot').length === 2")
+    await page.wait_for_function("() => document.querySelectorAll('.msg.bot').length === 3")
     assert await page.locator(".msg.user").all_text_contents() == ["请讲一个很长的故事", "你好"]
-    assert await page.text_content(".msg.bot >> nth=0") == stopped["text"]
+    assert await page.text_content(".msg.bot >> nth=0") == "用户，嬛嬛给您请安。"
+    assert await page.text_content(".msg.bot >> nth=1") == stopped["text"]
     assert await page.text_content(".msg.bot >> nth=-1") == first["text"]
     assert "1/2" in await page.text_content(".pager")
     assert await page.locator(".rate >> nth=-1 >> button.chosen").text_content() == "👍"

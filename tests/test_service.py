@@ -436,3 +436,18 @@ async def test_a_greeting_opens_a_new_conversation_and_the_model_sees_it(bot):
     assert await bot.greet("web", "chat-g2", "Ada") is None
     assert rows(bot, "SELECT COUNT(*) FROM messages WHERE conversation_id IN "
                      "(SELECT id FROM conversations WHERE chat_id = 'chat-g2')")[0][0] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
+async def test_reset_opens_the_new_conversation_with_the_greeting_on_every_platform(bot):
+    bot.config.character.greeting = "{{user}}，嬛嬛给您请安。"
+    try:
+        for platform in ("telegram", "discord", "web"):
+            bot.limiter.clock.now += 61
+            answer = await bot.handle(IncomingMessage(platform, "chat-r", "r1", "/reset", display_name="Ada"))
+            assert answer.text.endswith("\n\nAda，嬛嬛给您请安。"), platform
+            turns = await bot.conversation(platform, "chat-r", "r1")
+            assert [(t.id, [a.text for a in t.replies]) for t in turns] == [(None, ["Ada，嬛嬛给您请安。"])]
+    finally:
+        bot.config.character.greeting = ""

@@ -298,6 +298,7 @@ class WebChat:
             return error(400, str(exc), exc.code, param=exc.param)
         except Unauthorized as exc:
             return unauthorized(str(exc))
+        await self.service.greet(PLATFORM, who.user)  # a new conversation opens with the greeting
         turns = await self.service.conversation(PLATFORM, who.user, who.user)
         return json_response({"character": self.service.character, "turns": [plain(t) for t in turns]})
 
