@@ -5,13 +5,11 @@ missing resource and no script error."""
 from __future__ import annotations
 
 import shutil
-import sqlite3
 
 import pytest
 import pytest_asyncio
 
-from bot.app import App
-from bot.config import load_config
+from served import rows, serving
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
@@ -35,36 +33,18 @@ temperature = 0.0
 repetition_penalty = 1.0
 stop = []
 
-[console]
-enabled = false
-
 [web]
 port = 0
 
 [service]
 rate_limit_per_minute = 1000
-
-[scheduler]
-enabled = false
-
-[discord]
-token_env = "ROLEBOT_TEST_BROWSER_NO_DISCORD"
-
-[telegram]
-token_env = "ROLEBOT_TEST_BROWSER_NO_TELEGRAM"
 """
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def site(tmp_path_factory, builtin_path):
-    root = tmp_path_factory.mktemp("browser")
-    (root / "config.toml").write_text(CONFIG, encoding="utf-8")
-    app = await App.start(load_config(str(root / "config.toml")), train=False)
-    try:
-        web = next(f for f in app.frontends if f.name == "web")
-        yield app, web.url
-    finally:
-        await app.stop()
+    async with serving(tmp_path_factory.mktemp("browser"), CONFIG) as (app, url):
+        yield app, url
 
 
 @pytest_asyncio.fixture(loop_scope="module")
@@ -82,11 +62,6 @@ async def page(site):
         yield page
         await browser.close()
 
-
-def rows(app: App, sql: str, *params) -> list[sqlite3.Row]:
-    with sqlite3.connect(app.config.database) as conn:
-        conn.row_factory = sqlite3.Row
-        return conn.execute(sql, params).fetchall()
 
 
 async def send(page, text: str) -> None:

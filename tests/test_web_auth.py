@@ -4,7 +4,6 @@ API keys, over real HTTP. Impersonation by cookie, key or ``user`` field is refu
 from __future__ import annotations
 
 import os
-import sqlite3
 import stat
 from pathlib import Path
 
@@ -14,8 +13,8 @@ import pytest_asyncio
 import yarl
 
 from bot.app import App
-from bot.config import load_config
 from bot.platforms.web_auth import COOKIE, Authenticator, is_loopback, load_keys, load_secret, parse_keys
+from served import rows, serving
 from training.errors import UserError
 
 TOKEN_ENV = "ROLEBOT_TEST_AUTH_ADMIN_TOKEN"
@@ -34,9 +33,6 @@ persona = "你是甄嬛，说话含蓄得体。"
 max_new_tokens = 4
 temperature = 0.0
 
-[console]
-enabled = false
-
 [web]
 host = "0.0.0.0"
 port = 0
@@ -47,15 +43,6 @@ api_keys_env = "{KEYS_ENV}"
 rate_limit_per_minute = 100
 admin_token_env = "{TOKEN_ENV}"
 admins_web = ["alice"]
-
-[scheduler]
-enabled = false
-
-[discord]
-token_env = "ROLEBOT_TEST_AUTH_NO_DISCORD"
-
-[telegram]
-token_env = "ROLEBOT_TEST_AUTH_NO_TELEGRAM"
 """
 
 pytestmark = pytest.mark.slow
@@ -65,23 +52,14 @@ ASYNC = pytest.mark.asyncio(loop_scope="module")
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def site(tmp_path_factory, builtin_path):
     root = tmp_path_factory.mktemp("auth")
-    (root / "config.toml").write_text(CONFIG, encoding="utf-8")
     (root / "keys.txt").write_text(f"# key identity\n{ALICE} alice\n{BOB} bob\n{ACME} acme/*\n", encoding="utf-8")
     os.environ[TOKEN_ENV] = TOKEN
     os.environ[KEYS_ENV] = f"{BETA}=beta/*"
-    app = await App.start(load_config(str(root / "config.toml")), train=False)
     try:
-        web = next(f for f in app.frontends if f.name == "web")
-        yield app, f"http://127.0.0.1:{web.port}", root
+        async with serving(root, CONFIG) as (app, url):
+            yield app, url, root
     finally:
-        await app.stop()
         del os.environ[TOKEN_ENV], os.environ[KEYS_ENV]
-
-
-def rows(app: App, sql: str, *params) -> list[sqlite3.Row]:
-    with sqlite3.connect(app.config.database) as conn:
-        conn.row_factory = sqlite3.Row
-        return conn.execute(sql, params).fetchall()
 
 
 async def chat(url: str, text: str, *, key: str | None = None, user: str | None = None,

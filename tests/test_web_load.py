@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 
 import aiohttp
 import pytest
 import pytest_asyncio
 
 from bot.app import App
-from bot.config import load_config
+from served import rows, serving
 
 CONFIG = """
 [model]
@@ -29,24 +28,12 @@ repetition_penalty = 1.0
 stop = []
 max_batch_size = 2
 
-[console]
-enabled = false
-
 [web]
 port = 0
 
 [service]
 rate_limit_per_minute = 1000
 max_waiting = 2
-
-[scheduler]
-enabled = false
-
-[discord]
-token_env = "ROLEBOT_TEST_LOAD_NO_DISCORD"
-
-[telegram]
-token_env = "ROLEBOT_TEST_LOAD_NO_TELEGRAM"
 """
 
 pytestmark = pytest.mark.slow
@@ -55,20 +42,9 @@ ASYNC = pytest.mark.asyncio(loop_scope="module")
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def site(tmp_path_factory, builtin_path):
-    root = tmp_path_factory.mktemp("load")
-    (root / "config.toml").write_text(CONFIG, encoding="utf-8")
-    app = await App.start(load_config(str(root / "config.toml")), train=False)
-    try:
-        web = next(f for f in app.frontends if f.name == "web")
-        yield app, web.url
-    finally:
-        await app.stop()
+    async with serving(tmp_path_factory.mktemp("load"), CONFIG) as (app, url):
+        yield app, url
 
-
-def rows(app: App, sql: str, *params) -> list[sqlite3.Row]:
-    with sqlite3.connect(app.config.database) as conn:
-        conn.row_factory = sqlite3.Row
-        return conn.execute(sql, params).fetchall()
 
 
 def body(text: str, user: str, **extra) -> dict:
