@@ -4,7 +4,8 @@ transformers' ``ContinuousBatchingManager`` owns the scheduling: a paged KV cach
 generation thread, and at every decode step it admits waiting requests (their prefill joins the
 step) and drops finished or cancelled ones, freeing their slots and KV blocks. Prompt blocks
 that requests share (the persona) are computed once (``[engine] prefix_sharing``). On CUDA its
-steps replay as CUDA graphs, warmed up at start for every batch size. rolebot adds what a chat
+steps replay as CUDA graphs, and attention runs on PyTorch's flash kernel over the paged cache
+(``bot/engine/attention.py``) instead of transformers' masked paged SDPA. rolebot adds what a chat
 needs around it: per-request sampling (temperature, top-p and a repetition penalty each row
 carries itself, so different settings share a step), streaming through an incremental decoder
 and a stop-string filter on the event loop, cancels, errors that fail their rows but not the
