@@ -85,6 +85,8 @@ def main() -> int:
     parser.add_argument("--after", type=float, help="seconds of chatting after the swap (default 20 / 5)")
     parser.add_argument("--max-steps", type=int, help="[retrain] max_steps (default: the shipped config's; CPU: 2)")
     parser.add_argument("--preference", choices=["none", "kto"], help="[retrain] preference (default: the shipped config's)")
+    parser.add_argument("--engine", default="", help="[engine] overrides, KEY=VALUE '+'-joined (as bench/serve.py --variant)")
+    parser.add_argument("--tuning", default="", help="the engine's Tuning fields, KEY=VALUE '+'-joined (e.g. attention=sdpa)")
     parser.add_argument("--work", help="folder for the model, adapters and database (default: a temporary one)")
     parser.add_argument("--out", help="write results.md and results.json into this folder")
     args = parser.parse_args()
@@ -119,6 +121,8 @@ def main() -> int:
     (work / "config.toml").write_text(config_text(base, args, cuda), encoding="utf-8")
     os.environ[TOKEN_ENV] = "bench-admin"
 
+    if args.tuning:
+        tune_engine(serve_bench.split_variant(args.tuning)[1])
     result = asyncio.run(measure(work, args))
     report = render(result)
     print(report)
@@ -128,6 +132,20 @@ def main() -> int:
         (out / "results.md").write_text(report + "\n", encoding="utf-8")
         (out / "results.json").write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
     return 0 if result["cycle"].get("status") == "succeeded" and result["failed_replies"] == 0 else 1
+
+
+def tune_engine(tuning: dict) -> None:
+    """Every LocalEngine this process builds (the App builds its own) gets these Tuning fields."""
+    from dataclasses import replace
+
+    from bot.engine import local
+
+    build = local.LocalEngine.__init__
+
+    def init(self, config, version, _tuning=None):
+        build(self, config, version, replace(local.Tuning(), **tuning))
+
+    local.LocalEngine.__init__ = init
 
 
 def write_originals(work: Path, count: int) -> None:
@@ -148,6 +166,8 @@ def config_text(base: str, args, cuda: bool) -> str:
     if args.preference is not None:
         steps += f"preference = {json.dumps(args.preference)}\n"
     small = "" if cuda else "batch_size = 1\ngrad_accum = 1\npack_length = 512\nwarmup_steps = 0\n"
+    engine = "".join(f"{k} = {v if v in ('true', 'false') or v.replace('.', '').isdigit() else json.dumps(v)}\n"
+                     for k, v in (item.split("=", 1) for item in args.engine.split("+") if item))
     return f"""# bench/retrain.py: the shipped defaults, except what a bench needs
 [character]
 name = "{CHARACTER}"
@@ -167,6 +187,8 @@ temperature = 0.0
 repetition_penalty = 1.0
 stop = []
 
+[engine]
+{engine}
 [service]
 rate_limit_per_minute = 10000
 admin_token_env = "{TOKEN_ENV}"
@@ -269,6 +291,7 @@ async def measure(work: Path, args) -> dict:
         seeded = await seed(app, args.rated, args.up_share)
         print(f"bench: seeded {seeded}", file=sys.stderr, flush=True)
         url = next(f for f in app.frontends if f.name == "web").url
+        chatting = time.time()  # reply rows are stamped with the wall clock
 
         async def client(session, n: int) -> None:
             rng = random.Random(n)
@@ -280,7 +303,7 @@ async def measure(work: Path, args) -> dict:
             await chat(session, url, "warmup", "皇上吉祥！")  # first batch shapes (CUDA graphs) outside the timing
             clients = [asyncio.create_task(client(session, n)) for n in range(args.clients)]
             await asyncio.sleep(args.before)
-            trigger = time.perf_counter()
+            trigger, trigger_wall = time.perf_counter(), time.time()
             async with session.post(f"{url}/api/admin/retrain", headers=admin) as r:
                 body = await r.json()
                 if r.status != 202:
@@ -293,7 +316,7 @@ async def measure(work: Path, args) -> dict:
                 if not status["retrain"]["running"]:
                     break
                 await asyncio.sleep(0.5)
-            done = time.perf_counter()
+            done, done_wall = time.perf_counter(), time.time()
             print(f"bench: retrain ended after {done - trigger:.0f} s: {status['retrain']['last_run']['reason']}",
                   file=sys.stderr, flush=True)
             await asyncio.sleep(args.after)
@@ -306,6 +329,14 @@ async def measure(work: Path, args) -> dict:
     last = status["retrain"]["last_run"]
     with sqlite3.connect(work / "rolebot.db") as conn:
         statuses = dict(conn.execute("SELECT status, COUNT(*) FROM messages WHERE role = 'assistant' GROUP BY status"))
+    with sqlite3.connect(work / "rolebot.db") as conn:
+        rows = conn.execute("SELECT created_at, first_token_ms, prompt_tokens FROM messages "
+                            "WHERE role = 'assistant' AND created_at >= ?", (chatting,)).fetchall()
+    # The engine's own first token (submit to first piece, as the reply row records it), beside
+    # the client's: the difference is the service and the web front-end.
+    engine_side = {"before the retrain": [r for r in rows if r[0] < trigger_wall],
+                   "during the retrain": [r for r in rows if trigger_wall <= r[0] < done_wall],
+                   "after the swap": [r for r in rows if r[0] >= done_wall]}
     phases = {"before the retrain": [r for r in replies if r.started < trigger],
               "during the retrain": [r for r in replies if trigger <= r.started < done],
               "after the swap": [r for r in replies if r.started >= done]}
@@ -317,12 +348,13 @@ async def measure(work: Path, args) -> dict:
              "liked": metrics.get("liked"), "disliked": metrics.get("disliked"), "replayed": metrics.get("replayed"),
              "gate": {k: metrics.get(k) for k in ("val_nll_active", "val_nll_candidate", "preference_active",
                                                    "preference_candidate", "heldout_up", "heldout_down")},
-             "swap_ms": status["engine"].get("last_swap_ms"), "active_after": status["active_version"]}
+             "swap_ms": status["engine"].get("last_swap_ms"), "active_after": status["active_version"],
+             "engine": status["engine"].get("batching"), "largest_batch": status["engine"].get("largest_batch")}
     from training.modeling import device
 
     return {"device": device().name, "model": str(app.config.model.base), "clients": args.clients,
             "new_tokens": args.new_tokens, "seeded": seeded, "cycle": cycle,
-            "max_steps": app.config.retrain.max_steps, "phases": {k: summary(v) for k, v in phases.items()},
+            "max_steps": app.config.retrain.max_steps, "phases": {k: {**summary(v), **engine_summary(engine_side[k])} for k, v in phases.items()},
             "failed_replies": sum(not r.ok for r in replies), "errors": sorted({r.error for r in replies if r.error})[:5],
             "reply_statuses": statuses,
             "versions_after_swap": sorted({r.version or "base" for r in phases["after the swap"]})}
@@ -339,9 +371,19 @@ def summary(replies: list[Reply]) -> dict:
         return None if value is None else round(value, 3)
 
     return {"replies": len(replies), "failed": sum(not r.ok for r in replies),
-            "first_p50": pct(firsts, 50), "first_p95": pct(firsts, 95),
+            "first_p50": pct(firsts, 50), "first_p95": pct(firsts, 95), "first_max": pct(firsts, 100),
             "total_p50": pct(totals, 50), "total_p95": pct(totals, 95),
             "versions": sorted({r.version or "base" for r in replies})}
+
+
+def engine_summary(rows: list[tuple]) -> dict:
+    from serve import percentile
+
+    firsts = [r[1] / 1000 for r in rows if r[1] is not None]
+    prompts = [r[2] for r in rows if r[2] is not None]
+    p = lambda values, q: None if percentile(values, q) is None else round(percentile(values, q), 3)  # noqa: E731
+    return {"engine_first_p50": p(firsts, 50), "engine_first_p95": p(firsts, 95),
+            "prompt_tokens_p50": p(prompts, 50), "prompt_tokens_max": p(prompts, 100)}
 
 
 def share(value: float | None) -> str:
@@ -363,10 +405,14 @@ def render(result: dict) -> str:
              f"| gate: 👍 ranked above 👎, active → candidate | {share(gate['preference_active'])} → {share(gate['preference_candidate'])} "
              f"({gate['heldout_up']} 👍 × {gate['heldout_down']} 👎 held out) |",
              f"| hot swap in the engine | {c['swap_ms']} ms |",
-             "", "| replies | count | failed | first token p50 / p95 s | reply p50 / p95 s | versions |",
-             "|---|---|---|---|---|---|"]
+             f"| engine | {c['engine']}; largest batch {c['largest_batch']} |",
+             "", "| replies | count | failed | first token p50 / p95 / max s | engine's first token p50 / p95 s "
+             "| prompt tokens p50 / max | reply p50 / p95 s | versions |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, p in result["phases"].items():
-        lines.append(f"| {name} | {p['replies']} | {p['failed']} | {p['first_p50']} / {p['first_p95']} | "
+        lines.append(f"| {name} | {p['replies']} | {p['failed']} | {p['first_p50']} / {p['first_p95']} / {p['first_max']} | "
+                     f"{p.get('engine_first_p50')} / {p.get('engine_first_p95')} | "
+                     f"{p.get('prompt_tokens_p50')} / {p.get('prompt_tokens_max')} | "
                      f"{p['total_p50']} / {p['total_p95']} | {', '.join(p['versions'])} |")
     lines += ["", f"failed replies: {result['failed_replies']}"
               + (f" ({'; '.join(result['errors'])})" if result["errors"] else "")

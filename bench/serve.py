@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -279,11 +279,35 @@ def run_phase(args) -> int:
     return 0
 
 
+def split_variant(overrides: str) -> tuple[dict, dict]:
+    """A variant's KEY=VALUE items: ``[engine]`` settings, and the engine's ``Tuning`` fields
+    (``bot.engine.local.Tuning``: attention, async_batching, max_batch_tokens, ...)."""
+    from dataclasses import fields
+
+    from bot.config import EngineSettings
+
+    try:
+        from bot.engine.local import Tuning
+        tunable = {f.name for f in fields(Tuning)}
+    except ImportError:  # an older checkout (--previous)
+        tunable = set()
+    settings = {f.name for f in fields(EngineSettings)}
+    engine, tuning = {}, {}
+    for item in (item for item in overrides.split("+") if item):
+        key, value = item.split("=", 1)
+        if key in tunable and key not in settings:
+            tuning[key] = None if value == "none" else (value == "true") if value in ("true", "false") \
+                else int(value) if value.isdigit() else value
+        else:
+            engine[key] = value
+    return engine, tuning
+
+
 def bench_config(base: str, new_tokens: int, rows: int, overrides: str = ""):
     from bot.config import parse_config
 
     engine = "".join(f"{k} = {v if v in ('true', 'false') or v.replace('.', '').isdigit() else json.dumps(v)}\n"
-                     for k, v in (item.split("=", 1) for item in overrides.split("+") if item))
+                     for k, v in split_variant(overrides)[0].items())
     text = f"""
 [character]
 persona = {json.dumps(PERSONA, ensure_ascii=False)}
@@ -337,8 +361,12 @@ async def engine_phase(args, base: str, v1, v2) -> dict:
     """rolebot's engine as ``rolebot serve`` builds it."""
     from bot.engine import make_engine
 
-    config = bench_config(base, args.new_tokens, args.rows, args.variant[0] if args.variant else "")
+    variant = args.variant[0] if args.variant else ""
+    config = bench_config(base, args.new_tokens, args.rows, variant)
     engine = make_engine(config, v1)
+    tuning = split_variant(variant)[1]
+    if tuning:
+        engine.tuning = replace(engine.tuning, **tuning)
     loaded = time.perf_counter()
     await engine.start()
     start_s = time.perf_counter() - loaded

@@ -294,6 +294,26 @@ async def test_a_broken_version_is_refused_before_anything_changes(engine, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
+async def test_tuning_reaches_the_manager_and_the_cpu_keeps_transformers_attention(project, versions):
+    """LocalEngine's Tuning (what bench/serve.py --variant measures) sets the manager's block size
+    and step budget; PyTorch's flash kernel is CUDA-only, so the CPU keeps paged SDPA."""
+    from bot.engine.local import LocalEngine, Tuning
+
+    config = parse_config((project / "config.toml").read_text(encoding="utf-8"), project / "config.toml")
+    engine = LocalEngine(config, versions[0], Tuning(block_size=16, max_batch_tokens=256))
+    await engine.start()
+    try:
+        processor = engine._manager.batch_processor
+        assert processor.cache.block_size == 16 and processor.cache.max_batch_tokens == 256
+        assert engine._attention in ("sdpa", "paged|sdpa") and "flash" not in engine.status().batching
+        assert not processor.use_async_batching
+        assert await reply(engine.generate(engine.render(Sample(instruction="皇上吉祥")), greedy(6)))
+    finally:
+        await engine.close()
+
+
 def test_incremental_decoding_never_splits_a_character(builtin_path):
     from transformers import AutoTokenizer
 

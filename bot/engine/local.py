@@ -4,7 +4,8 @@ transformers' ``ContinuousBatchingManager`` owns the scheduling: a paged KV cach
 generation thread, and at every decode step it admits waiting requests (their prefill joins the
 step) and drops finished or cancelled ones, freeing their slots and KV blocks. Prompt blocks
 that requests share (the persona) are computed once (``[engine] prefix_sharing``). On CUDA its
-steps replay as CUDA graphs, warmed up at start for every batch size. rolebot adds what a chat
+steps replay as CUDA graphs, and attention runs on PyTorch's flash kernel over the paged cache
+(``bot/engine/attention.py``) instead of transformers' masked paged SDPA. rolebot adds what a chat
 needs around it: per-request sampling (temperature, top-p and a repetition penalty each row
 carries itself, so different settings share a step), streaming through an incremental decoder
 and a stop-string filter on the event loop, cancels, errors that fail their rows but not the
@@ -48,6 +49,27 @@ BLOCK_SIZE = {"cpu": 32, "cuda": 64}
 MAX_BATCH_TOKENS = {"cpu": 512, "cuda": 4096}
 # The KV cache holds this many tokens per row unless [engine] kv_cache_tokens says otherwise.
 KV_TOKENS_PER_ROW = 512
+
+
+@dataclass
+class Tuning:
+    """How the manager runs, below what ``[engine]`` configures: the shipped values are the
+    measured best (README, engine section); ``bench/serve.py --variant`` sets them by name to
+    measure the alternatives."""
+
+    # "auto": PyTorch's flash kernel over the paged cache on CUDA (bot/engine/attention.py),
+    # transformers' paged SDPA elsewhere; "sdpa": transformers' paged SDPA everywhere.
+    attention: str = "auto"
+    # transformers' async batching: the host prepares step n+1 while the GPU runs step n.
+    # None: on CUDA with graphs unless the repetition penalty is installed (it refills its
+    # buffer between steps, so no step may run ahead).
+    async_batching: bool | None = None
+    max_batch_tokens: int = 0  # 0: MAX_BATCH_TOKENS
+    block_size: int = 0  # 0: BLOCK_SIZE
+    # With CUDA graphs each step is padded to these many query / cached tokens (one graph per
+    # size); 0: transformers' defaults (64 / 16,384).
+    q_padding: int = 0
+    kv_padding: int = 0
 
 
 @dataclass(eq=False)
@@ -108,8 +130,9 @@ class LocalEngine:
 
     backend = "local"
 
-    def __init__(self, config: Config, version: Version | None):
+    def __init__(self, config: Config, version: Version | None, tuning: Tuning | None = None):
         self.config = config
+        self.tuning = tuning or Tuning()
         self.max_prompt_tokens = prompt_budget(config)
         self.adapter_version = version.name if version else None
         self.model = self.tokenizer = None
@@ -131,6 +154,7 @@ class LocalEngine:
         self._device = None
         self._penalty = False
         self._weights = ""
+        self._attention = ""
         self.counters = _Counters()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -160,11 +184,12 @@ class LocalEngine:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-        from bot.engine import penalty
+        from bot.engine import attention, penalty
 
         kind = self._device.kind
+        tuning = self.tuning
         rows = self.config.generation.max_batch_size
-        block = BLOCK_SIZE[kind]
+        block = tuning.block_size or BLOCK_SIZE[kind]
         kv_tokens = self.config.engine.kv_cache_tokens or max(rows * KV_TOKENS_PER_ROW, self.config.model.max_seq_length)
         kv_tokens = max(kv_tokens, self.config.model.max_seq_length + block)
         cuda = kind == "cuda"
@@ -180,19 +205,32 @@ class LocalEngine:
             max_new_tokens=self.config.generation.max_new_tokens, eos_token_id=self._eos,
             pad_token_id=self.tokenizer.pad_token_id,
         )
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if cuda and tuning.attention == "auto" and attention.available(inner.device):
+            inner.set_attn_implementation(attention.install())
+        self._attention = inner.config._attn_implementation
+        graphs = cuda and self.config.engine.cuda_graphs
+        # transformers' own rule (graphs and no mask to build), which does not know our attention
+        run_ahead = tuning.async_batching if tuning.async_batching is not None else graphs and self._attention == attention.NAME
         batching = ContinuousBatchingConfig(
-            block_size=block, num_blocks=math.ceil(kv_tokens / block), max_batch_tokens=MAX_BATCH_TOKENS[kind],
+            block_size=block, num_blocks=math.ceil(kv_tokens / block),
+            max_batch_tokens=tuning.max_batch_tokens or MAX_BATCH_TOKENS[kind],
             max_requests_per_batch=rows, allow_block_sharing=self.config.engine.prefix_sharing,
             # The penalty's history buffer is refilled between steps: no step may run ahead.
-            use_async_batching=False if self._penalty else None,
-            use_cuda_graph=cuda and self.config.engine.cuda_graphs,
+            use_async_batching=run_ahead and not self._penalty,
+            use_cuda_graph=graphs, q_padding_interval_size=tuning.q_padding, kv_padding_interval_size=tuning.kv_padding,
             default_compile_level=self.config.engine.compile_level if cuda else 0,
             per_request_processors=True,
         )
-        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         manager = _manager_class()(inner, generation, batching)
         if self._penalty:
             penalty.install(manager, rows, self.config.model.max_seq_length, inner.device)
+        # The paged cache is allocated uninitialised, and warm-up requests read cache blocks that
+        # nothing wrote: bit patterns that are NaN in bf16 reach the sampler, whose multinomial
+        # then kills the CUDA context with a device-side assert. Zero it once.
+        manager.batch_processor = manager._create_batch_processor()
+        for layer in manager.batch_processor.cache.key_cache + manager.batch_processor.cache.value_cache:
+            layer.zero_()
         manager.warmup()  # captures the CUDA graphs of every batch size; nothing to do without them
         manager.start()
         # One tiny reply first, so that the first user does not wait for the first step's set-up.
@@ -395,6 +433,8 @@ class LocalEngine:
             parts.append("CUDA graphs")
         if self._weights:
             parts.append(self._weights)
+        if self._attention == "paged|rolebot":
+            parts.append("flash attention (PyTorch's kernel)")
         return ", ".join(parts)
 
     def status(self) -> EngineStatus:
