@@ -65,6 +65,7 @@ ADMIN_COMMANDS = ("status", "retrain", "rollback")
 USER_COMMANDS = ("retry", "stop", "reset", "forget", "help")
 NOTHING_TO_RETRY = "There is no message of yours in this conversation to answer again yet."
 NOT_YOURS = "Only the one who wrote the last message can ask for another reply to it."
+NOT_LAST = "Only the last reply can be written again; this one is from earlier in the conversation."
 NOTHING_TO_STOP = "No reply is being written in this chat."
 
 ReplyStatus = Literal["complete", "interrupted", "failed", "forgotten"]
@@ -348,25 +349,33 @@ class Service:
         finally:
             self._leave()
 
-    async def regenerate(self, msg: IncomingMessage, *, sampling: Overrides | None = None) -> Outgoing:
+    async def regenerate(self, msg: IncomingMessage, *, sampling: Overrides | None = None,
+                         reply_id: int | None = None) -> Outgoing:
         """Another reply to the chat's last user message (🔄, /retry): a new alternative beside
         the earlier ones, which stay in the log; it counts toward the rate limit. ``msg`` says
-        who asks and where (its text is not used)."""
+        who asks and where (its text is not used). ``reply_id``: the reply whose 🔄 was pressed;
+        one that does not answer the last user message is refused (``NOT_LAST``), so a button
+        under an older reply never rewrites a different one."""
         if not self._accepting:
             return Answer(self._say(UNAVAILABLE), "unavailable")
         self._enter()
         try:
             if self._limited(msg):
                 return Answer(self._say(RATE_LIMITED), "rate_limited", retry_after=60.0)
-            return await self._regenerate(msg, sampling)
+            return await self._regenerate(msg, sampling, reply_id)
         finally:
             self._leave()
 
-    async def _regenerate(self, msg: IncomingMessage, sampling: Overrides | None) -> Outgoing:
+    async def _regenerate(self, msg: IncomingMessage, sampling: Overrides | None,
+                          reply_id: int | None = None) -> Outgoing:
         conversation = await self.store.current_conversation(msg.platform, str(msg.chat_id))
         last = await self.store.last_user_message(conversation.id)
         if last is None:
             return Answer(NOTHING_TO_RETRY)
+        if reply_id is not None:
+            pressed = await self.store.message(reply_id)
+            if pressed is None or pressed.reply_to != last.id:
+                return Answer(NOT_LAST)
         asker = await self.store.user(msg.platform, str(msg.user_id))
         if asker is None or asker.id != last.user_id:
             return Answer(NOT_YOURS)

@@ -472,13 +472,16 @@ class Store:
     ) -> Message | None:
         """The message a platform message belongs to, e.g. the reply a reaction was added to.
 
-        The chat is part of the key because Telegram numbers messages per chat.
+        The chat is part of the key because Telegram numbers messages per chat. A regenerate
+        edits the platform messages of the reply it replaces, so one platform message can carry
+        several alternatives: it shows the latest, and that one is returned.
         """
         row = await self._fetchone(
             f"""{_MESSAGE_SELECT}
             JOIN message_platform_ids AS p ON p.message_id = m.id
             JOIN conversations AS c ON c.id = m.conversation_id
-            WHERE p.platform_message_id = ? AND c.platform = ? AND c.chat_id = ?""",
+            WHERE p.platform_message_id = ? AND c.platform = ? AND c.chat_id = ?
+            ORDER BY m.id DESC LIMIT 1""",
             (platform_message_id, platform, chat_id),
         )
         return _message_from_row(row) if row else None

@@ -19,7 +19,7 @@ import pytest_asyncio
 from bot.config import load_config
 from bot.platforms import Options
 from bot.platforms.discord import MAX_CHARS, DiscordFrontend, from_config, split
-from bot.service import Service
+from bot.service import NOT_LAST, NOT_YOURS, NOTHING_TO_STOP, Service
 from bot.status import RetrainStatus
 from bot.store import Store
 from emulators.discord_api import DiscordEmulator
@@ -46,7 +46,12 @@ edit_interval = 0.2
 [service]
 admins_discord = ["{ADMIN}"]
 """
-COMMANDS = ["reset", "forget", "status", "retrain", "rollback"]
+def BUTTONS(dc: DiscordEmulator) -> dict:
+    """The reactions the bot puts under a finished reply."""
+    return {"👍": {dc.bot_user_id}, "👎": {dc.bot_user_id}, "🔄": {dc.bot_user_id}}
+
+
+COMMANDS = ["retry", "stop", "reset", "forget", "status", "retrain", "rollback"]
 
 
 # Splitting and wiring: no model needed.
@@ -115,8 +120,21 @@ class Bot:
                 return None
             sent = next(m for m in self.dc.sent_messages if m.id == int(ids[-1]))
             buttons = self.dc.reactions.get(sent.id, {})
-            return sent.content == rows[0]["text"] and len(buttons) == 2 and (rows[0], sent)
+            return sent.content == rows[0]["text"] and len(buttons) == 3 and (rows[0], sent)
         return await self.dc.wait_for(done, timeout)
+
+    def alternatives(self, user_message_id: int) -> list[sqlite3.Row]:
+        return self.rows("SELECT * FROM messages WHERE reply_to = ? ORDER BY id", user_message_id)
+
+    async def alternative(self, user_message_id: int, n: int, sent):
+        """The ``n``-th reply (1: the first) to a user message, once it is finished and the
+        Discord message ``sent`` shows it in full with the bot's 👍/👎/🔄 under it."""
+        def done():
+            rows = self.alternatives(user_message_id)
+            if len(rows) < n or rows[n - 1]["status"] == "generating":
+                return None
+            return sent.content == rows[n - 1]["text"] and self.dc.reactions.get(sent.id) == BUTTONS(self.dc) and rows[n - 1]
+        return await self.dc.wait_for(done, 60)
 
     def ratings(self) -> list[tuple]:
         return [tuple(r) for r in self.rows(
@@ -170,7 +188,7 @@ async def test_a_mention_gets_a_streamed_reply_and_reactions_rate_it(bot, caplog
     assert all(b - a >= 0.2 * 0.99 for a, b in zip(times, times[1:]))
     assert reply.pinged_user_ids == [] and not reply.pings_everyone
     assert reply.allowed_mentions["parse"] == []
-    assert dc.reactions[reply.id] == {"👍": {dc.bot_user_id}, "👎": {dc.bot_user_id}}
+    assert dc.reactions[reply.id] == BUTTONS(dc)
 
     # Both sides are in SQLite with their Discord ids; the mention is not part of the text.
     user_row = bot.rows("SELECT * FROM messages WHERE id = ?", row["reply_to"])[0]
@@ -287,7 +305,7 @@ async def test_a_reply_that_finishes_during_shutdown_still_gets_its_reactions(bo
                      "WHERE p.platform_message_id = ?", said["id"])
     [last] = [m for m in dc.sent_messages if m.id == int(bot.platform_ids(row["id"])[-1])]
     assert row["status"] == "complete" and last.content == row["text"]
-    assert dc.reactions[last.id] == {"👍": {dc.bot_user_id}, "👎": {dc.bot_user_id}}
+    assert dc.reactions[last.id] == BUTTONS(dc)
     assert "Session is closed" not in caplog.text
 
 
@@ -317,7 +335,7 @@ async def test_a_reply_longer_than_a_message_goes_on_in_a_second_one(bot):
         async def result(self):
             return dataclasses.make_dataclass("R", ["text"])(text.strip())
 
-    parts = await bot.frontend.stream(message, ScriptedReply())
+    parts = await bot.frontend.stream(message.channel, ScriptedReply(), message)
     sent = [m for m in dc.sent_messages if str(m.id) in bot.platform_ids(row.id)]
     assert [m.content for m in sent] == [p.content for p in parts] == split(text.strip())
     assert len(sent) == 2 and sent[0].reply_to == int(said["id"]) and sent[1].content.startswith("the end.")
@@ -346,3 +364,121 @@ async def test_discord_down_at_start_is_retried_and_a_bad_token_is_not(tmp_path,
     logins = [r for r in dc.requests if r.path == "/users/@me"]
     assert [r.status for r in logins][-1] == 401 and len(logins) == 2  # the refused token: once
     assert TOKEN not in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_retry_reaction_rewrites_the_reply_in_place(bot):
+    dc = bot.dc
+    said = await dc.user_sends("讲个故事", user_id=USER, mention_bot=True)
+    first, reply = await bot.reply_to(said)
+    question = first["reply_to"]
+    await dc.user_reacts(reply.id, "👍", user_id=USER)
+    await dc.wait_for(lambda: bot.ratings() == [(first["id"], str(USER), 1)])
+
+    # Someone else reacts 🔄: told why not (pinging nobody), nothing is written.
+    await dc.user_reacts(reply.id, "🔄", user_id=ADMIN)
+    refusal = await dc.wait_for(lambda: dc.sent_messages[-1].reply_to == reply.id and dc.sent_messages[-1])
+    assert refusal.content == f"<@{ADMIN}> {NOT_YOURS}" and refusal.pinged_user_ids == []
+    assert len(bot.alternatives(question)) == 1
+
+    # Its author reacts 🔄: a second alternative streams into the same message. The reactions on
+    # the old text are cleared, then the bot's 👍/👎/🔄 come back; the old 👍 stays on its row.
+    posted = len(dc.sent_messages)
+    await dc.user_reacts(reply.id, "🔄", user_id=USER)
+    second = await bot.alternative(question, 2, reply)
+    assert len(dc.sent_messages) == posted  # edited, not posted
+    assert bot.platform_ids(second["id"]) == [str(reply.id)] and second["status"] == "complete"
+    [old] = bot.rows("SELECT * FROM messages WHERE id = ?", first["id"])
+    assert (old["text"], old["status"]) == (first["text"], "complete")
+    await dc.user_reacts(reply.id, "👎", user_id=USER)  # rates the new text
+    await dc.wait_for(lambda: len(bot.ratings()) == 2)
+    assert sorted(bot.ratings()) == [(first["id"], str(USER), 1), (second["id"], str(USER), -1)]
+
+    # /retry as text, then as a slash command: a third and a fourth alternative, same message.
+    await dc.user_sends("/retry", user_id=USER, mention_bot=True)
+    third = await bot.alternative(question, 3, reply)
+    record = dc.interactions[await dc.user_invokes("retry", USER)]
+    fourth = await bot.alternative(question, 4, reply)
+    assert record.deferred and record.followups[0].ephemeral and "in place of the last one" in record.followups[0].content
+    assert [bot.platform_ids(r["id"]) for r in (third, fourth)] == [[str(reply.id)]] * 2
+    assert len([m for m in dc.sent_messages if not m.ephemeral]) == posted  # nothing posted for either
+
+    # Once the conversation has gone on, 🔄 under the older reply rewrites nothing.
+    said = await dc.user_sends("然后呢", user_id=USER, mention_bot=True)
+    await bot.reply_to(said)
+    await dc.user_reacts(reply.id, "🔄", user_id=USER)
+    refusal = await dc.wait_for(lambda: dc.sent_messages[-1].reply_to == reply.id and dc.sent_messages[-1])
+    assert refusal.content == f"<@{USER}> {NOT_LAST}" and len(bot.alternatives(question)) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_shorter_regenerate_deletes_the_extra_part(bot):
+    """The first reply is scripted long (the model is too slow on CPU for 2000 characters); the
+    regenerate is the real path: 🔄 under its last part."""
+    dc = bot.dc
+    said = await dc.user_sends("讲个长故事", user_id=USER, mention_bot=True)
+    first, reply = await bot.reply_to(said)
+    text = "once upon a time. " * 150
+    await bot.service.store.finish_reply(first["id"], text, __import__("bot.store").store.ReplyCost())
+    channel = bot.frontend.client.get_partial_messageable(dc.channel_id)
+    parts = split(text)
+    await channel.get_partial_message(reply.id).edit(content=parts[0])
+    more = await channel.send(parts[1])
+    await bot.service.store.link_platform_messages(first["id"], [str(more.id)])
+    for emoji in ("👍", "👎", "🔄"):
+        await more.add_reaction(emoji)
+
+    await dc.user_reacts(more.id, "🔄", user_id=USER)
+    second = await bot.alternative(first["reply_to"], 2, reply)
+    assert [m.id for m in dc.sent_messages if m.deleted] == [more.id]
+    assert bot.platform_ids(second["id"]) == [str(reply.id)]
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
+async def test_stop_ends_a_streaming_reply_and_keeps_its_text(bot):
+    dc = bot.dc
+    # Greedy, the builtin model counts on for all 400 tokens (half a minute on a CPU) here.
+    bot.service.config.generation.max_new_tokens = 400
+    long = "请从一数到一千"
+
+    async def streaming(said):
+        """The bot's first message of the reply, while it streams, once the log links it."""
+        def seen():
+            [row] = bot.rows("SELECT r.* FROM messages r JOIN message_platform_ids p ON p.message_id = r.reply_to "
+                             "WHERE p.platform_message_id = ?", said["id"]) or [None]
+            ids = row and bot.platform_ids(row["id"])
+            return ids and row["status"] == "generating" and next(m for m in dc.sent_messages if m.id == int(ids[0]))
+        return await dc.wait_for(seen, 60)
+
+    async def stopped(said, sent):
+        def done():
+            [row] = bot.rows("SELECT r.* FROM messages r JOIN message_platform_ids p ON p.message_id = r.reply_to "
+                             "WHERE p.platform_message_id = ?", said["id"])
+            reactions = dc.reactions.get(sent.id, {})  # the user's ⏹ stays beside the bot's
+            return (row["status"] != "generating" and sent.content == row["text"]
+                    and all(reactions.get(e) == users for e, users in BUTTONS(dc).items()) and row)
+        return await dc.wait_for(done, 60)
+
+    # ⏹ on the reply, in a DM.
+    said = await dc.user_sends(long, user_id=USER, dm=True)
+    sent = await streaming(said)
+    await dc.user_reacts(sent.id, "⏹", user_id=USER)
+    row = await stopped(said, sent)
+    assert row["status"] == "interrupted" and row["text"] and row["completion_tokens"] < 400
+    await dc.user_reacts(sent.id, "👍", user_id=USER)  # a stopped reply is rated like any
+    await dc.wait_for(lambda: bot.ratings() == [(row["id"], str(USER), 1)])
+
+    # /stop as a slash command in the channel; then as text, with nothing left to stop.
+    said = await dc.user_sends(long, user_id=USER, mention_bot=True)
+    sent = await streaming(said)
+    record = dc.interactions[await dc.user_invokes("stop", USER)]
+    await dc.wait_for(lambda: record.original)
+    assert record.original.content == "Stopped." and record.original.ephemeral
+    row = await stopped(said, sent)
+    assert row["status"] == "interrupted" and row["text"] and row["completion_tokens"] < 400
+    said = await dc.user_sends("/stop", user_id=USER, mention_bot=True)
+    answer = await dc.wait_for(lambda: dc.sent_messages[-1].reply_to == int(said["id"]) and dc.sent_messages[-1])
+    assert answer.content == NOTHING_TO_STOP

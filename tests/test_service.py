@@ -451,3 +451,44 @@ async def test_reset_opens_the_new_conversation_with_the_greeting_on_every_platf
             assert [(t.id, [a.text for a in t.replies]) for t in turns] == [(None, ["Ada，嬛嬛给您请安。"])]
     finally:
         bot.config.character.greeting = ""
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
+async def test_console_r_writes_another_reply_and_stop_ends_one(bot):
+    read, write = os.pipe()
+    out = _Output()
+    quit = asyncio.Event()
+    console = Console(bot, fd=read, out=out, on_quit=quit.set)
+    name = bot.config.character.name
+
+    async def printed(text: str, count: int = 1) -> None:
+        while out.getvalue().count(text) < count:
+            await asyncio.sleep(0.05)
+
+    try:
+        await console.start()
+        os.write(write, "/reset\n讲个故事\nr\n".encode())
+        await asyncio.wait_for(printed("(another reply)\n"), 60)
+        await asyncio.wait_for(printed("你：", 4), 60)  # the second reply printed in full
+        [question] = rows(bot, "SELECT m.id FROM messages m JOIN users u ON u.id = m.user_id "
+                               "WHERE u.platform = 'console' ORDER BY m.id DESC LIMIT 1")
+        first, second = rows(bot, "SELECT id, text, status FROM messages WHERE reply_to = ? ORDER BY id", question[0])
+        assert second["status"] == "complete" and second["text"] in out.getvalue().split("(another reply)")[1]
+
+        # A new conversation, so that the prompt and a long reply fit [model] max_seq_length 256.
+        bot.config.generation.max_new_tokens = 120
+        os.write(write, "/reset\n请讲一个很长很长的故事\n".encode())
+        await asyncio.wait_for(printed(f"{name}：", 3), 60)
+        while not out.getvalue().rsplit(f"{name}：", 1)[1]:  # until its first piece shows
+            await asyncio.sleep(0.05)
+        os.write(write, b"/stop\n")
+        await asyncio.wait_for(printed("(interrupted)"), 60)
+        [row] = rows(bot, "SELECT status, text FROM messages WHERE role = 'assistant' ORDER BY id DESC LIMIT 1")
+        assert row["status"] == "interrupted" and out.getvalue().endswith(f"{row['text']}\n(interrupted)\n你：")
+    finally:
+        bot.config.generation.max_new_tokens = 8
+        os.close(write)  # Ctrl-D
+        await asyncio.wait_for(quit.wait(), 60)
+        await console.stop()
+        os.close(read)

@@ -17,7 +17,7 @@ import pytest_asyncio
 from bot.config import load_config
 from bot.platforms import Options
 from bot.platforms.telegram import MAX_UNITS, TelegramFrontend, from_config, split, utf16_len
-from bot.service import Service
+from bot.service import NOT_LAST, NOT_YOURS, NOTHING_TO_STOP, Service
 from bot.status import RetrainStatus
 from bot.store import Store
 from emulators.telegram_api import TelegramEmulator
@@ -26,6 +26,8 @@ TOKEN = "123456:SECRET-telegram-token"
 TOKEN_ENV = "ROLEBOT_TEST_TELEGRAM_TOKEN"
 ADMIN, USER = 42, 7
 GROUP = -100500
+DONE_BUTTONS = [("👍", "rate:1"), ("👎", "rate:-1"), ("🔄", "retry")]  # under a finished reply
+STREAMING_BUTTONS = [("👍", "rate:1"), ("👎", "rate:-1"), ("⏹", "stop")]  # while it streams
 CONFIG = f"""
 [generation]
 max_new_tokens = 8
@@ -118,8 +120,23 @@ class Bot:
             if not rows or not (ids := self.platform_ids(rows[0]["id"])):
                 return None
             sent = next(m for m in self.tg.sent_messages(chat) if m.message_id == int(ids[-1]))
-            return sent.text == (rows[0]["text"] or "（…）") and sent.buttons and (rows[0], sent)
+            finished = sent.buttons[-1:] == [("🔄", "retry")]  # the last edit's keyboard
+            return sent.text == (rows[0]["text"] or "（…）") and finished and (rows[0], sent)
         return await eventually(done, timeout)
+
+    def alternatives(self, user_message_id: int) -> list[sqlite3.Row]:
+        return self.rows("SELECT * FROM messages WHERE reply_to = ? ORDER BY id", user_message_id)
+
+    async def alternative(self, chat: int, user_message_id: int, n: int, message_id: int):
+        """The ``n``-th reply (1: the first) to a user message, once it is finished and the
+        Telegram message ``message_id`` shows it in full, with the buttons of a finished reply."""
+        def done():
+            rows = self.alternatives(user_message_id)
+            if len(rows) < n or rows[n - 1]["status"] == "generating":
+                return None
+            [sent] = [m for m in self.tg.sent_messages(chat) if m.message_id == message_id]
+            return sent.text == (rows[n - 1]["text"] or "（…）") and sent.buttons == DONE_BUTTONS and rows[n - 1]
+        return await eventually(done, 60)
 
     def ratings(self) -> list[tuple]:
         return [tuple(r) for r in self.rows(
@@ -191,7 +208,7 @@ async def test_a_private_chat_reply_streams_with_buttons_and_is_rated(bot, caplo
     texts = [v.text for v in reply.history]
     assert texts[-1] == row["text"] and all(row["text"].startswith(t) for t in texts)
     assert not tg.flood_violations
-    assert reply.buttons == [("👍", "rate:1"), ("👎", "rate:-1")]
+    assert reply.buttons == DONE_BUTTONS
 
     # Both sides are in SQLite with their Telegram ids.
     user_row = bot.rows("SELECT * FROM messages WHERE id = ?", row["reply_to"])[0]
@@ -207,7 +224,7 @@ async def test_a_private_chat_reply_streams_with_buttons_and_is_rated(bot, caplo
     assert tg.answered_callbacks[-1] == {"callback_query_id": query, "text": "Rated 👍, thank you."}
     assert bot.ratings() == [(row["id"], str(USER), 1)]
     await tg.user_clicks(USER, USER, reply.message_id, "rate:-1")
-    await tg.wait_for(lambda: reply.buttons == [("👍", "rate:1"), ("👎 ✓", "rate:-1")])
+    await tg.wait_for(lambda: reply.buttons == [("👍", "rate:1"), ("👎 ✓", "rate:-1"), ("🔄", "retry")])
     assert bot.ratings() == [(row["id"], str(USER), -1)]
     await tg.user_clicks(USER, USER, reply.message_id, "rate:-1")  # the same again: nothing to edit
     await tg.wait_for(lambda: len(tg.answered_callbacks) == 3)
@@ -241,7 +258,7 @@ async def test_commands_admins_and_the_command_menu(bot):
 
     bot.service.retrainer = Retrainer()
     await polling(bot)
-    assert [c["command"] for c in tg.commands['[{"type": "default"}, ""]']] == ["reset", "forget", "help"]
+    assert [c["command"] for c in tg.commands['[{"type": "default"}, ""]']] == ["retry", "stop", "reset", "forget", "help"]
     admin_menu = tg.commands[f'[{{"chat_id": {ADMIN}, "type": "chat"}}, ""]']
     assert [c["command"] for c in admin_menu][-3:] == ["status", "retrain", "rollback"]
 
@@ -356,7 +373,7 @@ async def test_a_reply_longer_than_a_message_goes_on_in_a_second_one(bot):
     assert [m.text for m in sent] == [p.text for p in parts] == split(text.strip())
     assert len(sent) == 2 and sent[0].reply_to_message_id == said["message_id"]
     assert sent[1].text.startswith("从前有座山")  # cut at the line break
-    assert sent[0].buttons == [] and sent[1].buttons == [("👍", "rate:1"), ("👎", "rate:-1")]
+    assert sent[0].buttons == [] and sent[1].buttons == DONE_BUTTONS
     assert bot.platform_ids(row.id) == [str(m.message_id) for m in sent]
     edits = tg.calls_to("editMessageText")
     assert edits[0].status == 429 and edits[1].status == 200 and edits[1].at - edits[0].at >= 1.0
@@ -382,3 +399,132 @@ async def test_rolebot_serve_runs_telegram_beside_the_web_chat(tmp_path, builtin
             assert reply.text == row["text"]
         finally:
             await app.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
+async def test_retry_writes_another_reply_into_the_same_message(bot):
+    tg = bot.tg
+    await polling(bot)
+    mention = "@rolebot_test_bot"
+    said = await tg.user_sends(GROUP, USER, f"{mention} 讲个故事", chat_type="group",
+                               entities=[{"type": "mention", "offset": 0, "length": len(mention)}])
+    first, reply = await bot.reply_to(GROUP, said)
+    question = first["reply_to"]
+    await tg.user_clicks(GROUP, USER, reply.message_id, "rate:1")
+    await tg.wait_for(lambda: reply.buttons[0][0] == "👍 ✓")
+
+    # Someone else in the group presses 🔄: told why not, nothing is written.
+    query = await tg.user_clicks(GROUP, ADMIN, reply.message_id, "retry")
+    await tg.wait_for(lambda: any(a["callback_query_id"] == query for a in tg.answered_callbacks))
+    assert tg.answered_callbacks[-1] == {"callback_query_id": query, "text": NOT_YOURS}
+    assert len(bot.alternatives(question)) == 1
+
+    # Its author presses 🔄: a second alternative streams into the same message, buttons fresh.
+    sent_before = len(tg.sent_messages(GROUP, include_deleted=True))
+    query = await tg.user_clicks(GROUP, USER, reply.message_id, "retry")
+    second = await bot.alternative(GROUP, question, 2, reply.message_id)
+    assert any(a["callback_query_id"] == query for a in tg.answered_callbacks)
+    assert len(tg.sent_messages(GROUP, include_deleted=True)) == sent_before  # edited, not posted
+    assert second["status"] == "complete" and bot.platform_ids(second["id"]) == [str(reply.message_id)]
+    assert any(v.reply_markup and v.text == reply.text for v in reply.history)
+    # The old alternative keeps its row, its text and its 👍; a 👍 now rates the new one.
+    [old] = bot.rows("SELECT * FROM messages WHERE id = ?", first["id"])
+    assert (old["text"], old["status"]) == (first["text"], "complete")
+    await tg.user_clicks(GROUP, USER, reply.message_id, "rate:-1")
+    await tg.wait_for(lambda: reply.buttons[1][0] == "👎 ✓")
+    assert sorted(bot.ratings()) == [(first["id"], str(USER), 1), (second["id"], str(USER), -1)]
+
+    # /retry does the same: a third alternative, in the same message again.
+    await tg.user_sends(GROUP, USER, "/retry", chat_type="group")
+    third = await bot.alternative(GROUP, question, 3, reply.message_id)
+    assert bot.platform_ids(third["id"]) == [str(reply.message_id)]
+    assert [m.message_id for m in tg.sent_messages(GROUP)][-1] == reply.message_id
+
+    # Once the conversation has gone on, 🔄 under the older reply rewrites nothing.
+    said = await tg.user_sends(GROUP, USER, "然后呢", chat_type="group", reply_to_message_id=reply.message_id)
+    await bot.reply_to(GROUP, said)
+    query = await tg.user_clicks(GROUP, USER, reply.message_id, "retry")
+    await tg.wait_for(lambda: any(a["callback_query_id"] == query for a in tg.answered_callbacks))
+    assert tg.answered_callbacks[-1] == {"callback_query_id": query, "text": NOT_LAST}
+    assert len(bot.alternatives(question)) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_regenerate_shorter_than_the_reply_it_replaces_deletes_the_extra_part(bot):
+    """The first reply is scripted (the model is too slow on CPU for 4096 units); the regenerate
+    is the real path: 🔄 under its last part."""
+    tg = bot.tg
+    await polling(bot)
+    said = await tg.user_sends(USER, USER, "讲个长故事")
+    first, _ = await bot.reply_to(USER, said)
+    store = bot.service.store
+    text = "很久很久以前。" * 700
+    await store.finish_reply(first["id"], text, __import__("bot.store").store.ReplyCost())
+    [old] = [m for m in tg.sent_messages(USER) if m.message_id == int(bot.platform_ids(first["id"])[0])]
+    from telegram import Message
+
+    parts = split(text)
+    message = Message.de_json(tg._bot_message_dict(old), bot.frontend.app.bot)
+    await message.edit_text(parts[0])
+    more = await bot.frontend.app.bot.send_message(USER, parts[1], reply_markup=old.reply_markup)
+    await store.link_platform_messages(first["id"], [str(more.message_id)])
+
+    await tg.user_clicks(USER, USER, more.message_id, "retry")
+    second = await bot.alternative(USER, first["reply_to"], 2, old.message_id)
+    assert [m.message_id for m in tg.sent_messages(USER, include_deleted=True) if m.deleted] == [more.message_id]
+    assert bot.platform_ids(second["id"]) == [str(old.message_id)]
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
+async def test_stop_ends_a_streaming_reply_and_keeps_its_text(bot):
+    tg = bot.tg
+    # Greedy, the builtin model counts on for all 400 tokens (half a minute on a CPU) here.
+    bot.service.config.generation.max_new_tokens = 400
+    await polling(bot)
+    long = "请从一数到一千"
+
+    async def streaming(chat, said):
+        """The bot's message while the reply streams, with ⏹ under it, once the log links it to
+        the reply (a moment after Telegram has it)."""
+        def seen():
+            message = next((m for m in tg.sent_messages(chat) if m.message_id > said["message_id"]
+                            and m.buttons == STREAMING_BUTTONS), None)
+            linked = message and bot.rows(
+                "SELECT 1 FROM message_platform_ids p JOIN messages m ON m.id = p.message_id JOIN conversations c "
+                "ON c.id = m.conversation_id WHERE p.platform_message_id = ? AND c.chat_id = ? AND m.role = 'assistant'",
+                str(message.message_id), str(chat))
+            return linked and message
+        return await eventually(seen, 60)
+
+    async def stopped(said, message):
+        def done():
+            rows = bot.rows("SELECT r.* FROM messages r JOIN message_platform_ids p ON p.message_id = r.reply_to "
+                            "JOIN conversations c ON c.id = r.conversation_id "
+                            "WHERE p.platform_message_id = ? AND c.chat_id = ? AND r.status != 'generating'",
+                            str(said["message_id"]), str(said["chat"]["id"]))
+            return rows and message.text == rows[0]["text"] and message.buttons == DONE_BUTTONS and rows[0]
+        return await eventually(done, 60)
+
+    # ⏹ under the reply.
+    said = await tg.user_sends(USER, USER, long)
+    message = await streaming(USER, said)
+    query = await tg.user_clicks(USER, USER, message.message_id, "stop")
+    row = await stopped(said, message)
+    assert row["status"] == "interrupted" and row["text"]
+    assert {"callback_query_id": query, "text": "Stopped."} in tg.answered_callbacks
+    await tg.user_clicks(USER, USER, message.message_id, "rate:1")  # a stopped reply is rated like any
+    await eventually(lambda: bot.ratings() == [(row["id"], str(USER), 1)])
+    query = await tg.user_clicks(USER, USER, message.message_id, "stop")  # an old keyboard's ⏹
+    await tg.wait_for(lambda: any(a["callback_query_id"] == query for a in tg.answered_callbacks))
+    assert tg.answered_callbacks[-1]["text"] == "This reply is already finished."
+
+    # /stop, in another chat.
+    said = await tg.user_sends(ADMIN, ADMIN, long)
+    message = await streaming(ADMIN, said)
+    assert await bot.command(ADMIN, "/stop") == "Stopped."
+    row = await stopped(said, message)
+    assert row["status"] == "interrupted" and row["text"] and row["completion_tokens"] < 400
+    assert await bot.command(ADMIN, "/stop") == NOTHING_TO_STOP

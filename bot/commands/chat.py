@@ -25,7 +25,9 @@ def register(sub) -> None:
         "of `rolebot serve` alone. Uses the base model plus the active adapter version (if one "
         "exists), through the same engine ([engine] backend) and service; replies stream token "
         "by token and are logged with their ratings in [store] path. + or - rates the last "
-        "reply; /reset starts a new conversation, /help lists the commands, /quit or Ctrl-D leaves.",
+        "reply; r (or /retry) writes another reply to your last message; /stop typed while a reply "
+        "prints stops it; /reset starts a new conversation, /help lists the commands, /quit or "
+        "Ctrl-D leaves (Ctrl-C stops the bot).",
     )
     parser.add_argument("--once", metavar="TEXT", help="print one reply to TEXT and exit")
     parser.add_argument("--version", dest="adapter", metavar="V", help="use adapter version V instead of the active one")

@@ -2,8 +2,12 @@
 (beside the other front-ends) or ``rolebot chat`` (alone).
 
 A line is a message (or a command: /reset, /forget, /status, /retrain, /rollback, /help);
-``+`` or ``-`` rates the last reply 👍 or 👎; /quit or Ctrl-D stops the bot. Whoever sits at
-the console runs the process, so the admin commands are theirs. With ``once`` it sends that one
+``+`` or ``-`` rates the last reply 👍 or 👎; ``r`` (or /retry) writes another reply to your
+last message, printed below (the earlier one stays in the log as an alternative); /stop typed
+while a reply is printing stops it there, its text kept (lines other than /stop typed meanwhile
+wait for the reply's end); /quit or Ctrl-D stops the bot. Ctrl-C stops the whole bot, as it
+does for ``rolebot serve``: it is the process's signal, not the console's. Whoever sits at the
+console runs the process, so the admin commands are theirs. With ``once`` it sends that one
 message, prints the reply and stops, reading nothing from the terminal.
 """
 
@@ -12,16 +16,19 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections import deque
 from typing import TextIO
 
 from bot.config import Config
 from bot.platforms import Options
-from bot.service import Answer, IncomingMessage, Service
+from bot.service import Answer, IncomingMessage, Reply, Service
 from training.errors import UserError
 
 PLATFORM = "console"
 USER = "console"  # one person at one terminal: one user, one chat
 RATINGS = {"+": 1, "-": -1}
+RETRY = "r"  # another reply to the last message, like /retry
+STOP = b"/stop"
 
 
 def from_config(config: Config, service: Service, options: Options) -> Console | None:
@@ -42,6 +49,7 @@ class Console:
         self.on_quit = on_quit
         self.last_reply: int | None = None
         self._lines: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._held: deque[bytes | None] = deque()  # lines typed while a reply printed
         self._buffer = b""
         self._task: asyncio.Task | None = None
 
@@ -54,8 +62,9 @@ class Console:
         # not be stopped, and shutdown would wait for the user to press Enter.
         self.fd = sys.stdin.fileno() if self.fd is None else self.fd
         asyncio.get_running_loop().add_reader(self.fd, self._readable)
-        self._write(f"Chatting with {self.service.character}. + / - rate the last reply; "
-                    "/help lists the commands; /quit or Ctrl-D stops the bot.\n")
+        self._write(f"Chatting with {self.service.character}. + / - rate the last reply, r writes "
+                    "another, /stop stops one printing; /help lists the commands; /quit or Ctrl-D "
+                    "stops the bot.\n")
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
@@ -86,7 +95,7 @@ class Console:
 
     async def _run(self) -> None:
         self._write("你：")
-        while (line := await self._lines.get()) is not None:
+        while (line := await self._next_line()) is not None:
             if line.strip() in (b"/quit", b"/exit"):
                 break
             await self._line(line)
@@ -94,6 +103,20 @@ class Console:
         self._write("\n")
         if self.on_quit is not None:
             self.on_quit()
+
+    async def _next_line(self) -> bytes | None:
+        return self._held.popleft() if self._held else await self._lines.get()
+
+    async def _watch_for_stop(self, reply: Reply) -> None:
+        """While a reply prints: /stop stops it; other lines wait their turn."""
+        while True:
+            line = await self._lines.get()
+            if line is not None and line.strip() == STOP:
+                reply.cancel()
+                continue
+            self._held.append(line)
+            if line is None:  # Ctrl-D: the reply still prints to its end
+                return
 
     async def _answer_once(self, text: str) -> None:
         try:
@@ -107,15 +130,23 @@ class Console:
         if word in RATINGS:
             self._write(await self._rate(RATINGS[word]) + "\n")
             return
-        out = await self.service.handle(IncomingMessage(PLATFORM, USER, USER, line))
+        incoming = IncomingMessage(PLATFORM, USER, USER, line)
+        out = await (self.service.regenerate(incoming) if word == RETRY else self.service.handle(incoming))
         if isinstance(out, Answer):
             self._write(out.text + "\n")
             return
         if out.notice:
             self._write(out.notice + "\n")
+        if out.replaces is not None:
+            self._write("(another reply)\n")
         self._write(f"{self.service.character}：")
-        async for piece in out:
-            self._write(piece)
+        watcher = asyncio.create_task(self._watch_for_stop(out)) if self.once is None else None
+        try:
+            async for piece in out:
+                self._write(piece)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
         result = await out.result()
         self._write("\n" if result.status == "complete" else f"\n({result.status})\n")
         self.last_reply = out.message_id

@@ -6,6 +6,11 @@ ratings, and slash commands.
 | mentions the bot, or writes in a channel  | types, then streams the reply by editing one message (at   |
 | of ``[discord] channels``, or in a DM     | most once per ``edit_interval``), more past 2000 chars     |
 | reacts 👍 / 👎 on a reply (or removes it)  | records (or removes) the rating, also after restarts       |
+| reacts 🔄 on the last reply, or sends      | writes another reply to the user's last message into the   |
+| ``/retry`` (text or slash command); only  | same message(s), edited in place, then 👍/👎/🔄 again; the   |
+| the one who wrote that message may        | old reply stays in the log as an alternative               |
+| reacts ⏹ on a reply being written, or     | stops it there; its text so far stays, rateable            |
+| sends ``/stop``                           |                                                            |
 | ``/reset``, ``/forget``                   | the service's answer, only to the user                     |
 | ``/status``, ``/retrain``, ``/rollback``  | the same, for admins: ``[service] admins_discord``         |
 
@@ -26,7 +31,7 @@ from discord import app_commands
 
 from bot.config import Config, DiscordSettings, secret
 from bot.platforms import Options
-from bot.platforms.text import RATINGS, paced_edits
+from bot.platforms.text import RATINGS, RETRY, STOP, Showing, paced_edits, take_over
 from bot.platforms.text import split as text_split
 from bot.service import Answer, IncomingMessage, Reply, Service, UnknownMessage
 from training.errors import UserError
@@ -44,6 +49,8 @@ STOP_GRACE_S = 5.0
 # (name, description, admin only, slow: acknowledge at once and answer in a follow-up, since
 # Discord forgets an interaction that is not acknowledged within 3 seconds).
 COMMANDS = (
+    ("retry", "Write another reply to your last message", False, True),
+    ("stop", "Stop the reply being written in this channel", False, False),
     ("reset", "Start a new conversation in this channel", False, False),
     ("forget", "Delete your messages and ratings", False, True),
     ("status", "What the bot serves and how retraining stands (admins)", True, True),
@@ -77,7 +84,8 @@ class DiscordFrontend:
         self.synced = False
         self._task: asyncio.Task | None = None
         self._stopping = False
-        self._answering: set[asyncio.Task] = set()  # on_message handlers still posting
+        self._answering: set[asyncio.Task] = set()  # handlers still posting
+        self._showing = Showing()  # the replies streaming now, for ⏹ and for 🔄 in place
 
     async def start(self) -> None:
         self.service.notifiers[PLATFORM] = self.notify
@@ -178,59 +186,128 @@ class DiscordFrontend:
                     return
                 if out.notice:
                     await message.channel.send(out.notice, allowed_mentions=NO_PINGS)
-                parts = await self.stream(message, out)
-            if (await out.result()).notice:  # dropped before it began: nothing to rate
-                return
-            for emoji in RATINGS:  # the buttons: a click is a rating
-                await parts[-1].add_reaction(emoji)
+                if out.replaces is not None:  # "/retry" as text: the last reply is rewritten
+                    await self.rewrite(message.channel, out, message)
+                    return
+                parts = await self.stream(message.channel, out, message)
+            await self.add_buttons(out, parts)
         except discord.HTTPException as exc:
             log.warning("Discord: could not answer message %s in channel %s: %s",
                         message.id, message.channel.id, exc)
         finally:
             self._answering.discard(task)
 
-    async def stream(self, message: discord.Message, reply: Reply) -> list[discord.Message]:
-        """Show the reply as it grows: the first text as a reply to the user, then an edit at
-        most every ``edit_interval`` seconds; past 2000 characters it goes on in a new message.
-        Returns the messages that carry it, each linked to the reply's row."""
-        parts: list[discord.Message] = []
+    async def add_buttons(self, reply: Reply, parts: list) -> None:
+        """👍/👎/🔄 under a finished reply's last part: a click rates it, or writes another."""
+        if (await reply.result()).notice:  # dropped before it began: nothing to rate
+            return
+        for emoji in (*RATINGS, RETRY):
+            await parts[-1].add_reaction(emoji)
+
+    async def stream(self, channel: discord.abc.Messageable, reply: Reply,
+                     message: discord.Message | None = None, parts: list | None = None) -> list:
+        """Show the reply as it grows: the first text as a reply to the user's ``message`` (in
+        ``channel`` without one), then an edit at most every ``edit_interval`` seconds; past
+        2000 characters it goes on in a new message. Returns the messages that carry it, each
+        linked to the reply's row. ``parts``: messages to write it into first (``rewrite``)."""
+        parts = [] if parts is None else parts
 
         async def show(text: str) -> bool:
-            await self._show(message, reply, parts, text)
+            await self._show(channel, message, reply, parts, text)
             return True
 
-        final = await paced_edits(reply, self.settings.edit_interval, show)
-        await self._show(message, reply, parts, final)  # edits only what changed
+        with self._showing.showing(reply):
+            final = await paced_edits(reply, self.settings.edit_interval, show)
+            await self._show(channel, message, reply, parts, final)  # edits only what changed
         return parts
 
-    async def _show(self, message: discord.Message, reply: Reply, parts: list[discord.Message],
-                    text: str) -> None:
+    async def _show(self, channel: discord.abc.Messageable, message: discord.Message | None, reply: Reply,
+                    parts: list, text: str) -> None:
         """Make the posted messages read ``text``: edit the parts that changed, post new ones."""
         for i, chunk in enumerate(split(text.strip())):
             if i < len(parts):
-                if parts[i].content != chunk:
-                    parts[i] = await parts[i].edit(content=chunk, allowed_mentions=NO_PINGS)
+                if getattr(parts[i], "content", None) != chunk:  # a taken-over part: not known
+                    try:
+                        parts[i] = await parts[i].edit(content=chunk, allowed_mentions=NO_PINGS)
+                    except discord.NotFound:  # deleted meanwhile: the text goes on in a new one
+                        parts[i] = await channel.send(chunk, allowed_mentions=NO_PINGS)
+                        await self.service.posted(reply, str(parts[i].id))
                 continue
-            if parts:
-                sent = await message.channel.send(chunk, allowed_mentions=NO_PINGS)
+            if parts or message is None:
+                sent = await channel.send(chunk, allowed_mentions=NO_PINGS)
             else:
                 sent = await message.reply(chunk, mention_author=False, allowed_mentions=NO_PINGS)
             parts.append(sent)
             await self.service.posted(reply, str(sent.id))
+
+    # Regenerate and stop
+
+    async def rewrite(self, channel: discord.abc.Messageable, reply: Reply,
+                      message: discord.Message | None = None) -> list:
+        """Stream a regenerated reply into the message that showed the reply it replaces (edited
+        in place), its further parts deleted (see ``take_over``), then put 👍/👎/🔄 under it.
+        The reactions users left on the old reply are cleared first: they rated the old text
+        (those ratings stay on its row), and a 👍 still showing would keep the user from adding
+        one for the new text. Where Discord lets the bot remove only its own reactions (a DM),
+        they stay. Without messages to take over, it is posted like any reply."""
+        with self._showing.showing(reply):  # from now: a second 🔄 waits for this one
+            keep, drop = await take_over(self.service, self._showing, reply)
+            for message_id in drop:
+                try:
+                    await channel.get_partial_message(int(message_id)).delete()
+                except discord.NotFound:
+                    pass
+            parts = [channel.get_partial_message(int(message_id)) for message_id in keep]
+            if parts and not drop:  # one part: the reactions are on it
+                try:
+                    await parts[0].clear_reactions()
+                except discord.Forbidden:
+                    log.info("Discord: may not clear the reactions in channel %s; they stay", channel.id)
+                except discord.NotFound:
+                    pass
+            parts = await self.stream(channel, reply, message, parts)
+        await self.add_buttons(reply, parts)
+        return parts
+
+    async def _retry(self, event: discord.RawReactionActionEvent, reply_id: int) -> None:
+        """🔄 added under a reply: the service decides whether this user may have another (only
+        the author of the last message, only under its reply); a refusal is said in the channel,
+        under the reply, pinging nobody."""
+        channel = self.client.get_partial_messageable(event.channel_id, guild_id=event.guild_id)
+        name = event.member.display_name if event.member else None
+        out = await self.service.regenerate(
+            IncomingMessage(PLATFORM, str(event.channel_id), str(event.user_id), "", display_name=name),
+            reply_id=reply_id)
+        if isinstance(out, Answer):
+            await channel.send(f"<@{event.user_id}> {out.text}", allowed_mentions=NO_PINGS,
+                               reference=channel.get_partial_message(event.message_id), mention_author=False)
+            return
+        if out.notice:
+            await channel.send(out.notice, allowed_mentions=NO_PINGS)
+        await self.rewrite(channel, out)
 
     # Ratings
 
     async def on_reaction(self, event: discord.RawReactionActionEvent, me: discord.ClientUser) -> None:
         """👍/👎 added to (or removed from) one of the character's replies. Raw events, so a
         reply from before a restart (not in discord.py's cache) counts too."""
-        value = RATINGS.get(SKIN_TONES.sub("", str(event.emoji)))
-        if value is None or event.user_id == me.id:
+        emoji = SKIN_TONES.sub("", str(event.emoji))
+        value = RATINGS.get(emoji)
+        if (value is None and emoji not in (RETRY, STOP)) or event.user_id == me.id:
             return  # another emoji, or the bot's own reactions (the buttons it put there)
         if event.message_author_id is not None and event.message_author_id != me.id:
             return
         where = (PLATFORM, str(event.channel_id), str(event.message_id))
+        task = asyncio.current_task()
+        self._answering.add(task)
         try:
-            if event.event_type == "REACTION_ADD":
+            if value is None:  # 🔄 or ⏹; taking one back does nothing
+                if event.event_type == "REACTION_ADD" and (row := await self.service.reply_by_platform_id(*where)):
+                    if emoji == RETRY:
+                        await self._retry(event, row.id)
+                    elif (streaming := self._showing.get(row.id)) is not None:
+                        streaming.cancel()
+            elif event.event_type == "REACTION_ADD":
                 name = event.member.display_name if event.member else None
                 await self.service.rate_platform_message(*where, str(event.user_id), value, display_name=name)
             else:
@@ -239,6 +316,10 @@ class DiscordFrontend:
             return  # a reaction on a message that is not one of the character's logged replies
         except UserError as exc:
             log.info("Discord: rating on message %s not recorded: %s", event.message_id, exc)
+        except discord.HTTPException as exc:
+            log.warning("Discord: could not answer %s on message %s: %s", emoji, event.message_id, exc)
+        finally:
+            self._answering.discard(task)
 
     # Slash commands
 
@@ -250,7 +331,22 @@ class DiscordFrontend:
         incoming = IncomingMessage(PLATFORM, str(interaction.channel_id), str(interaction.user.id),
                                    f"/{name}", display_name=interaction.user.display_name)
         out = await self.service.handle(incoming)
-        for i, part in enumerate(split(out.text)):  # a command is answered with an Answer, never a Reply
+        if isinstance(out, Reply):  # /retry: the last reply is rewritten where it stands
+            await interaction.followup.send(f"{RETRY} Writing another reply in place of the last one.",
+                                            ephemeral=True, allowed_mentions=NO_PINGS)
+            task = asyncio.current_task()
+            self._answering.add(task)
+            try:
+                if out.notice:
+                    await interaction.followup.send(out.notice, ephemeral=True, allowed_mentions=NO_PINGS)
+                await self.rewrite(interaction.channel or self.client.get_partial_messageable(
+                    interaction.channel_id, guild_id=interaction.guild_id), out)
+            except discord.HTTPException as exc:
+                log.warning("Discord: could not rewrite the last reply in channel %s: %s", interaction.channel_id, exc)
+            finally:
+                self._answering.discard(task)
+            return
+        for i, part in enumerate(split(out.text)):  # any other command is answered with an Answer
             if i == 0 and not slow:
                 await interaction.response.send_message(part, ephemeral=True, allowed_mentions=NO_PINGS)
             else:

@@ -5,8 +5,13 @@ groups when asked), 👍/👎 buttons under every reply, and commands.
 |-------------------------------------------|-----------------------------------------------------------|
 | writes in a private chat; in a group      | types, then streams the reply by editing one message (at   |
 | (``allow_groups``) mentions or replies to | most once per ``edit_interval``), more past 4096 UTF-16    |
-| the bot                                   | units, with 👍/👎 buttons under its last part              |
+| the bot                                   | units, with 👍/👎/⏹ under its last part while it streams,  |
+|                                           | 👍/👎/🔄 once it is done                                    |
 | presses 👍 or 👎                           | records the rating and marks the chosen button             |
+| presses ⏹ (or sends ``/stop``)            | stops the reply there; its text so far stays, rateable     |
+| presses 🔄 under the last reply (or sends | writes another reply to the user's last message into the   |
+| ``/retry``); only the one who wrote that  | same message(s), edited in place, with fresh buttons; the  |
+| message may                               | old reply stays in the log as an alternative               |
 | ``/start``, ``/reset``, ``/forget``       | a greeting, or the service's answer                        |
 | ``/status``, ``/retrain``, ``/rollback``  | the same, for admins: ``[service] admins_telegram``        |
 
@@ -21,10 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime
 
 from telegram import (
     BotCommand,
     BotCommandScopeChat,
+    Chat,
     InlineKeyboardButton,
     InlineKeyboardMarkup,
     Message,
@@ -45,7 +52,7 @@ from telegram.ext import (
 
 from bot.config import Config, TelegramSettings, secret
 from bot.platforms import Options
-from bot.platforms.text import RATINGS, paced_edits, utf16_len
+from bot.platforms.text import NO_TEXT, RATINGS, RETRY, STOP, Showing, paced_edits, take_over, utf16_len
 from bot.platforms.text import split as text_split
 from bot.service import ADMIN_COMMANDS, Answer, IncomingMessage, Reply, Service, UnknownMessage
 from training.errors import UserError
@@ -56,6 +63,7 @@ PLATFORM = "telegram"
 MAX_UNITS = 4096  # Telegram's longest message, in UTF-16 code units
 CHOSEN = " ✓"  # marks the button of the vote just cast
 NOT_MODIFIED = "message is not modified"  # PTB lowercases and capitalizes the API's wording
+GONE = "not found"  # "Message to edit not found": the user deleted it
 TYPING_EVERY_S = 4.5  # a chat action shows for 5 s or until the bot's next message
 RATE_LIMIT_RETRIES = 3  # AIORateLimiter waits out this many 429s (retry_after + 0.1 s) per call
 POLL_TIMEOUT_S = 10
@@ -63,6 +71,8 @@ RETRY_FIRST_S, RETRY_MAX_S = 2.0, 300.0
 # Loggers that write Bot API URLs, and so the token: PTB's bot at DEBUG, httpx at INFO.
 TOKEN_LOGGERS = ("telegram.Bot", "telegram.ext.ExtBot", "httpx")
 USER_COMMANDS = [
+    BotCommand("retry", "Write another reply to your last message"),
+    BotCommand("stop", "Stop the reply being written"),
     BotCommand("reset", "Start a new conversation"),
     BotCommand("forget", "Delete your messages and ratings"),
     BotCommand("help", "What the bot understands"),
@@ -100,6 +110,7 @@ class TelegramFrontend:
             logging.getLogger(name).addFilter(self._redact_filter)
         self.app = self._build()
         self._votes: dict[int, int | None] = {}  # reply row → vote, while the reply streams
+        self._showing = Showing()  # the replies streaming now, for ⏹ and for 🔄 in place
         self._task: asyncio.Task | None = None
 
     def _build(self) -> Application:
@@ -111,10 +122,13 @@ class TelegramFrontend:
         if self.settings.allow_groups:
             chats = chats | filters.ChatType.GROUPS
         app.add_handler(CommandHandler("start", self.greet, filters=chats))
-        app.add_handler(CommandHandler(["reset", "forget", "help", *ADMIN_COMMANDS], self.command,
+        app.add_handler(CommandHandler(["stop", "reset", "forget", "help", *ADMIN_COMMANDS], self.command,
                                        filters=chats))
+        app.add_handler(CommandHandler("retry", self.retry_command, filters=chats))
         app.add_handler(MessageHandler(filters.TEXT & ~filters.COMMAND & chats, self.chat))
         app.add_handler(CallbackQueryHandler(self.rate, pattern=r"^rate:-?1$"))
+        app.add_handler(CallbackQueryHandler(self.retry, pattern=r"^retry$"))
+        app.add_handler(CallbackQueryHandler(self.stop_button, pattern=r"^stop$"))
         app.add_handler(CallbackQueryHandler(self.unknown_button))
         app.add_error_handler(self.on_error)
         return app
@@ -190,11 +204,12 @@ class TelegramFrontend:
     async def greet(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """/start: who is here and what the buttons and commands do."""
         await update.effective_message.reply_text(
-            f"{self.service.character} is listening: just write. 👍 or 👎 under a reply rates it; "
-            "/reset starts a new conversation, /forget deletes your messages and ratings.")
+            f"{self.service.character} is listening: just write. 👍 or 👎 under a reply rates it, "
+            f"{RETRY} (or /retry) writes another one in its place, {STOP} (or /stop) stops one being "
+            "written; /reset starts a new conversation, /forget deletes your messages and ratings.")
 
     async def command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """/reset, /forget, /help and the admin commands: the service decides who may."""
+        """/stop, /reset, /forget, /help and the admin commands: the service decides who may."""
         message = update.effective_message
         out = await self.service.handle(self._incoming(update, message.text))
         for part in split(out.text):  # a command is answered with an Answer, never a Reply
@@ -231,6 +246,18 @@ class TelegramFrontend:
         finally:
             typing.cancel()
 
+    async def retry_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """/retry: another reply to the user's last message, written over the last reply."""
+        message = update.effective_message
+        out = await self.service.handle(self._incoming(update, message.text))
+        if isinstance(out, Answer):  # nothing to retry, not theirs, rate limited
+            for part in split(out.text):
+                await message.reply_text(part)
+            return
+        if out.notice:
+            await message.reply_text(out.notice)
+        await self.rewrite(message, out)
+
     def _incoming(self, update: Update, text: str) -> IncomingMessage:
         user, message = update.effective_user, update.effective_message
         return IncomingMessage(PLATFORM, str(message.chat_id), str(user.id), text,
@@ -245,16 +272,18 @@ class TelegramFrontend:
         except TelegramError as exc:
             log.info("Telegram: no typing indicator in chat %s: %s", chat_id, exc)
 
-    async def stream(self, message: Message, reply: Reply, typing: asyncio.Task) -> list[Message]:
+    async def stream(self, message: Message, reply: Reply, typing: asyncio.Task,
+                     parts: list[Message] | None = None) -> list[Message]:
         """Show the reply as it grows: the first text as a reply to the user, then an edit at
         most every ``edit_interval`` seconds; past 4096 units it goes on in a new message. The
-        buttons sit under the last part. Returns the messages, each linked to the reply's row."""
-        parts: list[Message] = []
+        buttons sit under the last part. Returns the messages, each linked to the reply's row.
+        ``parts``: messages to write it into first (a regenerate's, see ``rewrite``)."""
+        parts = [] if parts is None else parts
         self._votes[reply.message_id] = None
 
         async def show(text: str) -> bool:
             try:
-                await self._show(message, reply, parts, text)
+                await self._show(message, reply, parts, text, done=False)
                 return True
             except RetryAfter:  # the rate limiter gave up waiting: skip this edit
                 log.info("Telegram: flood control; reply %d shown later", reply.message_id)
@@ -263,20 +292,30 @@ class TelegramFrontend:
                 typing.cancel()
 
         try:
-            final = await paced_edits(reply, self.settings.edit_interval, show)
-            await self._show(message, reply, parts, final)
+            with self._showing.showing(reply):
+                final = await paced_edits(reply, self.settings.edit_interval, show, last_edit=True)
+                await self._show(message, reply, parts, final, done=True)
         finally:
             del self._votes[reply.message_id]
         return parts
 
-    async def _show(self, message: Message, reply: Reply, parts: list[Message], text: str) -> None:
+    async def _show(self, message: Message, reply: Reply, parts: list[Message], text: str, *,
+                    done: bool) -> None:
         """Make the posted messages read ``text``: edit the parts that changed, post new ones."""
         chunks = split(text.strip())
         for i, chunk in enumerate(chunks):
-            markup = keyboard(self._votes.get(reply.message_id)) if i == len(chunks) - 1 else None
+            last = i == len(chunks) - 1
+            markup = keyboard(self._votes.get(reply.message_id), streaming=not done) if last else None
             if i < len(parts):
                 if (parts[i].text, parts[i].reply_markup) != (chunk, markup):
-                    parts[i] = await edit(parts[i], chunk, markup)
+                    try:
+                        parts[i] = await edit(parts[i], chunk, markup)
+                        continue
+                    except BadRequest as exc:  # the user deleted it: the text goes on in a new one
+                        if GONE not in exc.message.lower():
+                            raise
+                    parts[i] = await message.get_bot().send_message(message.chat_id, chunk, reply_markup=markup)
+                    await self.service.posted(reply, str(parts[i].message_id))
                 continue
             if parts:
                 sent = await message.get_bot().send_message(message.chat_id, chunk, reply_markup=markup)
@@ -284,6 +323,75 @@ class TelegramFrontend:
                 sent = await message.reply_text(chunk, reply_markup=markup)
             parts.append(sent)
             await self.service.posted(reply, str(sent.message_id))
+
+    # Regenerate and stop
+
+    async def retry(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """🔄 pressed under a reply: the service decides whether this user may have another (only
+        the author of the last message, only under its reply); a refusal is the query's answer."""
+        query = update.callback_query
+        try:
+            row = await self.service.reply_by_platform_id(PLATFORM, str(query.message.chat.id),
+                                                          str(query.message.message_id))
+            if row is None:
+                await query.answer("This reply is no longer in the log.")
+                return
+            user = query.from_user
+            out = await self.service.regenerate(IncomingMessage(
+                PLATFORM, str(query.message.chat.id), str(user.id), "", display_name=user.full_name),
+                reply_id=row.id)
+        except Exception:
+            await query.answer("That did not work; please try again.")
+            raise
+        if isinstance(out, Answer):
+            await query.answer(out.text)
+            return
+        await query.answer(out.notice)
+        await self.rewrite(query.message, out)
+
+    async def rewrite(self, anchor: Message, reply: Reply) -> list[Message]:
+        """Stream a regenerated reply into the message that showed the reply it replaces (edited
+        in place, with a fresh keyboard: no vote marked); that reply's further parts are deleted
+        (see ``take_over``). Without messages to take over, it is posted as a reply to ``anchor``."""
+        chat = anchor.chat
+        typing = asyncio.create_task(self._typing(chat.id))
+        try:
+            with self._showing.showing(reply):  # from now: a second 🔄 waits for this one
+                keep, drop = await take_over(self.service, self._showing, reply)
+                for message_id in drop:
+                    await self._drop(chat.id, int(message_id))
+                parts = [known(anchor, int(message_id)) for message_id in keep]
+                return await self.stream(parts[0] if parts else anchor, reply, typing, parts)
+        finally:
+            typing.cancel()
+
+    async def _drop(self, chat_id: int, message_id: int) -> None:
+        """Delete a part of a replaced reply; one Telegram will not delete (older than 48 hours)
+        is emptied instead; one that is gone already is fine."""
+        try:
+            await self.app.bot.delete_message(chat_id, message_id)
+        except BadRequest:
+            try:
+                await self.app.bot.edit_message_text(NO_TEXT, chat_id=chat_id, message_id=message_id)
+            except BadRequest as exc:
+                log.info("Telegram: part %s of a replaced reply left as it was: %s", message_id, exc)
+
+    async def stop_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """⏹ pressed under a reply being written: it stops at the engine's next step; its text so
+        far stays (interrupted) and the buttons turn to 👍/👎/🔄 with its last edit."""
+        query = update.callback_query
+        try:
+            row = await self.service.reply_by_platform_id(PLATFORM, str(query.message.chat.id),
+                                                          str(query.message.message_id))
+            reply = self._showing.get(row.id) if row is not None else None
+        except Exception:
+            await query.answer("That did not work; please try again.")
+            raise
+        if reply is None:
+            await query.answer("This reply is already finished.")
+            return
+        reply.cancel()
+        await query.answer("Stopped.")
 
     # Ratings
 
@@ -299,9 +407,10 @@ class TelegramFrontend:
             raise
         await query.answer(notice)
         if rated is not None:
-            if rated in self._votes:  # still streaming: its next edit keeps the mark
+            streaming = rated in self._votes
+            if streaming:  # its next edit keeps the mark
                 self._votes[rated] = value
-            await edit_markup(query.message, keyboard(value))
+            await edit_markup(query.message, keyboard(value, streaming=streaming))
 
     async def unknown_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """A button this bot does not know (an old keyboard, a forged query): answered too, or the
@@ -335,12 +444,22 @@ class Redact(logging.Filter):
         return True
 
 
-def keyboard(chosen: int | None = None) -> InlineKeyboardMarkup:
-    """👍/👎 under a reply; the chosen one marked."""
-    return InlineKeyboardMarkup([[
-        InlineKeyboardButton(emoji + (CHOSEN if value == chosen else ""), callback_data=f"rate:{value}")
-        for emoji, value in RATINGS.items()
-    ]])
+def keyboard(chosen: int | None = None, *, streaming: bool = False) -> InlineKeyboardMarkup:
+    """👍/👎 under a reply, the chosen one marked; then ⏹ while it streams, 🔄 once it is done."""
+    buttons = [InlineKeyboardButton(emoji + (CHOSEN if value == chosen else ""), callback_data=f"rate:{value}")
+               for emoji, value in RATINGS.items()]
+    buttons.append(InlineKeyboardButton(STOP, callback_data="stop") if streaming
+                   else InlineKeyboardButton(RETRY, callback_data="retry"))
+    return InlineKeyboardMarkup([buttons])
+
+
+def known(anchor: Message, message_id: int) -> Message:
+    """A message of the bot's in ``anchor``'s chat, to edit by id (its text unknown here)."""
+    if message_id == anchor.message_id and isinstance(anchor, Message):
+        return anchor
+    message = Message(message_id, datetime.now(UTC), Chat(anchor.chat.id, anchor.chat.type))
+    message.set_bot(anchor.get_bot())
+    return message
 
 
 async def edit(message: Message, text: str, markup: InlineKeyboardMarkup | None) -> Message:

@@ -65,12 +65,15 @@ EVENT_INTENTS = {
     "MESSAGE_UPDATE": (GUILD_MESSAGES, DIRECT_MESSAGES),
     "MESSAGE_REACTION_ADD": (GUILD_MESSAGE_REACTIONS, DIRECT_MESSAGE_REACTIONS),
     "MESSAGE_REACTION_REMOVE": (GUILD_MESSAGE_REACTIONS, DIRECT_MESSAGE_REACTIONS),
+    "MESSAGE_REACTION_REMOVE_ALL": (GUILD_MESSAGE_REACTIONS, DIRECT_MESSAGE_REACTIONS),
+    "MESSAGE_DELETE": (GUILD_MESSAGES, DIRECT_MESSAGES),
 }
 
 # Permission bits for the roles of the emulated guild.
 ADMINISTRATOR = 1 << 3
 MEMBER_PERMISSIONS = sum(1 << b for b in (6, 10, 11, 14, 15, 16, 17, 18, 31))  # react, view, send, embed, ...
-BOT_PERMISSIONS = MEMBER_PERMISSIONS | (1 << 13)  # and manage messages
+MANAGE_MESSAGES = 1 << 13
+BOT_PERMISSIONS = MEMBER_PERMISSIONS | MANAGE_MESSAGES
 
 BODY = web.RequestKey("body", object)  # the request's JSON, read once by the middleware
 MESSAGE_LIMIT = 2000
@@ -132,6 +135,7 @@ class SentMessage:
     pings_everyone: bool = False
     interaction_id: int | None = None
     edits: list[Edit] = field(default_factory=list)
+    deleted: bool = False  # DELETEd since; it stays listed in sent_messages
 
     @property
     def versions(self) -> list[str]:
@@ -750,6 +754,8 @@ class DiscordEmulator:
         r.add_patch(API + "/channels/{cid}/messages/{mid}", self._edit_message)
         r.add_post(API + "/channels/{cid}/typing", self._trigger_typing)
         r.add_put(API + "/channels/{cid}/messages/{mid}/reactions/{emoji}/@me", self._add_reaction)
+        r.add_delete(API + "/channels/{cid}/messages/{mid}", self._delete_message)
+        r.add_delete(API + "/channels/{cid}/messages/{mid}/reactions", self._clear_reactions)
         r.add_delete(API + "/channels/{cid}/messages/{mid}/reactions/{emoji}/{who}", self._remove_reaction)
         for path in ("/applications/{app}/commands", "/applications/{app}/guilds/{gid}/commands"):
             r.add_put(API + path, self._put_commands)
@@ -866,6 +872,34 @@ class DiscordEmulator:
         updated = self._apply_edit(sent, message, request[BODY] or {})
         await self._dispatch("MESSAGE_UPDATE", updated)
         return json_response(updated)
+
+    async def _delete_message(self, request: web.Request) -> web.Response:
+        """The bot deletes a message: its own anywhere; another's only in the guild (Manage Messages)."""
+        channel_id = int(request.match_info["cid"])
+        message = self._get_message(int(request.match_info["mid"]), channel_id)
+        if int(message["author"]["id"]) != self.bot_user_id and "guild_id" not in message:
+            raise DiscordError(403, 50003, "Cannot execute action on a DM channel")
+        del self._messages[int(message["id"])]
+        self.reactions.pop(int(message["id"]), None)
+        for sent in self.sent_messages:
+            if sent.id == int(message["id"]):
+                sent.deleted = True
+        event = {"id": message["id"], "channel_id": message["channel_id"]}
+        if "guild_id" in message:
+            event["guild_id"] = message["guild_id"]
+        await self._dispatch("MESSAGE_DELETE", event)
+        return web.Response(status=204)
+
+    async def _clear_reactions(self, request: web.Request) -> web.Response:
+        """Remove every reaction from a message: needs Manage Messages, so never in a DM, where a
+        bot may remove only its own (Discord answers 50003 there)."""
+        message = self._get_message(int(request.match_info["mid"]), int(request.match_info["cid"]))
+        if "guild_id" not in message:
+            raise DiscordError(403, 50003, "Cannot execute action on a DM channel")
+        self.reactions.pop(int(message["id"]), None)
+        event = {"channel_id": message["channel_id"], "message_id": message["id"], "guild_id": message["guild_id"]}
+        await self._dispatch("MESSAGE_REACTION_REMOVE_ALL", event)
+        return web.Response(status=204)
 
     async def _trigger_typing(self, request: web.Request) -> web.Response:
         channel_id = int(request.match_info["cid"])
