@@ -264,6 +264,14 @@ async def test_commands_admins_and_the_command_menu(bot):
 
     command = bot.command
     assert "is listening" in await command(USER, "/start")
+    bot.service.config.character.greeting = "{{user}}，嬛嬛给您请安。"
+    try:  # a conversation that has not begun opens with the character's greeting, once
+        await command(ADMIN, "/start")
+        await tg.wait_for(lambda: tg.last_message(ADMIN).text.endswith("，嬛嬛给您请安。"))
+        assert bot.rows("SELECT text FROM messages WHERE role = 'assistant' AND reply_to IS NULL")[0][0] \
+            == tg.last_message(ADMIN).text
+    finally:
+        bot.service.config.character.greeting = ""
     assert await command(USER, "/retrain") == "/retrain is for admins only."
     assert retrains == [] and bot.rows("SELECT * FROM training_runs") == []
     assert "/retrain" not in await command(USER, "/help")

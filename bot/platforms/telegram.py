@@ -202,11 +202,17 @@ class TelegramFrontend:
     # Commands
 
     async def greet(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """/start: who is here and what the buttons and commands do."""
-        await update.effective_message.reply_text(
+        """/start: who is here and what the buttons and commands do, then the character's
+        greeting ([character] greeting) if this conversation has not begun."""
+        message = update.effective_message
+        await message.reply_text(
             f"{self.service.character} is listening: just write. 👍 or 👎 under a reply rates it, "
             f"{RETRY} (or /retry) writes another one in its place, {STOP} (or /stop) stops one being "
             "written; /reset starts a new conversation, /forget deletes your messages and ratings.")
+        greeting = await self.service.greet(PLATFORM, str(message.chat_id), update.effective_user.full_name)
+        if greeting is not None:
+            for part in split(greeting.text):
+                await message.reply_text(part)
 
     async def command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """/stop, /reset, /forget, /help and the admin commands: the service decides who may."""
