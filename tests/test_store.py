@@ -440,7 +440,9 @@ async def test_only_a_shown_sibling_can_be_kept(store):
     assert rows(store.path, "SELECT kept_reply FROM messages WHERE id = ?", (asked.id,)) == [(None,)]
     # While the new one streams, history leaves the turn's reply out rather than show a swiped one.
     assert [m.text for m in await store.recent_history(asked.conversation_id, 10)] == ["嬛嬛"]
-    await store.finish_reply(generating.id, "", STATS, status="failed")
+    await store.finish_reply(generating.id, "", STATS, status="interrupted")  # stopped at once
+    with pytest.raises(AlternativeError, match=f"reply {generating.id} is interrupted with no text"):
+        await store.keep_alternative(asked.id, generating.id)
     await store.keep_alternative(asked.id, reply.id)
     assert [m.text for m in await store.recent_history(asked.conversation_id, 10)] == ["嬛嬛", "臣妾在。"]
     assert await store.last_user_message(12345) is None
