@@ -227,8 +227,9 @@ async def test_a_dpo_stage_trains_on_kept_alternatives_and_is_gated(tmp_path):
     assert done.candidate_version == "v0002" and "gate" in dpo.meta, done.reason
     assert done.status in ("succeeded", "rejected") and "held-out NLL" in done.reason, done.reason
     assert done.metrics["pairs"] == 3 and registry.get("v0001").meta["retrain"]["pairs"] == 3
-    assert data_text(done.metrics) == "6 👍 replies, 0 👎, 6 script pairs replayed, 3 preference pairs"
-    assert told and told[0].endswith("(trained on 6 👍 replies, 0 👎, 6 script pairs replayed, 3 preference pairs)")
+    # Of the 6 👍 the newest is held out for the gate.
+    assert data_text(done.metrics) == "5 👍 replies, 0 👎, 5 script pairs replayed, 3 preference pairs"
+    assert told and told[0].endswith("(trained on 5 👍 replies, 0 👎, 5 script pairs replayed, 3 preference pairs)")
 
 
 async def test_the_retrain_data_counts_pairs_and_keeps_held_out_replies_out_of_them(tmp_path):
