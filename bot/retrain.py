@@ -17,7 +17,7 @@ from pathlib import Path
 from bot.adapters import Adapters
 from bot.config import Config
 from bot.datasets import dataset_files
-from bot.status import RetrainStatus
+from bot.status import RetrainStatus, data_text
 from bot.store import Store, TrainingRun
 from training.errors import UserError
 from training.registry import Registry
@@ -110,7 +110,8 @@ class Retrainer:
         log.info("retrain %s %s: %s", run.id, status, reason)
         if notify is not None:
             try:
-                await notify(f"Retrain {run.id} {status}: {reason}")
+                data = data_text(metrics)
+                await notify(f"Retrain {run.id} {status}: {reason}" + (f" (trained on {data})" if data else ""))
             except Exception:
                 log.warning("could not tell the admin about retrain %s", run.id, exc_info=True)
 

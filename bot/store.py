@@ -548,17 +548,17 @@ class Store:
         training takes it as chosen over its siblings once the user goes on from it."""
         async with self._transaction() as conn:
             rows = await conn.execute_fetchall(
-                "SELECT reply_to, role, status FROM messages WHERE id = ?", (reply_id,)
+                "SELECT reply_to, role, status, text FROM messages WHERE id = ?", (reply_id,)
             )
             if not rows or rows[0]["role"] != "assistant" or rows[0]["reply_to"] != user_message_id:
                 raise AlternativeError(
                     f"message {reply_id} is not a reply to message {user_message_id}; keep one of "
                     f"its alternatives (Store.alternatives({user_message_id}))"
                 )
-            if rows[0]["status"] not in ("complete", "interrupted"):
+            if rows[0]["status"] not in ("complete", "interrupted") or not rows[0]["text"]:
+                what = rows[0]["status"] if rows[0]["text"] else f"{rows[0]['status']} with no text"
                 raise AlternativeError(
-                    f"reply {reply_id} is {rows[0]['status']}; keep a reply that was shown in full "
-                    "or stopped"
+                    f"reply {reply_id} is {what}; keep a reply that was shown, in full or stopped"
                 )
             await conn.execute(
                 "UPDATE messages SET kept_reply = ? WHERE id = ?", (reply_id, user_message_id)

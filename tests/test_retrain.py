@@ -201,24 +201,36 @@ async def log_regenerated(store: Store, config, count: int) -> None:
 
 
 async def test_a_dpo_stage_trains_on_kept_alternatives_and_is_gated(tmp_path):
+    from bot.status import data_text
+
     (tmp_path / "config.toml").write_text(TINY.replace('replay_ratio = 1.0', 'replay_ratio = 1.0\npreference = "dpo"'), encoding="utf-8")
     config = load_config(str(tmp_path / "config.toml"))
     async with Store.open(config.database) as store:
         await log_rated_replies(store, config, liked=6, disliked=0)
         await log_regenerated(store, config, 3)
         retrainer = Retrainer(config, store)
-        await retrainer.request(trigger="admin")
+        told: list[str] = []
+
+        async def notify(text: str) -> None:
+            told.append(text)
+
+        await retrainer.request(trigger="admin", notify=notify)
         done = await retrainer.wait()
     registry = Registry(config.adapter_root, "甄嬛")
     dpo = registry.get("v0002")
     assert dpo.parent == "v0001" and dpo.meta["stage"] == "dpo"
     assert dpo.meta["dpo"]["pairs"] == dpo.meta["dpo"]["kept"] == 3 and dpo.meta["steps"] == 2
-    assert dpo.meta["dpo"]["reference"] == "parent"  # DPO measured against the SFT candidate
+    assert dpo.meta["dpo"]["reference"] == "parent"  # DPO measured against the SFT candidate:
+    assert abs(dpo.meta["losses"][0][1] - math.log(2)) < 1e-3  # at the first step policy = reference
     assert all(math.isfinite(loss) for _, loss in dpo.meta["losses"]), dpo.meta["losses"]
     assert not (dpo.path / "ref").exists(), "the frozen reference adapter was saved with the version"
     assert done.candidate_version == "v0002" and "gate" in dpo.meta, done.reason
-    assert done.status in ("succeeded", "rejected") and "held-out NLL" in done.reason, done.reason
+    assert done.status == "succeeded" and "held-out NLL" in done.reason, done.reason
+    assert registry.active().name == "v0002"
     assert done.metrics["pairs"] == 3 and registry.get("v0001").meta["retrain"]["pairs"] == 3
+    # Of the 6 👍 the newest is held out for the gate.
+    assert data_text(done.metrics) == "5 👍 replies, 0 👎, 5 script pairs replayed, 3 preference pairs"
+    assert told and told[0].endswith("(trained on 5 👍 replies, 0 👎, 5 script pairs replayed, 3 preference pairs)")
 
 
 async def test_the_retrain_data_counts_pairs_and_keeps_held_out_replies_out_of_them(tmp_path):

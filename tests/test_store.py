@@ -440,11 +440,16 @@ async def test_only_a_shown_sibling_can_be_kept(store):
     assert rows(store.path, "SELECT kept_reply FROM messages WHERE id = ?", (asked.id,)) == [(None,)]
     # While the new one streams, history leaves the turn's reply out rather than show a swiped one.
     assert [m.text for m in await store.recent_history(asked.conversation_id, 10)] == ["嬛嬛"]
-    await store.finish_reply(generating.id, "", STATS, status="failed")
+    await store.finish_reply(generating.id, "", STATS, status="interrupted")  # stopped at once
+    with pytest.raises(AlternativeError, match=f"reply {generating.id} is interrupted with no text"):
+        await store.keep_alternative(asked.id, generating.id)
     await store.keep_alternative(asked.id, reply.id)
     assert [m.text for m in await store.recent_history(asked.conversation_id, 10)] == ["嬛嬛", "臣妾在。"]
     assert await store.last_user_message(12345) is None
     assert await store.kept_reply(other.id) == other_reply
+    unanswered = await store.add_user_message("telegram", "c3", "carol", "在吗？")
+    assert await store.kept_reply(unanswered.id) is None and await store.alternatives(unanswered.id) == []
+    assert (await store.last_user_message(unanswered.conversation_id)).id == unanswered.id
 
 
 @pytest.mark.asyncio
@@ -555,6 +560,11 @@ async def test_alternatives_the_user_kept_or_rated_become_preference_pairs(store
     await regenerate(store, q9, "b9")
     await store.rate(a9.id, "telegram", "mallory", 1)
     await store.forget_user("telegram", "mallory")
+    # A persona changed between the two: not the same prompt, so no pair.
+    q10, _ = await exchange(store, "q10", chat="c10", answer="a10")
+    b10 = await store.start_reply(q10.id, adapter_version="v2", prompt="<new persona>\nq10\n", sampling={})
+    await store.finish_reply(b10.id, "b10", STATS)
+    await store.rate(b10.id, "telegram", "bob", 1)
 
     with logs.open_snapshot(store.path) as snapshot:
         pairs = snapshot.preference_pairs()

@@ -19,7 +19,7 @@ from training.dataset import load_samples
 from training.errors import UserError
 from training.logs import PreferencePair, RatedReply, open_snapshot
 from training.prompts import PromptStyle, Sample
-from training.registry import Registry
+from training.registry import Registry, Version
 from training.retrain_job import RetrainJob, RetrainResult, read_job, write_result
 from training.settings import ModelSettings
 
@@ -158,7 +158,8 @@ def run_job(job: RetrainJob) -> RetrainResult:
                  "runtime_s": round(result.runtime_s, 1)})
 
 
-def preference_stage(job: RetrainJob, registry: Registry, candidate, data: RetrainData):
+def preference_stage(job: RetrainJob, registry: Registry, candidate: Version,
+                     data: RetrainData) -> tuple[Version, str | None]:
     """[retrain] preference after SFT: the stage's version, or the SFT candidate and why the
     stage was skipped (nothing to learn a preference from yet)."""
     if job.preference == "kto":

@@ -46,11 +46,16 @@ def register(sub) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     importing = actions.add_parser("import", help="write a card (.json or .png) into [character] of the config file",
                                    description="Write a Character Card V2 (or V1) from a .json file or a PNG's "
-                                   "'chara' chunk into the config file's [character] section.")
+                                   "'chara' chunk into the config file's [character] section: name, persona (built "
+                                   "from the card's system prompt, description, personality, scenario and example "
+                                   "dialogue), greeting (its first message), card (a copy in cards/); the rest of "
+                                   "the file stays as it is. `rolebot card --help` says more.")
     importing.add_argument("file", type=Path, metavar="FILE", help="the card: .json, or .png with a 'chara' chunk")
     importing.set_defaults(run=import_card)
     exporting = actions.add_parser("export", help="write the configured character as a V2 card (JSON, or PNG with --image)",
-                                   description="Write the configured character as a Character Card V2.")
+                                   description="Write the configured character as a Character Card V2: the "
+                                   "imported card ([character] card) with the name, persona and greeting as "
+                                   "configured now; JSON, or with --image a PNG card.")
     exporting.add_argument("--output", type=Path, required=True, metavar="FILE", help="the card file to write")
     exporting.add_argument("--image", type=Path, metavar="PNG",
                            help="the character's picture: write a PNG card (the picture with the card in its 'chara' chunk)")
