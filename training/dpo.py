@@ -5,12 +5,8 @@ one the user went on from or rated ğŸ‘ against the ones swiped away or rated ğŸ
 
 from __future__ import annotations
 
-import contextlib
-import sys
-import tempfile
-import time
-
 from training.logs import PreferencePair
+from training.preference import load_parent, quiet, train_and_save, trainer_args
 from training.registry import Registry, Version
 from training.settings import LoraSettings, ModelSettings, TrainSettings
 
@@ -29,46 +25,22 @@ def dpo_stage(model_settings: ModelSettings, lora: LoraSettings, settings: Train
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from training.modeling import load_base, unsloth
-    from training.sft import add_lora, precision_and_optimizer, save
-
-    FastLanguageModel = unsloth()
-    model, tokenizer = load_base(model_settings, offload_embedding=settings.offload_embedding)
-    model = add_lora(FastLanguageModel, model, lora, parent)
+    model, tokenizer = load_parent(model_settings, lora, settings, parent)
     # The prompts are the bot's own rendered text, so this is TRL's standard (not conversational)
     # format; TRL appends EOS to each completion.
     rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
-    args = DPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="rolebot-dpo-"),
-        per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.grad_accum,
-        max_steps=max_steps,
-        learning_rate=settings.learning_rate / 4,  # a preference stage moves less than SFT
-        lr_scheduler_type=settings.lr_scheduler,
-        warmup_steps=0,
-        logging_steps=1,
-        seed=settings.seed,
-        **precision_and_optimizer(settings),
-        max_length=model_settings.max_seq_length,
-        beta=BETA,
-        save_strategy="no",
-        report_to="none",
-    )
-    with contextlib.redirect_stdout(sys.stderr):
-        trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer)
+    args = DPOConfig(**trainer_args("dpo", model_settings, settings, max_steps), beta=BETA)
+    trainer = quiet(lambda: DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(rows),
+                                       processing_class=tokenizer))
     # TRL falls back to the base model (adapters disabled) where PEFT cannot hold two adapters.
     reference = "parent" if "ref" in model.peft_config else "base"
-    started = time.perf_counter()
-    stats = trainer.train()
-    if reference == "parent":  # the frozen copy of the parent is not part of the result
-        model.delete_adapter("ref")
-    losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
-    meta = {**{k: v for k, v in parent.meta.items() if k not in ("version", "gate", "eval")},
-            "parent_version": parent.name, "stage": "dpo", "steps": stats.global_step,
-            "final_loss": losses[-1][1] if losses else None, "losses": losses,
-            "dpo": {"pairs": len(pairs), "beta": BETA, "reference": reference,
-                    "kept": sum(p.reason == "kept" for p in pairs),
-                    "rated": sum(p.reason == "rated" for p in pairs)},
-            "runtime_s": round(time.perf_counter() - started, 2), "created_at": time.time()}
-    return save(registry, model, tokenizer, meta, losses)
+
+    def drop_reference() -> None:  # the frozen copy of the parent is not part of the result
+        if reference == "parent":
+            model.delete_adapter("ref")
+
+    return train_and_save(trainer, model, tokenizer, registry, parent, "dpo",
+                          {"pairs": len(pairs), "beta": BETA, "reference": reference,
+                           "kept": sum(p.reason == "kept" for p in pairs),
+                           "rated": sum(p.reason == "rated" for p in pairs)},
+                          before_save=drop_reference)
