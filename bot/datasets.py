@@ -28,7 +28,7 @@ def dataset_files(config: Config, *, quiet: bool = False) -> DatasetFiles:
     episode held out."""
     if config.training.data:
         return DatasetFiles(config.path(config.training.data), config.path(config.training.val) if config.training.val else None)
-    output = config.path(f"data/{config.character.name}.json")
+    output = pairs_path(config)
     val = validation_path(output)
     if output.exists() and val.exists() and canon_path(output).exists():
         return DatasetFiles(output, val)
@@ -42,3 +42,8 @@ def dataset_files(config: Config, *, quiet: bool = False) -> DatasetFiles:
     if not quiet:
         print(report.render("alpaca"))
     return DatasetFiles(output, val)
+
+
+def pairs_path(config: Config) -> Path:
+    """The training pairs file: ``[training] data``, else ``data/<character>.json``."""
+    return config.path(config.training.data or f"data/{config.character.name}.json")

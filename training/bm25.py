@@ -8,9 +8,13 @@ numpy only); this module only decides what a term is and keeps the top-k small a
 
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
+
+# bm25s logs each index build at DEBUG; the bot builds one at start-up, training one per run.
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 # Runs of CJK ideographs, kana or hangul; else runs of other letters and digits (words).
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af"

@@ -28,7 +28,8 @@ from training.errors import UserError
 from training.prompts import Canon, PromptStyle, Sample, canon_text
 
 SUFFIX = ".canon.jsonl"
-FIX = "run `rolebot prepare` again (it writes the index next to the pairs) or set [canon] k = 0"
+FIX = ("run `rolebot prepare` again (it writes the index next to the pairs), or turn canon off: "
+       "[canon] k = 0 (or [canon] train = false for training only)")
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,25 @@ def with_canon(samples: list[Sample], index: CanonIndex, style: PromptStyle,
         found = index.search(query_of(sample), style.canon_k, exclude_scenes=exclude)
         out.append(replace(sample, canon=fit(found, style.character, style.canon_max_tokens, count_tokens)))
     return out
+
+
+def for_training(path: Path | None, style: PromptStyle, tokenizer, samples: list[Sample],
+                 val: list[Sample]) -> tuple[list[Sample], list[Sample], dict | None]:
+    """Training and held-out samples with their canon, and what meta.json records of it;
+    unchanged (and no record) when the style holds no canon."""
+    if not style.canon_k:
+        return samples, val, None
+    if path is None:
+        raise UserError(f"[canon] train is on but these pairs have no canon index — {FIX}")
+    index = CanonIndex.load(path)
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    samples, val = with_canon(samples, index, style, count), with_canon(val, index, style, count)
+    record = {"index": str(path), "exchanges": len(index), "k": style.canon_k,
+              "max_tokens": style.canon_max_tokens, "samples_with_canon": sum(bool(s.canon) for s in samples)}
+    return samples, val, record
 
 
 def served_canon(meta: dict | None, k: int, max_tokens: int) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from training.atomic import write_json_atomic
+from training.canon import canon_path
 from training.dataset import load_samples
 from training.errors import UserError
 from training.logs import PreferencePair, RatedReply, open_snapshot
@@ -142,7 +143,7 @@ def run_job(job: RetrainJob) -> RetrainResult:
         raise UserError("no 👍-rated replies to learn from yet (outside the held-out share)")
     result = train(TrainJob(
         data=data.train_file, model=job.model, lora=job.lora, train=job.train, style=job.style,
-        registry=registry, val=job.val, parent=parent, trigger=job.trigger,
+        registry=registry, val=job.val, parent=parent, trigger=job.trigger, canon=canon_path(job.original),
         notes={"retrain": {"run_id": job.run_id, **data.report()}},
     ), activate=False)
     candidate, skipped = preference_stage(job, registry, result.version, data)
