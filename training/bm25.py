@@ -13,8 +13,6 @@ import re
 
 import numpy as np
 
-# bm25s logs each index build at DEBUG; the bot builds one at start-up, training one per run.
-logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 # Runs of CJK ideographs, kana or hangul; else runs of other letters and digits (words).
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af"
@@ -42,6 +40,8 @@ class BM25:
     def __init__(self, docs: list[str]):
         import bm25s
 
+        # bm25s sets its own logger to DEBUG on import and logs every index build there.
+        logging.getLogger("bm25s").setLevel(logging.WARNING)
         self.size = len(docs)
         self._index = bm25s.BM25(k1=self.K1, b=self.B)
         # bm25s needs at least one term a document; an empty line gets the empty term, which

@@ -150,21 +150,28 @@ def with_canon(samples: list[Sample], index: CanonIndex, style: PromptStyle,
     return out
 
 
-def for_training(path: Path | None, style: PromptStyle, tokenizer, samples: list[Sample],
-                 val: list[Sample]) -> tuple[list[Sample], list[Sample], dict | None]:
-    """Training and held-out samples with their canon, and what meta.json records of it;
-    unchanged (and no record) when the style holds no canon."""
+def training_index(path: Path | None, style: PromptStyle) -> CanonIndex | None:
+    """The index a training run retrieves from (None when its style holds no canon), loaded
+    before the model so that a missing one fails at once."""
     if not style.canon_k:
-        return samples, val, None
+        return None
     if path is None:
         raise UserError(f"[canon] train is on but these pairs have no canon index — {FIX}")
-    index = CanonIndex.load(path)
+    return CanonIndex.load(path)
+
+
+def for_training(index: CanonIndex | None, style: PromptStyle, tokenizer, samples: list[Sample],
+                 val: list[Sample]) -> tuple[list[Sample], list[Sample], dict | None]:
+    """Training and held-out samples with their canon, and what meta.json records of it;
+    unchanged (and no record) without an index."""
+    if index is None:
+        return samples, val, None
 
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     samples, val = with_canon(samples, index, style, count), with_canon(val, index, style, count)
-    record = {"index": str(path), "exchanges": len(index), "k": style.canon_k,
+    record = {"index": str(index.path), "exchanges": len(index), "k": style.canon_k,
               "max_tokens": style.canon_max_tokens, "samples_with_canon": sum(bool(s.canon) for s in samples)}
     return samples, val, record
 

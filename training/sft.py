@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from training import report
-from training.canon import for_training
+from training.canon import for_training, training_index
 from training.dataset import load_samples, sha256
 from training.errors import UserError
 from training.modeling import device, expandable_cuda_segments, load_base, unsloth
@@ -52,11 +52,12 @@ class TrainResult:
 def train(job: TrainJob, *, activate: bool = True) -> TrainResult:
     samples = load_samples(job.data, job.style.character)
     val = load_samples(job.val, job.style.character) if job.val else []
+    index = training_index(job.canon, job.style)
     expandable_cuda_segments()
     FastLanguageModel = unsloth()
     model, tokenizer = load_base(job.model, offload_embedding=job.train.offload_embedding)
     model = add_lora(FastLanguageModel, model, job.lora, job.parent)
-    samples, val, canon = for_training(job.canon, job.style, tokenizer, samples, val)
+    samples, val, canon = for_training(index, job.style, tokenizer, samples, val)
     encoded, dropped = encode(samples, tokenizer, job.style, job.model.max_seq_length, job.train.overlong)
     if not encoded:
         raise UserError(f"{job.data}: every sample is longer than [model] max_seq_length "
