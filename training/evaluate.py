@@ -37,10 +37,14 @@ def token_nlls(model, tokenizer, samples: list[Sample], style: PromptStyle, max_
     os.environ["UNSLOTH_RETURN_LOGITS"] = "1"  # Unsloth otherwise skips logits to save memory
     encoded, _ = encode(samples, tokenizer, style, max_len, "truncate")
     collate = Collator(tokenizer.pad_token_id)
-    results = []
+    # Batches of like lengths: a prompt with canon is twice one without, and padding costs as
+    # much as tokens. Results come back in the samples' order.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
     model.eval()
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        chunk = [encoded[i] for i in rows]
         batch = collate([{"input_ids": e.input_ids, "labels": e.labels, "seq_lengths": [len(e.input_ids)]} for e in chunk])
         batch = {k: v.to(model.device) for k, v in batch.items()}
         with torch.no_grad():
@@ -49,8 +53,8 @@ def token_nlls(model, tokenizer, samples: list[Sample], style: PromptStyle, max_
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].transpose(1, 2), labels.clamp(min=0), reduction="none"
         ) * (labels >= 0)
-        for row in range(len(chunk)):
-            results.append((losses[row].sum().item(), int((labels[row] >= 0).sum().item())))
+        for row, i in enumerate(rows):
+            results[i] = (losses[row].sum().item(), int((labels[row] >= 0).sum().item()))
     return results
 
 
