@@ -88,7 +88,7 @@ class CanonIndex:
         records = [_record(line, path, number) for number, line in enumerate(lines, 1) if line.strip()]
         if not records:
             raise UserError(f"{path}: the canon index holds no exchanges — {FIX}")
-        return cls(records, path)
+        return cls(records, path.resolve())
 
     def search(self, query: str, k: int, *, exclude_scenes: set[int] | frozenset[int] = frozenset()) -> list[Record]:
         """The ``k`` exchanges most like ``query``, best first, none from ``exclude_scenes``."""
