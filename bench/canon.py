@@ -8,13 +8,14 @@ there, else the project's sample script; ``--copies N`` repeats it N times to gr
 queries are ``--queries`` of its lines, shuffled; each is searched for its ``--k`` best
 exchanges. Both retrievers use the same terms (CJK characters and bigrams, words elsewhere)
 and the same k1 and b, so their rankings are compared too: the share of queries whose top
-exchange is the same (ties aside, scores agree to float32 rounding).
+exchange is the same.
 
     python bench/canon.py
     python bench/canon.py --copies 4 --queries 500
 
-Measured on the 2-core CPU (2026-12-02), the real script (2,797 exchanges), k = 3:
-see README.md, "Canon".
+Measured on the 2-core CPU (2026-12-02), the real script (2,666 exchanges), k = 3: 110 µs a
+query on average (p95 272 µs) against 30 ms brute force, the same top exchange for every
+query; README.md, "Canon", has the table.
 """
 
 from __future__ import annotations
