@@ -51,7 +51,7 @@ def list_versions(args: argparse.Namespace) -> int:
         return 0
     active = registry.active()
     print(f"{'':2}{'version':<8} {'created':<16} {'parent':<7} {'steps':>5} {'loss':>7} {'val NLL':>8} {'samples/s':>9} "
-          f"{'canon':>5}  {'fidelity (rolebot eval: NLL, +canon NLL, chrF, role confusion)':<30}  data")
+          f"{'canon':>5}  {'fidelity (last rolebot eval, held-out)':<52}  data")
     for v in versions:
         meta = v.meta
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(meta.get("created_at", 0)))
@@ -59,7 +59,7 @@ def list_versions(args: argparse.Namespace) -> int:
         trained_k = meta.get("config", {}).get("prompt", {}).get("canon_k", 0)
         print(f"{mark}{v.name:<8} {created:<16} {meta.get('parent_version') or '-':<7} {meta.get('steps', 0):>5} "
               f"{_num(meta.get('final_loss'))} {_num(meta.get('val_nll'), 8)} {_num(meta.get('samples_per_s'), 9)} "
-              f"{trained_k:>5}  {fidelity(meta.get('eval') or {}):<30}  {meta.get('dataset', {}).get('file', '')}")
+              f"{trained_k:>5}  {fidelity(meta.get('eval') or {}):<52}  {meta.get('dataset', {}).get('file', '')}")
     print("* = active; canon: exchanges each training prompt held ([canon] k when [canon] train is on)")
     return 0
 
