@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from training.atomic import write_json_atomic
-from training.canon import canon_path
+from training.canon import canon_path, for_training, training_index
 from training.dataset import load_samples
 from training.errors import UserError
 from training.logs import PreferencePair, RatedReply, open_snapshot
@@ -87,13 +87,16 @@ class Verdict:
 
 
 def gate(model_settings: ModelSettings, style: PromptStyle, active: Path | None, candidate: Path,
-         val: list[Sample], up: tuple[Sample, ...], down: tuple[Sample, ...], tolerance: float) -> Verdict:
+         val: list[Sample], up: tuple[Sample, ...], down: tuple[Sample, ...], tolerance: float,
+         canon: Path | None = None) -> Verdict:
     """The candidate must not lose more than ``tolerance`` (relative) held-out NLL, and must rank
-    held-out 👍 replies above 👎 ones at least as often as the active adapter does."""
+    held-out 👍 replies above 👎 ones at least as often as the active adapter does. The held-out
+    prompts hold canon as the candidate's training prompts did."""
     from training.evaluate import token_nlls
     from training.modeling import attach_adapter, load_base
 
     model, tokenizer = load_base(model_settings)
+    val = for_training(training_index(canon, style), style, tokenizer, val, [])[0]
     model = attach_adapter(model, str(candidate), name="candidate")
     if active is not None:
         model.load_adapter(str(active), adapter_name="active")
@@ -149,7 +152,7 @@ def run_job(job: RetrainJob) -> RetrainResult:
     candidate, skipped = preference_stage(job, registry, result.version, data)
     val = load_samples(job.val) if job.val else load_samples(job.original)[:64]
     verdict = gate(job.model, job.style, parent.path if parent else None, candidate.path, val,
-                   data.heldout_up, data.heldout_down, job.tolerance)
+                   data.heldout_up, data.heldout_down, job.tolerance, canon=canon_path(job.original))
     meta = {**candidate.meta, "gate": asdict(verdict)}
     write_json_atomic(candidate.path / "meta.json", meta)
     return RetrainResult(
