@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.adapters import Adapters
+from bot.canon import ServedCanon
 from bot.config import Config
 from bot.platforms import Frontend, Options, enabled
 from bot.service import Service
@@ -77,7 +78,8 @@ class App:
             await engine.start()
             adapters.engine = engine  # from now on every activation hot-swaps
             retrainer = await start_retraining(config, store, adapters, stack) if retraining else None
-            service = Service(config, store, engine, adapters=adapters, retrainer=retrainer)
+            canon = ServedCanon.load(config, adapters.registry)
+            service = Service(config, store, engine, adapters=adapters, retrainer=retrainer, canon=canon)
             options = Options(host, port, on_quit, interactive)
             running = frontends(service, options) if frontends else enabled(config, service, options)
             for frontend in running:
@@ -169,7 +171,7 @@ def train_first_adapter(config: Config, registry: Registry) -> Version:
     files = dataset_files(config)
     result = in_child_process(train, TrainJob(
         data=files.train, val=files.val, model=config.model, lora=config.lora, train=settings,
-        style=config.prompt_style(), registry=registry, trigger="first-run",
+        style=config.prompt_style(training=True), registry=registry, trigger="first-run", canon=files.canon,
     ), activate=False)  # the caller activates it, through bot.adapters
     print(f"rolebot: trained {result.version.name} (loss {result.final_loss:.4f}); starting the bot",
           file=sys.stderr, flush=True)

@@ -56,6 +56,13 @@ class GenerationSettings:
 
 
 @dataclass
+class CanonSettings:
+    k: int = opt(3, "screenplay exchanges most like the message that the prompt's persona part holds (BM25 over the canon index written by rolebot prepare); 0: no canon", min=0, max=64)
+    max_tokens: int = opt(384, "most tokens the canon exchanges take in a prompt; when a prompt is over its budget, history goes first, then canon", min=16, max=65536)
+    train: bool = opt(True, "rolebot train and retrains build each sample's prompt with its k exchanges too (never from the sample's own scene); the adapter's meta.json records it and serving follows it")
+
+
+@dataclass
 class EngineSettings:
     backend: str = opt("local", "local: host the model in this process; openai: an OpenAI-compatible server", choices=["local", "openai"])
     base_url: str = opt("http://127.0.0.1:8000/v1", "the OpenAI-compatible server (backend = openai), e.g. vLLM")
@@ -150,6 +157,7 @@ class Config:
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: TrainSettings = field(default_factory=TrainSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    canon: CanonSettings = field(default_factory=CanonSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     service: ServiceSettings = field(default_factory=ServiceSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
@@ -175,9 +183,12 @@ class Config:
     def database(self) -> Path:
         return self.path(self.store.path)
 
-    def prompt_style(self) -> PromptStyle:
-        """The prompt format training, evaluation and serving render through."""
-        return PromptStyle(self.model.prompt_format, self.character.persona, self.character.name)
+    def prompt_style(self, *, training: bool = False) -> PromptStyle:
+        """The prompt format training, evaluation and serving render through; for training,
+        canon only when ``[canon] train`` is on."""
+        k = self.canon.k if self.canon.train or not training else 0
+        return PromptStyle(self.model.prompt_format, self.character.persona, self.character.name,
+                           canon_k=k, canon_max_tokens=self.canon.max_tokens)
 
 
 def secret(env_name: str) -> str | None:

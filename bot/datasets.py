@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bot.config import Config
+from training.canon import canon_path
 from training.pairs import Character, PrepareRequest, prepare, validation_path
 from training.screenplay import SAMPLE_SCRIPT
 
@@ -15,15 +16,21 @@ class DatasetFiles:
     train: Path
     val: Path | None
 
+    @property
+    def canon(self) -> Path:
+        """The canon index ``rolebot prepare`` wrote beside the training pairs."""
+        return canon_path(self.train)
+
 
 def dataset_files(config: Config, *, quiet: bool = False) -> DatasetFiles:
     """``[training] data`` if set; else the character's script (or the project's sample
-    script) prepared once into ``data/<character>.json`` with the last episode held out."""
+    script) prepared once into ``data/<character>.json`` (and its canon index) with the last
+    episode held out."""
     if config.training.data:
         return DatasetFiles(config.path(config.training.data), config.path(config.training.val) if config.training.val else None)
-    output = config.path(f"data/{config.character.name}.json")
+    output = pairs_path(config)
     val = validation_path(output)
-    if output.exists() and val.exists():
+    if output.exists() and val.exists() and canon_path(output).exists():
         return DatasetFiles(output, val)
     scripts = tuple(config.path(s) for s in config.character.script) or (SAMPLE_SCRIPT,)
     report = prepare(PrepareRequest(
@@ -35,3 +42,8 @@ def dataset_files(config: Config, *, quiet: bool = False) -> DatasetFiles:
     if not quiet:
         print(report.render("alpaca"))
     return DatasetFiles(output, val)
+
+
+def pairs_path(config: Config) -> Path:
+    """The training pairs file: ``[training] data``, else ``data/<character>.json``."""
+    return config.path(config.training.data or f"data/{config.character.name}.json")

@@ -140,7 +140,7 @@ class Retrainer:
             data_file=config.path(f"data/retrain/run-{run.id}.json"),
             model=config.model, lora=config.lora,
             train=retrain_settings(config),
-            style=config.prompt_style(), adapters=config.adapter_root, character=config.character.name,
+            style=config.prompt_style(training=True), adapters=config.adapter_root, character=config.character.name,
             parent=active.name if active else None, replay_ratio=config.retrain.replay_ratio,
             preference=config.retrain.preference, tolerance=config.retrain.nll_tolerance,
             result=work / "result.json",

@@ -33,6 +33,7 @@ from training.prompts import Exchange, Sample
 from training.registry import Registry
 
 if TYPE_CHECKING:
+    from bot.canon import ServedCanon
     from bot.engine import Engine, ReplyStream
     from bot.retrain import Retrainer
 
@@ -270,8 +271,9 @@ class Service:
 
     def __init__(self, config: Config, store: db.Store, engine: Engine, *,
                  adapters: Adapters | None = None, retrainer: Retrainer | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 canon: ServedCanon | None = None, clock: Callable[[], float] = time.monotonic):
         self.config = config
+        self.canon = canon  # None: prompts hold no canon
         self.store = store
         self.engine = engine
         # One owner of the served adapter per process: the retrainer's, when there is one.
@@ -572,16 +574,20 @@ class Service:
                 for m in earlier]
 
     def _fit(self, text: str, history: list[Exchange]) -> tuple[str, str]:
-        """The prompt within the engine's token budget: oldest turns go first, then the end
-        of the message itself. Returns the prompt and the message text it holds."""
+        """The prompt within the engine's token budget: oldest turns go first, then the least
+        similar canon, then the end of the message itself. Returns the prompt and the message
+        text it holds."""
         budget = self.engine.max_prompt_tokens
+        canon = list(self.canon.lookup(text, self.engine.adapter_version, self.engine.count_tokens)) if self.canon else []
         while True:
-            prompt = self.engine.render(Sample(instruction=neutralise(text), history=tuple(history)))
+            prompt = self.engine.render(Sample(instruction=neutralise(text), history=tuple(history), canon=tuple(canon)))
             used = self.engine.count_tokens(prompt)
             if used <= budget:
                 return prompt, text
             if history:
                 history.pop(0)
+            elif canon:
+                canon.pop()
             elif len(text) > 1:
                 text = text[: max(1, min(len(text) - 1, int(len(text) * budget / used * 0.9)))]
             else:

@@ -68,8 +68,17 @@ def test_eval_shows_the_adapter_beats_the_base_on_held_out_nll(trained, capsys):
     assert main(["--config", str(trained / "config.toml"), "eval", "--limit", "2"]) == 0
     out = capsys.readouterr().out
     assert "NLL" in out and "chrF" in out and "ROUGE-L" in out and "identity" in out and "v0001" in out
-    scores = json.loads((trained / "adapters/甄嬛/v0001/meta.json").read_text(encoding="utf-8"))["eval"]
+    assert "another's role" in out and "base+canon" in out and "v0001+canon" in out
+    meta = json.loads((trained / "adapters/甄嬛/v0001/meta.json").read_text(encoding="utf-8"))
+    scores = meta["eval"]
     assert scores["adapter"]["nll"] < scores["base"]["nll"], scores
+    # Trained with canon (the default): its prompts held the exchanges, as meta.json records.
+    assert meta["config"]["prompt"]["canon_k"] == 3 and meta["canon"]["samples_with_canon"] > 0
+    assert scores["canon_k"] == 3 and scores["canon_index"].endswith("甄嬛.canon.jsonl")
+    for row in ("base", "base+canon", "adapter", "adapter+canon"):
+        assert 0 <= scores[row]["confusion"] <= 1 and scores[row]["pairs"] == scores["base"]["pairs"], row
+    # The adapter learned to answer with canon at hand: that is where it does best.
+    assert scores["adapter+canon"]["nll"] < scores["adapter"]["nll"], scores
 
 
 def test_chat_once_uses_the_active_adapter(trained, capsys):
@@ -90,6 +99,7 @@ def test_from_continues_a_version_and_rollback_returns(trained, capsys):
     assert main(["--config", config, "adapters", "list"]) == 0
     listing = capsys.readouterr().out
     assert "v0001" in listing and "* v0002" in listing
+    assert "NLL " in listing.split("v0001", 1)[1].splitlines()[0]  # the fidelity its eval measured
     assert main(["--config", config, "adapters", "rollback"]) == 0
     assert reg.active().name == "v0001"
     assert main(["--config", config, "adapters", "activate", "v0002"]) == 0
@@ -157,7 +167,9 @@ def test_overlong_samples_are_truncated_and_counted(tmp_path, capsys):
     pairs = [{"instruction": "皇上吉祥", "input": "", "output": "臣妾给皇上请安。"},
              {"instruction": "说说你的故事", "input": "", "output": "很久以前，" * 200}]
     data.write_text(json.dumps(pairs, ensure_ascii=False), encoding="utf-8")
-    (tmp_path / "config.toml").write_text(TINY.replace("max_steps = 4", "max_steps = 1") + "\n[model]\nmax_seq_length = 256\n", encoding="utf-8")
+    (tmp_path / "config.toml").write_text(TINY.replace("max_steps = 4", "max_steps = 1") + "\n[model]\nmax_seq_length = 256\n"
+                                         # Hand-written pairs have no canon index to retrieve from.
+                                         "[canon]\ntrain = false\n", encoding="utf-8")
     assert main(["--config", str(tmp_path / "config.toml"), "train", "--data", str(data)]) == 0
     assert "Samples truncated to max_seq_length: 1." in capsys.readouterr().out
     assert registry(tmp_path).get("v0001").meta["dataset"]["dropped"] == {"truncated to max_seq_length": 1}

@@ -2,7 +2,7 @@
 
 The tutorial's two suggestions: *few-shot* shows the model K real pairs and asks for new ones in
 the same voice; *questions* takes everyday questions and asks for the character's answer, with
-the K most similar real pairs (BM25 over character n-grams) as style examples. Answers are read
+the K most similar real pairs (BM25 over character n-grams, ``training.bm25``) as style examples. Answers are read
 leniently (a JSON array or object, or numbered text), then filtered: length limits, replies that
 break character (the detector ``rolebot eval`` uses), and exact or near duplicates of real or
 already generated replies. Kept pairs carry ``source`` so training can weight or exclude them;
@@ -31,6 +31,7 @@ from typing import Literal
 
 import openai
 
+from training.bm25 import BM25
 from training.character import breaks_character
 from training.dataset import read_dataset
 from training.errors import UserError
@@ -307,42 +308,21 @@ def ngrams(text: str, n: int = NGRAM) -> frozenset[str]:
 
 
 class Retriever:
-    """BM25 over character unigrams and bigrams: language-agnostic, no tokenizer needed."""
-
-    K1, B = 1.5, 0.75
+    """The real pairs most like a question: BM25 over their instructions (``training.bm25``,
+    shared with the canon index)."""
 
     def __init__(self, pairs: list[Pair]):
         self.pairs = pairs
-        self.docs = [Counter(self._terms(p.instruction)) for p in pairs]
-        self.avg = sum(sum(d.values()) for d in self.docs) / max(1, len(self.docs))
-        frequency = Counter(term for doc in self.docs for term in doc)
-        total = len(self.docs)
-        self.idf = {t: math.log(1 + (total - f + 0.5) / (f + 0.5)) for t, f in frequency.items()}
-
-    @staticmethod
-    def _terms(text: str) -> list[str]:
-        norm = comparison_key(text)
-        return list(norm) + [norm[i:i + 2] for i in range(len(norm) - 1)]
+        self.index = BM25([p.instruction for p in pairs])
 
     def top(self, query: str, k: int, rng: random.Random) -> list[Pair]:
         """The k best matches; when fewer than k share anything with the query, random others."""
-        terms = set(self._terms(query)) & self.idf.keys()
-        scored = [(self._score(terms, doc), i) for i, doc in enumerate(self.docs)]
-        ranked = [i for score, i in sorted(scored, key=lambda s: (-s[0], s[1])) if score > 0][:k]
+        ranked = self.index.top(query, k)
         if len(ranked) < k:
             chosen = set(ranked)
             rest = [i for i in range(len(self.pairs)) if i not in chosen]
             ranked += rng.sample(rest, min(k - len(ranked), len(rest)))
         return [self.pairs[i] for i in ranked]
-
-    def _score(self, terms: set[str], doc: Counter) -> float:
-        length = sum(doc.values())
-        score = 0.0
-        for term in terms:
-            f = doc.get(term, 0)
-            if f:
-                score += self.idf[term] * f * (self.K1 + 1) / (f + self.K1 * (1 - self.B + self.B * length / self.avg))
-        return score
 
 
 class Seen:

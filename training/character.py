@@ -27,3 +27,34 @@ def answers_in_character(reply: str, names: tuple[str, ...]) -> bool:
     if breaks_character(reply):
         return False
     return any(name and name in reply for name in names) or any(ref in reply for ref in SELF_REFERENCES)
+
+
+# Ways to say "I am X" in a palace drama and elsewhere; followed by another character's name,
+# the reply has taken that character's part.
+SELF_NAMING = ("我是", "我乃", "我叫", "我便是", "我就是", "本宫是", "本宫乃", "臣妾是", "嫔妾是", "奴婢是", "I am ", "I'm ")
+# After the character's own name these make it a third person: "甄嬛她…", "莞贵人小主…".
+THIRD_PERSON_AFTER = ("她", "他", "小主", "娘娘")
+THIRD_PERSON_BEFORE = ("那个", "这个", "那位", "这位")
+
+
+def role_confusion(reply: str, names: tuple[str, ...], others: tuple[str, ...]) -> bool:
+    """The reply plays someone else: a line opens with another speaker of the script
+    (``皇后：…``), it names itself as another (``我是华妃``), or it speaks of the character in
+    the third person as someone else would (``甄嬛她…``, ``这位莞贵人``, ``莞贵人小主``).
+
+    ``names`` are the character's; ``others`` the script's other speakers (single characters
+    and names that hold one of the character's are left out: they match too much)."""
+    others = tuple(o for o in others if len(o) >= 2 and not any(n and (n in o or o in n) for n in names))
+    mine = "|".join(re.escape(n) for n in names if n)
+    if others:
+        theirs = "|".join(re.escape(o) for o in sorted(others, key=len, reverse=True))
+        if re.search(rf"^\s*(?:{theirs})\s*(?:[（(][^）)\n]*[）)])?\s*[:：]", reply, re.M):
+            return True
+        if re.search(rf"(?:{'|'.join(map(re.escape, SELF_NAMING))})\s*(?:{theirs})", reply, re.I):
+            return True
+    if mine:
+        after = "|".join(THIRD_PERSON_AFTER)
+        before = "|".join(THIRD_PERSON_BEFORE)
+        if re.search(rf"(?:{mine})(?:{after})|(?:{before})(?:{mine})", reply):
+            return True
+    return False

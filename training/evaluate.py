@@ -1,14 +1,16 @@
-"""Is an adapter better? Held-out NLL, chrF and ROUGE-L of greedy replies, identity probes and
-character breaks, for the base model and the adapter side by side. The retrain gate reuses it."""
+"""Is an adapter better? Held-out NLL, chrF and ROUGE-L of greedy replies, identity probes,
+character breaks and role confusion, for the base model and the adapter side by side, each
+with and without canon in the prompt. The retrain gate reuses its NLL."""
 
 from __future__ import annotations
 
 import math
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
-from training.character import IDENTITY_PROBES, answers_in_character, breaks_character
+from training.canon import CanonIndex, with_canon
+from training.character import IDENTITY_PROBES, answers_in_character, breaks_character, role_confusion
 from training.packing import Collator, encode
 from training.prompts import PromptStyle, Sample
 
@@ -21,6 +23,8 @@ class Scores:
     identity: float  # share of identity probes answered in character, 0..1
     breaks: float  # share of replies (val + probes) that break character, 0..1
     pairs: int
+    # share of replies (val + probes) that play another character of the script, 0..1
+    confusion: float = 0.0
 
     def as_dict(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -33,10 +37,14 @@ def token_nlls(model, tokenizer, samples: list[Sample], style: PromptStyle, max_
     os.environ["UNSLOTH_RETURN_LOGITS"] = "1"  # Unsloth otherwise skips logits to save memory
     encoded, _ = encode(samples, tokenizer, style, max_len, "truncate")
     collate = Collator(tokenizer.pad_token_id)
-    results = []
+    # Batches of like lengths: a prompt with canon is twice one without, and padding costs as
+    # much as tokens. Results come back in the samples' order.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
     model.eval()
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        chunk = [encoded[i] for i in rows]
         batch = collate([{"input_ids": e.input_ids, "labels": e.labels, "seq_lengths": [len(e.input_ids)]} for e in chunk])
         batch = {k: v.to(model.device) for k, v in batch.items()}
         with torch.no_grad():
@@ -45,8 +53,8 @@ def token_nlls(model, tokenizer, samples: list[Sample], style: PromptStyle, max_
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].transpose(1, 2), labels.clamp(min=0), reduction="none"
         ) * (labels >= 0)
-        for row in range(len(chunk)):
-            results.append((losses[row].sum().item(), int((labels[row] >= 0).sum().item())))
+        for row, i in enumerate(rows):
+            results[i] = (losses[row].sum().item(), int((labels[row] >= 0).sum().item()))
     return results
 
 
@@ -107,27 +115,48 @@ def rouge_l(hypothesis: str, reference: str) -> float:
     return 100 * 2 * p * r / (p + r)
 
 
-def score(model, tokenizer, samples: list[Sample], style: PromptStyle, names: tuple[str, ...], *, max_len: int, max_new_tokens: int, limit: int) -> Scores:
-    """Every metric for whatever adapter is currently enabled on ``model``."""
+def score(model, tokenizer, samples: list[Sample], probes: list[Sample], style: PromptStyle, names: tuple[str, ...], *,
+          max_len: int, max_new_tokens: int, limit: int, others: tuple[str, ...] = ()) -> Scores:
+    """Every metric for whatever adapter is currently enabled on ``model``, the prompts as the
+    samples and identity probes hold them (with their canon, if any). ``others``: the
+    script's other speakers, for role confusion."""
     nll = mean_nll(model, tokenizer, samples, style, max_len)
     shown = samples[:limit]
     add_special = style.fmt != "chat"
     replies = greedy_replies(model, tokenizer, [style.prompt(s, tokenizer) for s in shown], max_new_tokens, add_special=add_special)
-    probes = greedy_replies(model, tokenizer, [style.prompt(Sample(q), tokenizer) for q in IDENTITY_PROBES], max_new_tokens, add_special=add_special)
-    everything = replies + probes
+    answers = greedy_replies(model, tokenizer, [style.prompt(s, tokenizer) for s in probes], max_new_tokens, add_special=add_special)
+    everything = replies + answers
     return Scores(
         nll=nll if math.isfinite(nll) else float("inf"),
         chrf=sum(chrf(h, s.output) for h, s in zip(replies, shown)) / max(1, len(shown)),
         rouge_l=sum(rouge_l(h, s.output) for h, s in zip(replies, shown)) / max(1, len(shown)),
-        identity=sum(answers_in_character(p, names) for p in probes) / len(probes),
+        identity=sum(answers_in_character(p, names) for p in answers) / max(1, len(answers)),
         breaks=sum(breaks_character(r) for r in everything) / max(1, len(everything)),
         pairs=len(samples),
+        confusion=sum(role_confusion(r, names, others) for r in everything) / max(1, len(everything)),
     )
 
 
-def compare(model, tokenizer, samples, style: PromptStyle, names, *, max_len: int, max_new_tokens: int, limit: int) -> tuple[Scores, Scores]:
-    """(base, adapter) scores from one loaded PeftModel: the base is the adapter disabled."""
+def compare(model, tokenizer, samples, style: PromptStyle, names, *, max_len: int, max_new_tokens: int, limit: int,
+            canon: CanonIndex | None = None) -> dict[str, Scores]:
+    """Scores from one loaded PeftModel (the base is the adapter disabled): rows ``base`` and
+    ``adapter``, and with a canon index and ``style.canon_k`` > 0 also ``base+canon`` and
+    ``adapter+canon``, whose prompts hold the k exchanges retrieved for each sample."""
     kwargs = dict(max_len=max_len, max_new_tokens=max_new_tokens, limit=limit)
-    with model.disable_adapter():
-        base = score(model, tokenizer, samples, style, names, **kwargs)
-    return base, score(model, tokenizer, samples, style, names, **kwargs)
+    probes = [Sample(q) for q in IDENTITY_PROBES]
+    plain = replace(style, canon_k=0)
+    variants = {"": (plain, samples, probes)}
+    others: tuple[str, ...] = ()
+    if canon is not None:
+        others = canon.speakers(tuple(names))
+        if style.canon_k:
+            def count(text: str) -> int:
+                return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+            variants["+canon"] = (style, with_canon(samples, canon, style, count), with_canon(probes, canon, style, count))
+    rows: dict[str, Scores] = {}
+    for suffix, (variant, held, asked) in variants.items():
+        with model.disable_adapter():
+            rows["base" + suffix] = score(model, tokenizer, held, asked, variant, names, others=others, **kwargs)
+        rows["adapter" + suffix] = score(model, tokenizer, held, asked, variant, names, others=others, **kwargs)
+    return rows

@@ -3,11 +3,13 @@
 A pair is a line of someone else and the character's answer to it in the same scene:
 the tutorial's ``instruction`` and ``output``. Optional scene history goes into ``input``
 (Alpaca) or becomes earlier turns (ShareGPT, messages JSONL). ``prepare`` runs the whole
-step and returns a ``Report`` of what was read, kept and skipped.
+step and returns a ``Report`` of what was read, kept and skipped. Beside the pairs it writes
+the canon index (``training.canon``): the training episodes' exchanges, for retrieval.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -16,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from training.canon import Record, canon_path, index_text
 from training.errors import UserError
 from training.screenplay import Turn, parse_scripts
 
@@ -247,6 +250,7 @@ class Report:
     val_episodes: tuple[int, ...]
     skipped: tuple[tuple[str, int], ...]  # (reason, count), most frequent first
     interlocutors: tuple[tuple[str, int], ...]  # whose lines the character answers
+    canon: tuple[str, int] = ("", 0)  # (path, exchanges) of the canon index
 
     def render(self, fmt: str) -> str:
         """A plain-text report; counts come first so that CJK names need no column padding."""
@@ -266,6 +270,9 @@ class Report:
             held = ", ".join(map(str, self.val_episodes))
             note = f"  validation: episode(s) {held}" if index else ""
             lines.append(f"  {n:6}  {path}{note}")
+        if self.canon[0]:
+            lines.append(f"Canon index: {self.canon[1]} exchanges of the training episodes")
+            lines.append(f"  {self.canon[1]:6}  {self.canon[0]}")
         lines.append("Skipped:" if self.skipped else "Skipped: nothing")
         lines += [f"  {n:6}  {reason}" for reason, n in self.skipped]
         lines.append(f"Top interlocutors (whose lines {name} answers):")
@@ -294,10 +301,20 @@ def prepare(request: PrepareRequest) -> Report:
     parts = {request.output: train}
     if request.val_episodes:
         parts[validation_path(request.output)] = val
-    write_atomically({path: render(part, request.character, request.format)
-                      for path, part in parts.items()})
+    files_text = {path: render(part, request.character, request.format) for path, part in parts.items()}
+    index = canon_path(request.output)
+    files_text[index] = index_text([canon_record(pair) for pair in train])
+    write_atomically(files_text)
     written = tuple((str(path), len(part)) for path, part in parts.items())
-    return _report(request, turns, skipped, kept, written, tuple(e for _, e in held))
+    report = _report(request, turns, skipped, kept, written, tuple(e for _, e in held))
+    return dataclasses.replace(report, canon=(str(index), len(train)))
+
+
+def canon_record(pair: Pair) -> Record:
+    """A pair as an exchange of the canon index: who said what, the answer, and where."""
+    reply = pair.reply
+    return Record(file=reply.file, episode=reply.episode, scene=reply.scene, scene_label=reply.scene_label,
+                  speaker=pair.prompt.speaker, said=pair.prompt.text, replier=reply.speaker, reply=reply.text)
 
 
 def _check_speakers(turns: list[Turn], character: Character, files: str) -> None:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from training.atomic import write_json_atomic
+from training.canon import canon_path, for_training, training_index
 from training.dataset import load_samples
 from training.errors import UserError
 from training.logs import PreferencePair, RatedReply, open_snapshot
@@ -86,13 +87,16 @@ class Verdict:
 
 
 def gate(model_settings: ModelSettings, style: PromptStyle, active: Path | None, candidate: Path,
-         val: list[Sample], up: tuple[Sample, ...], down: tuple[Sample, ...], tolerance: float) -> Verdict:
+         val: list[Sample], up: tuple[Sample, ...], down: tuple[Sample, ...], tolerance: float,
+         canon: Path | None = None) -> Verdict:
     """The candidate must not lose more than ``tolerance`` (relative) held-out NLL, and must rank
-    held-out 👍 replies above 👎 ones at least as often as the active adapter does."""
+    held-out 👍 replies above 👎 ones at least as often as the active adapter does. The held-out
+    prompts hold canon as the candidate's training prompts did."""
     from training.evaluate import token_nlls
     from training.modeling import attach_adapter, load_base
 
     model, tokenizer = load_base(model_settings)
+    val = for_training(training_index(canon, style), style, tokenizer, val, [])[0]
     model = attach_adapter(model, str(candidate), name="candidate")
     if active is not None:
         model.load_adapter(str(active), adapter_name="active")
@@ -142,13 +146,13 @@ def run_job(job: RetrainJob) -> RetrainResult:
         raise UserError("no 👍-rated replies to learn from yet (outside the held-out share)")
     result = train(TrainJob(
         data=data.train_file, model=job.model, lora=job.lora, train=job.train, style=job.style,
-        registry=registry, val=job.val, parent=parent, trigger=job.trigger,
+        registry=registry, val=job.val, parent=parent, trigger=job.trigger, canon=canon_path(job.original),
         notes={"retrain": {"run_id": job.run_id, **data.report()}},
     ), activate=False)
     candidate, skipped = preference_stage(job, registry, result.version, data)
     val = load_samples(job.val) if job.val else load_samples(job.original)[:64]
     verdict = gate(job.model, job.style, parent.path if parent else None, candidate.path, val,
-                   data.heldout_up, data.heldout_down, job.tolerance)
+                   data.heldout_up, data.heldout_down, job.tolerance, canon=canon_path(job.original))
     meta = {**candidate.meta, "gate": asdict(verdict)}
     write_json_atomic(candidate.path / "meta.json", meta)
     return RetrainResult(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from training import report
+from training.canon import for_training, training_index
 from training.dataset import load_samples, sha256
 from training.errors import UserError
 from training.modeling import device, expandable_cuda_segments, load_base, unsloth
@@ -36,6 +37,7 @@ class TrainJob:
     parent: Version | None = None
     trigger: str = "cli"
     notes: dict = field(default_factory=dict)  # recorded in meta.json as they are
+    canon: Path | None = None  # the canon index; used when style.canon_k > 0
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,12 @@ class TrainResult:
 def train(job: TrainJob, *, activate: bool = True) -> TrainResult:
     samples = load_samples(job.data, job.style.character)
     val = load_samples(job.val, job.style.character) if job.val else []
+    index = training_index(job.canon, job.style)
     expandable_cuda_segments()
     FastLanguageModel = unsloth()
     model, tokenizer = load_base(job.model, offload_embedding=job.train.offload_embedding)
     model = add_lora(FastLanguageModel, model, job.lora, job.parent)
+    samples, val, canon = for_training(index, job.style, tokenizer, samples, val)
     encoded, dropped = encode(samples, tokenizer, job.style, job.model.max_seq_length, job.train.overlong)
     if not encoded:
         raise UserError(f"{job.data}: every sample is longer than [model] max_seq_length "
@@ -85,6 +89,7 @@ def train(job: TrainJob, *, activate: bool = True) -> TrainResult:
                     "dropped": dict(dropped)},
         "config": {"model": _plain(job.model), "lora": _plain(job.lora), "train": _plain(job.train),
                    "prompt": _plain(job.style)},
+        "canon": canon,
         "parent_version": job.parent.name if job.parent else None,
         "trigger": job.trigger,
         "steps": stats.global_step,

@@ -50,16 +50,28 @@ def list_versions(args: argparse.Namespace) -> int:
         print(f"No adapter versions of {registry.character} in {registry.root} yet; run `rolebot train`.")
         return 0
     active = registry.active()
-    print(f"{'':2}{'version':<8} {'created':<16} {'parent':<7} {'steps':>5} {'loss':>7} {'val NLL':>8} {'samples/s':>9}  data")
+    print(f"{'':2}{'version':<8} {'created':<16} {'parent':<7} {'steps':>5} {'loss':>7} {'val NLL':>8} {'samples/s':>9} "
+          f"{'canon':>5}  {'fidelity (last rolebot eval, held-out)':<52}  data")
     for v in versions:
         meta = v.meta
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(meta.get("created_at", 0)))
         mark = "* " if active and active.name == v.name else "  "
+        trained_k = meta.get("config", {}).get("prompt", {}).get("canon_k", 0)
         print(f"{mark}{v.name:<8} {created:<16} {meta.get('parent_version') or '-':<7} {meta.get('steps', 0):>5} "
-              f"{_num(meta.get('final_loss'))} {_num(meta.get('val_nll'), 8)} {_num(meta.get('samples_per_s'), 9)}  "
-              f"{meta.get('dataset', {}).get('file', '')}")
-    print("* = active")
+              f"{_num(meta.get('final_loss'))} {_num(meta.get('val_nll'), 8)} {_num(meta.get('samples_per_s'), 9)} "
+              f"{trained_k:>5}  {fidelity(meta.get('eval') or {}):<52}  {meta.get('dataset', {}).get('file', '')}")
+    print("* = active; canon: exchanges each training prompt held ([canon] k when [canon] train is on)")
     return 0
+
+
+def fidelity(scores: dict) -> str:
+    """The adapter's held-out numbers from its last `rolebot eval`, or '-' before one."""
+    plain, canon = scores.get("adapter"), scores.get("adapter+canon")
+    if not plain:
+        return "-"
+    with_canon = f"{canon['nll']:.4f}" if canon else "-"
+    return (f"NLL {plain['nll']:.4f}, +canon {with_canon}, chrF {plain['chrf']:.1f}, "
+            f"confusion {plain.get('confusion', 0):.0%}")
 
 
 def _num(value, width: int = 7) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from bot.config import load_config
@@ -12,13 +13,19 @@ from training.atomic import write_json_atomic
 from training.registry import Registry
 
 DESCRIPTION = """\
-Score the base model and an adapter version on held-out pairs, side by side:
-  NLL       mean per-token negative log-likelihood of the reference replies (lower is better)
-  chrF      character n-gram F-score of greedy replies against the references (0-100)
-  ROUGE-L   character-level longest-common-subsequence F1 (0-100)
-  identity  share of identity probes ("你是谁？" …) answered in character
-  breaks    share of replies that break character (claim to be an AI, an assistant …)
-The adapter's numbers are stored in its meta.json under "eval".
+Score the base model and an adapter version on held-out pairs, side by side, each without and
+with canon (the [canon] k exchanges of the screenplay most like each line, from the canon
+index beside the training pairs) in the prompt:
+  NLL        mean per-token negative log-likelihood of the real replies (lower is better)
+  chrF       character n-gram F-score of greedy replies against the real ones (0-100)
+  ROUGE-L    character-level longest-common-subsequence F1 (0-100)
+  identity   share of identity probes ("你是谁？" …) answered in character
+  breaks     share of replies that break character (claim to be an AI, an assistant …)
+  confusion  share of replies that play another character of the script ("皇后：…",
+             "我是华妃") or speak of the character in the third person ("甄嬛她…")
+Held-out pairs are whole episodes that neither the adapter nor the canon index saw:
+`rolebot prepare --val-episodes K` writes them to the .val file. The table is stored in the
+version's meta.json under "eval"; `rolebot adapters list` shows it.
 """
 
 
@@ -40,21 +47,31 @@ def run(args: argparse.Namespace) -> int:
     val = args.val or _val_file(version.meta) or dataset_files(config, quiet=True).val
     if val is None:
         raise UserError("no held-out pairs: pass --val FILE (e.g. from `rolebot prepare --val-episodes 1`)")
+    from training.canon import CanonIndex, served_canon
     from training.dataset import load_samples
     from training.evaluate import compare
     from training.modeling import attach_adapter, load_base, unsloth
 
     samples = load_samples(val)
+    k, max_tokens = served_canon(version.meta, config.canon.k, config.canon.max_tokens)
+    if k == 0 and config.canon.k:  # trained without canon: still show what canon would do
+        k, max_tokens = config.canon.k, config.canon.max_tokens
+    index = CanonIndex.load(_canon_file(version.meta, config)) if k else None
+    style = dataclasses.replace(config.prompt_style(), canon_k=k, canon_max_tokens=max_tokens)
     FastLanguageModel = unsloth()
     model, tokenizer = load_base(config.model)
     model = attach_adapter(model, str(version.path))
     FastLanguageModel.for_inference(model)
     names = (config.character.name, *config.character.aliases)
-    base, tuned = compare(model, tokenizer, samples, config.prompt_style(), names, max_len=config.model.max_seq_length,
-                          max_new_tokens=config.generation.max_new_tokens, limit=max(1, args.limit))
-    print(f"Held-out pairs: {val} ({len(samples)} pairs; replies generated for {min(len(samples), args.limit)})")
-    print(table(base.as_dict(), tuned.as_dict(), version.name))
-    meta = {**version.meta, "eval": {"val_file": str(val), "base": base.as_dict(), "adapter": tuned.as_dict()}}
+    rows = compare(model, tokenizer, samples, style, names, max_len=config.model.max_seq_length,
+                   max_new_tokens=config.generation.max_new_tokens, limit=max(1, args.limit), canon=index)
+    order = ("base", "base+canon", "adapter", "adapter+canon")
+    scores = {name: rows[name].as_dict() for name in order if name in rows}
+    canon_note = f"; canon: {k} exchanges from {index.path}" if index else "; canon off ([canon] k = 0)"
+    print(f"Held-out pairs: {val} ({len(samples)} pairs; replies generated for {min(len(samples), args.limit)}){canon_note}")
+    print(table(scores, version.name))
+    meta = {**version.meta, "eval": {"val_file": str(val), "canon_index": str(index.path) if index else None,
+                                     "canon_k": k, **scores}}
     write_json_atomic(version.path / "meta.json", meta)
     return 0
 
@@ -64,12 +81,28 @@ def _val_file(meta: dict) -> Path | None:
     return Path(name) if name and Path(name).exists() else None
 
 
+def _canon_file(meta: dict, config) -> Path:
+    """The index the version trained with, else the one beside its pairs, else the config's."""
+    from training.canon import canon_path
+
+    if (meta.get("canon") or {}).get("index"):
+        return Path(meta["canon"]["index"])
+    if meta.get("dataset", {}).get("file"):
+        return canon_path(Path(meta["dataset"]["file"]))
+    return dataset_files(config, quiet=True).canon
+
+
 ROWS = [("nll", "NLL ↓", "{:.4f}"), ("chrf", "chrF ↑", "{:.2f}"), ("rouge_l", "ROUGE-L ↑", "{:.2f}"),
-        ("identity", "in character on identity probes ↑", "{:.0%}"), ("breaks", "replies breaking character ↓", "{:.0%}")]
+        ("identity", "in character on identity probes ↑", "{:.0%}"), ("breaks", "replies breaking character ↓", "{:.0%}"),
+        ("confusion", "replies in another's role ↓", "{:.0%}")]
 
 
-def table(base: dict, tuned: dict, name: str) -> str:
-    lines = [f"{'metric':<36}{'base':>10}{name:>10}"]
+def table(scores: dict[str, dict], name: str) -> str:
+    """One column per row of ``scores`` (base, adapter, each ±canon); the adapter's by its name."""
+    heads = {key: key.replace("adapter", name) for key in scores}
+    width = max(12, *(len(h) + 2 for h in heads.values()))
+    lines = [f"{'metric':<36}" + "".join(f"{heads[key]:>{width}}" for key in scores)]
     for key, label, fmt in ROWS:
-        lines.append(f"{label:<36}{fmt.format(base[key]):>10}{fmt.format(tuned[key]):>10}")
+        cells = "".join(f"{fmt.format(s[key]) if key in s else '-':>{width}}" for s in scores.values())
+        lines.append(f"{label:<36}{cells}")
     return "\n".join(lines)

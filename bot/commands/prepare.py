@@ -16,6 +16,11 @@ tutorial's Alpaca data. Stage directions are removed; lines with an action
 (甄嬛（笑）：…), a colon inside the text, full- or half-width punctuation, CRLF, and
 UTF-8 (with or without BOM), GBK or UTF-16 files are all read.
 
+Beside the pairs it writes the canon index FILE.canon.jsonl (e.g. huanhuan.canon.jsonl): the
+training episodes' exchanges (the line said, the character's answer, episode, scene,
+speaker), which training and the bot search for the scenes most like the line at hand
+([canon] in config.toml). Held-out episodes stay out of it.
+
 Examples:
   rolebot prepare 甄嬛传剧本01-10.txt --character 甄嬛 --alias 嬛嬛 --alias 莞贵人 \\
       --output data/huanhuan.json

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bot.config import load_config
 from bot.datasets import dataset_files
+from training.canon import canon_path
 from training.registry import Registry
 
 DESCRIPTION = """\
@@ -22,6 +23,11 @@ which becomes the active version.
 
 Without --data: [training] data, else the character's script (or the project's sample
 script) prepared into data/<character>.json with its last episode held out for --val.
+
+With [canon] train on (the default), each sample's prompt holds the [canon] k exchanges of
+the screenplay most like it, never from its own scene, from the canon index beside the
+pairs (FILE.canon.jsonl, written by `rolebot prepare`); meta.json records it and the bot
+serves the version in the same format.
 """
 
 
@@ -55,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
     result = train(TrainJob(
         data=data, val=val, model=config.model, lora=config.lora, train=config.training,
-        style=config.prompt_style(), registry=registry, parent=parent,
+        style=config.prompt_style(training=True), registry=registry, parent=parent,
+        canon=canon_path(data),
     ), activate=not args.no_activate)
     state = "active" if not args.no_activate else "not activated"
     print(f"Saved {result.version.path} ({state}); loss curve: {result.version.path / 'loss.png'}")
