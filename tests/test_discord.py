@@ -215,6 +215,26 @@ async def test_a_mention_gets_a_streamed_reply_and_reactions_rate_it(bot, caplog
 
 @pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="module")
+async def test_a_new_conversation_opens_with_the_greeting(bot):
+    dc = bot.dc
+    bot.service.config.character.greeting = "{{user}}，嬛嬛给您请安。"
+    try:
+        said = await dc.user_sends("娘娘", user_id=USER, mention_bot=True)
+        row, reply = await bot.reply_to(said)
+        again = await dc.user_sends("娘娘安好", user_id=USER, mention_bot=True)
+        await bot.reply_to(again)
+    finally:
+        bot.service.config.character.greeting = ""
+    [greeting] = bot.rows("SELECT * FROM messages WHERE role = 'assistant' AND reply_to IS NULL")
+    posted = [m for m in dc.sent_messages if m.content == greeting["text"]]
+    assert len(posted) == 1 and greeting["text"].endswith("，嬛嬛给您请安。")  # once, not per message
+    assert posted[0].id < reply.id and greeting["id"] < row["reply_to"]  # before the first reply
+    [(prompt,)] = bot.rows("SELECT prompt FROM messages WHERE id = ?", row["id"])
+    assert greeting["text"] in prompt  # the model sees it, as the user did
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
 async def test_who_gets_an_answer_dms_mentions_and_configured_channels(bot):
     dc = bot.dc
     ignored = await dc.user_sends("people talking among themselves", user_id=USER)

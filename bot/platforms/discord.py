@@ -180,6 +180,10 @@ class DiscordFrontend:
         self._answering.add(task)
         try:
             async with message.channel.typing():
+                if not incoming.text.startswith("/"):  # a conversation opens with [character] greeting
+                    greeting = await self.service.greet(PLATFORM, incoming.chat_id, incoming.display_name)
+                    for part in split(greeting.text) if greeting is not None else ():
+                        await message.channel.send(part, allowed_mentions=NO_PINGS)
                 out = await self.service.handle(incoming)
                 if isinstance(out, Answer):
                     await message.reply(out.text, mention_author=False, allowed_mentions=NO_PINGS)
