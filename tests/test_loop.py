@@ -85,7 +85,7 @@ async def test_admin_retrain_promotes_a_gated_version_while_a_client_keeps_chatt
                 with sqlite3.connect(app.config.database) as conn:
                     conn.execute("UPDATE messages SET text = ? WHERE id = ?", (GOOD[i], int(reply["id"])))
                 async with session.post(f"{url}/api/ratings", json={
-                        "message_id": reply["id"], "user": f"rater{i}", "value": 1 if i < 5 else -1}) as r:
+                        "message_id": reply["id"], "user": f"u{i}", "value": 1 if i < 5 else -1}) as r:
                     assert r.status == 200, await r.text()
 
             async with session.post(f"{url}/api/admin/retrain") as r:
