@@ -82,7 +82,8 @@ async def test_chat_stream_stop_regenerate_rate_and_reload(site, page):
 
     # A reply streams: text shows while the send button is still the stop button.
     await send(page, "请讲一个很长的故事")
-    await page.wait_for_function("() => document.querySelectorAll('.msg.bot')[1]?.textContent.length > 0 "
+    # (Words, not just the spaces a reply may begin with: the row keeps the text stripped.)
+    await page.wait_for_function("() => document.querySelectorAll('.msg.bot')[1]?.textContent.trim().length > 0 "
                                  "&& document.getElementById('send').textContent === '⏹'", timeout=60_000)
     # Stop it: the reply ends at the next step, its text kept and shown as interrupted.
     await page.click("#send")
