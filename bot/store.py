@@ -574,6 +574,13 @@ class Store:
         The greeting has no prompt, so training never learns from it, but the model sees it in
         the next turn's history, as the user did.
         """
+        # Every message on a platform that greets asks this: answer a begun conversation from the
+        # reader, without taking the writer's lock.
+        if await self._fetchone(
+            "SELECT 1 FROM messages AS m JOIN conversations AS c ON c.id = m.conversation_id "
+            "WHERE c.platform = ? AND c.chat_id = ? AND c.ended_at IS NULL LIMIT 1", (platform, chat_id)
+        ):
+            return None
         now = time.time()
         async with self._transaction() as conn:
             conversation_id = await _current_conversation_id(conn, platform, chat_id, now)

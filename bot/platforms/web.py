@@ -286,14 +286,14 @@ class WebChat:
 
     # The conversation (the page's history after a reload, ◀ ▶, stop)
 
-    async def _who(self, request: web.Request, body: dict | None = None) -> Identity:
+    def _who(self, request: web.Request, body: dict | None = None) -> Identity:
         claimed = body.get("user") if body else request.query.get("user")
         return self.identify(request, parse_user(claimed) if claimed is not None else None)
 
     async def conversation(self, request: web.Request) -> web.Response:
         """GET /api/conversation: the user's current conversation, oldest first."""
         try:
-            who = await self._who(request)
+            who = self._who(request)
         except BadRequest as exc:
             return error(400, str(exc), exc.code, param=exc.param)
         except Unauthorized as exc:
@@ -307,7 +307,7 @@ class WebChat:
         try:
             body = await read_json(request)
             message_id = parse_message_id(body.get("message_id"))
-            who = await self._who(request, body)
+            who = self._who(request, body)
         except BadRequest as exc:
             return error(400, str(exc), exc.code, param=exc.param)
         except Unauthorized as exc:
@@ -324,7 +324,7 @@ class WebChat:
         """POST /api/stop: the reply being written in the caller's chat ends at the next step."""
         try:
             body = await read_json(request) if request.can_read_body else {}
-            who = await self._who(request, body)
+            who = self._who(request, body)
         except BadRequest as exc:
             return error(400, str(exc), exc.code, param=exc.param)
         except Unauthorized as exc:
