@@ -118,15 +118,26 @@ def test_a_missing_or_broken_index_says_which_file_and_what_to_do(tmp_path):
         CanonIndex.load(empty)
 
 
-def test_training_without_an_index_is_one_line_before_any_model_loads(prepared, tmp_path, capsys):
+def test_training_without_an_index_trains_without_canon_and_says_so(prepared, tmp_path, capsys):
+    """Hand-written pairs, or pairs prepared before indexes, have no index beside them: the run
+    says so in one line and trains without canon (meta.json records canon_k = 0, so the version
+    is served the same way; tests/test_train.py trains such a version). A broken index still
+    stops the run before any model loads."""
+    from training.canon import training_index
+
+    style = PromptStyle("alpaca", "你是甄嬛。", "甄嬛", canon_k=3)
+    assert training_index(tmp_path / "pairs.canon.jsonl", style) is None
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{tmp_path / 'pairs.canon.jsonl'}: no canon index beside the pairs" in err
+    assert "training without canon" in err and "rolebot prepare" in err
     pairs = tmp_path / "pairs.json"
     pairs.write_text(prepared.read_text(encoding="utf-8"), encoding="utf-8")
+    (tmp_path / "pairs.canon.jsonl").write_text("not json\n", encoding="utf-8")
     (tmp_path / "config.toml").write_text("[training]\nmax_steps = 1\n", encoding="utf-8")
     assert main(["--config", str(tmp_path / "config.toml"), "train", "--data", str(pairs)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
-    assert f"{tmp_path / 'pairs.canon.jsonl'}: canon index not found — run `rolebot prepare`" in err
-    assert "[canon] train = false" in err
+    assert f"{tmp_path / 'pairs.canon.jsonl'}:1: not a canon exchange" in err and "[canon] train = false" in err
 
 
 # Serving: the real engine on the builtin model, a real store.

@@ -167,9 +167,13 @@ def test_overlong_samples_are_truncated_and_counted(tmp_path, capsys):
     pairs = [{"instruction": "皇上吉祥", "input": "", "output": "臣妾给皇上请安。"},
              {"instruction": "说说你的故事", "input": "", "output": "很久以前，" * 200}]
     data.write_text(json.dumps(pairs, ensure_ascii=False), encoding="utf-8")
-    (tmp_path / "config.toml").write_text(TINY.replace("max_steps = 4", "max_steps = 1") + "\n[model]\nmax_seq_length = 256\n"
-                                         # Hand-written pairs have no canon index to retrieve from.
-                                         "[canon]\ntrain = false\n", encoding="utf-8")
+    (tmp_path / "config.toml").write_text(TINY.replace("max_steps = 4", "max_steps = 1") + "\n[model]\nmax_seq_length = 256\n",
+                                         encoding="utf-8")
     assert main(["--config", str(tmp_path / "config.toml"), "train", "--data", str(data)]) == 0
-    assert "Samples truncated to max_seq_length: 1." in capsys.readouterr().out
-    assert registry(tmp_path).get("v0001").meta["dataset"]["dropped"] == {"truncated to max_seq_length": 1}
+    out, err = capsys.readouterr()
+    assert "Samples truncated to max_seq_length: 1." in out
+    meta = registry(tmp_path).get("v0001").meta
+    assert meta["dataset"]["dropped"] == {"truncated to max_seq_length": 1}
+    # Hand-written pairs have no canon index: trained, and recorded, without canon ([canon] train is on).
+    assert "no canon index beside the pairs — training without canon" in err
+    assert meta["config"]["prompt"]["canon_k"] == 0 and meta["canon"] is None

@@ -16,6 +16,7 @@ rather than copy its answer from it.
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -151,12 +152,18 @@ def with_canon(samples: list[Sample], index: CanonIndex, style: PromptStyle,
 
 
 def training_index(path: Path | None, style: PromptStyle) -> CanonIndex | None:
-    """The index a training run retrieves from (None when its style holds no canon), loaded
-    before the model so that a missing one fails at once."""
+    """The index a training run retrieves from, loaded before the model so that a broken one
+    fails at once. None when the style holds no canon, or when the pairs have no index beside
+    them (hand-written pairs, or pairs prepared before there were indexes): then the run trains
+    without canon and says so in one line, and the caller records ``canon_k = 0`` so that the
+    version is served as it was trained."""
     if not style.canon_k:
         return None
-    if path is None:
-        raise UserError(f"[canon] train is on but these pairs have no canon index — {FIX}")
+    if path is None or not Path(path).exists():
+        where = f"{path}: no canon index beside the pairs" if path else "these pairs have no canon index"
+        print(f"note: {where} — training without canon, and this version will be served without it; "
+              "`rolebot prepare` writes the index next to the pairs", file=sys.stderr, flush=True)
+        return None
     return CanonIndex.load(path)
 
 

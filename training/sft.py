@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from training import report
@@ -53,12 +53,14 @@ def train(job: TrainJob, *, activate: bool = True) -> TrainResult:
     samples = load_samples(job.data, job.style.character)
     val = load_samples(job.val, job.style.character) if job.val else []
     index = training_index(job.canon, job.style)
+    # Without an index the version learns (and is served) without canon; meta.json says so.
+    style = job.style if index is not None else replace(job.style, canon_k=0)
     expandable_cuda_segments()
     FastLanguageModel = unsloth()
     model, tokenizer = load_base(job.model, offload_embedding=job.train.offload_embedding)
     model = add_lora(FastLanguageModel, model, job.lora, job.parent)
-    samples, val, canon = for_training(index, job.style, tokenizer, samples, val)
-    encoded, dropped = encode(samples, tokenizer, job.style, job.model.max_seq_length, job.train.overlong)
+    samples, val, canon = for_training(index, style, tokenizer, samples, val)
+    encoded, dropped = encode(samples, tokenizer, style, job.model.max_seq_length, job.train.overlong)
     if not encoded:
         raise UserError(f"{job.data}: every sample is longer than [model] max_seq_length "
                         f"{job.model.max_seq_length}; raise it or shorten the samples")
@@ -80,7 +82,7 @@ def train(job: TrainJob, *, activate: bool = True) -> TrainResult:
     if val:
         from training.evaluate import mean_nll
 
-        val_nll = mean_nll(model, tokenizer, val, job.style, job.model.max_seq_length)
+        val_nll = mean_nll(model, tokenizer, val, style, job.model.max_seq_length)
     print(report.render(memory.finish(), stats.metrics, len(encoded), len(rows), dropped, seen / runtime, val_nll))
     meta = {
         "base_model": job.model.base,
@@ -88,7 +90,7 @@ def train(job: TrainJob, *, activate: bool = True) -> TrainResult:
                     "val_file": str(job.val) if job.val else None,
                     "dropped": dict(dropped)},
         "config": {"model": _plain(job.model), "lora": _plain(job.lora), "train": _plain(job.train),
-                   "prompt": _plain(job.style)},
+                   "prompt": _plain(style)},
         "canon": canon,
         "parent_version": job.parent.name if job.parent else None,
         "trigger": job.trigger,
