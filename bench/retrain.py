@@ -123,6 +123,7 @@ def main() -> int:
 
     if args.tuning:
         tune_engine(serve_bench.split_variant(args.tuning)[1])
+    count_graph_captures()
     result = asyncio.run(measure(work, args))
     report = render(result)
     print(report)
@@ -146,6 +147,42 @@ def tune_engine(tuning: dict) -> None:
         build(self, config, version, replace(local.Tuning(), **tuning))
 
     local.LocalEngine.__init__ = init
+
+
+CAPTURES: list[tuple[float, float, int]] = []  # (wall clock, seconds, padded query tokens)
+
+
+def count_graph_captures() -> None:
+    """Record every CUDA-graph capture transformers' continuous batching makes (a capture stalls
+    every row of the batch while it runs)."""
+    try:
+        from transformers.generation.continuous_batching.model_runner import ModelRunner
+    except ImportError:
+        return
+    capture = ModelRunner._capture_graph
+
+    def timed(self, *args, **kwargs):
+        io = self.inputs_and_outputs
+        io = io.io_pairs[io.current_pair].device_io if hasattr(io, "io_pairs") else io
+        started, wall = time.perf_counter(), time.time()
+        try:
+            return capture(self, *args, **kwargs)
+        finally:
+            CAPTURES.append((wall, time.perf_counter() - started, io.num_q_tokens))
+
+    ModelRunner._capture_graph = timed
+
+
+async def sample_loop(app, stop: asyncio.Event, samples: list[tuple[float, float, int, int]]) -> None:
+    """Every 20 ms: how late the event loop wakes (the web front-end, the service and the
+    engine's streaming all run on it) and the engine's queue and batch."""
+    period = 0.02
+    while not stop.is_set():
+        before = time.perf_counter()
+        await asyncio.sleep(period)
+        lag = time.perf_counter() - before - period
+        status = app.engine.status()
+        samples.append((time.time(), lag, status.queue_depth, status.generating))
 
 
 def write_originals(work: Path, count: int) -> None:
@@ -286,7 +323,9 @@ async def measure(work: Path, args) -> dict:
     print(f"bench: bot up in {time.perf_counter() - loaded:.0f} s, {app.describe()}", file=sys.stderr, flush=True)
     admin = {"Authorization": "Bearer bench-admin"}
     replies: list[Reply] = []
+    samples: list[tuple[float, float, int, int]] = []
     stop = asyncio.Event()
+    sampler = asyncio.create_task(sample_loop(app, stop, samples))
     try:
         seeded = await seed(app, args.rated, args.up_share)
         print(f"bench: seeded {seeded}", file=sys.stderr, flush=True)
@@ -324,6 +363,7 @@ async def measure(work: Path, args) -> dict:
             await asyncio.gather(*clients)
     finally:
         stop.set()
+        await sampler
         await app.stop()
 
     last = status["retrain"]["last_run"]
@@ -337,6 +377,22 @@ async def measure(work: Path, args) -> dict:
     engine_side = {"before the retrain": [r for r in rows if r[0] < trigger_wall],
                    "during the retrain": [r for r in rows if trigger_wall <= r[0] < done_wall],
                    "after the swap": [r for r in rows if r[0] >= done_wall]}
+    def window(name: str, wall: float) -> bool:
+        return {"before the retrain": chatting <= wall < trigger_wall, "during the retrain": trigger_wall <= wall < done_wall,
+                "after the swap": wall >= done_wall}[name]
+
+    from serve import percentile
+
+    def loop_summary(name: str) -> dict:
+        lags = [s[1] for s in samples if window(name, s[0])]
+        caught = [c for c in CAPTURES if window(name, c[0])]
+        return {"loop_lag_p95_ms": None if not lags else round(percentile(lags, 95) * 1000, 1),
+                "loop_lag_max_ms": None if not lags else round(max(lags) * 1000, 1),
+                "queue_max": max((s[2] for s in samples if window(name, s[0])), default=0),
+                "batch_max": max((s[3] for s in samples if window(name, s[0])), default=0),
+                "graph_captures": len(caught), "graph_capture_s": round(sum(c[1] for c in caught), 2),
+                "graph_capture_q": sorted({c[2] for c in caught})}
+
     phases = {"before the retrain": [r for r in replies if r.started < trigger],
               "during the retrain": [r for r in replies if trigger <= r.started < done],
               "after the swap": [r for r in replies if r.started >= done]}
@@ -354,7 +410,8 @@ async def measure(work: Path, args) -> dict:
 
     return {"device": device().name, "model": str(app.config.model.base), "clients": args.clients,
             "new_tokens": args.new_tokens, "seeded": seeded, "cycle": cycle,
-            "max_steps": app.config.retrain.max_steps, "phases": {k: {**summary(v), **engine_summary(engine_side[k])} for k, v in phases.items()},
+            "max_steps": app.config.retrain.max_steps, "phases": {k: {**summary(v), **engine_summary(engine_side[k]), **loop_summary(k)}
+                                                               for k, v in phases.items()},
             "failed_replies": sum(not r.ok for r in replies), "errors": sorted({r.error for r in replies if r.error})[:5],
             "reply_statuses": statuses,
             "versions_after_swap": sorted({r.version or "base" for r in phases["after the swap"]})}
@@ -414,6 +471,11 @@ def render(result: dict) -> str:
                      f"{p.get('engine_first_p50')} / {p.get('engine_first_p95')} | "
                      f"{p.get('prompt_tokens_p50')} / {p.get('prompt_tokens_max')} | "
                      f"{p['total_p50']} / {p['total_p95']} | {', '.join(p['versions'])} |")
+    lines += ["", "| replies | event loop late p95 / max ms | engine queue max | batch max | CUDA graphs captured "
+              "(seconds; padded query tokens) |", "|---|---|---|---|---|"]
+    for name, p in result["phases"].items():
+        lines.append(f"| {name} | {p['loop_lag_p95_ms']} / {p['loop_lag_max_ms']} | {p['queue_max']} | {p['batch_max']} | "
+                     f"{p['graph_captures']} ({p['graph_capture_s']} s; {', '.join(map(str, p['graph_capture_q'][:8]))}) |")
     lines += ["", f"failed replies: {result['failed_replies']}"
               + (f" ({'; '.join(result['errors'])})" if result["errors"] else "")
               + f"; reply rows in the log by status: {result['reply_statuses']}"]

@@ -70,6 +70,12 @@ class Tuning:
     # size); 0: transformers' defaults (64 / 16,384).
     q_padding: int = 0
     kv_padding: int = 0
+    # With CUDA graphs, a step that carries more (padded) query tokens than this runs eagerly
+    # instead of capturing a graph of its own shape: such a step carries a prefill, is bound by
+    # compute rather than by kernel launches, and each new shape's capture (two forwards and the
+    # capture, ~0.1-0.3 s for an 8B model) would stall every row in the batch. Prompts grow with
+    # each user's history, so new shapes keep coming. 0: capture every shape (transformers').
+    graph_max_q: int = 256
 
 
 @dataclass(eq=False)
@@ -96,7 +102,22 @@ class _Counters:
     last_swap_ms: float | None = None
 
 
-def _manager_class():
+def _graph_small_steps_only(runner, max_q: int) -> None:
+    """Make ``runner`` (transformers' ``ModelRunner``) replay or capture CUDA graphs only for
+    steps of at most ``max_q`` padded query tokens; larger steps run eagerly (``Tuning.graph_max_q``)."""
+    choose = runner._get_forward_fn
+
+    def forward_fn(use_block_table: bool):
+        fn, use_graph = choose(use_block_table)
+        io = runner.inputs_and_outputs
+        if hasattr(io, "io_pairs"):  # async batching: the pair this step computes on (it keys the graphs)
+            io = io.io_pairs[io.current_pair].device_io
+        return fn, use_graph and io.num_q_tokens <= max_q
+
+    runner._get_forward_fn = forward_fn
+
+
+def _manager_class(graph_max_q: int = 0):
     from transformers.generation.continuous_batching import ContinuousBatchingManager
 
     class StepGuardedManager(ContinuousBatchingManager):
@@ -108,6 +129,12 @@ def _manager_class():
             super().__init__(*args, **kwargs)
             self.step_lock = threading.Lock()
             self.largest_batch = 0
+
+        def _create_batch_processor(self):
+            processor = super()._create_batch_processor()
+            if graph_max_q:
+                _graph_small_steps_only(processor.model_runner, graph_max_q)
+            return processor
 
         def _generation_step(self) -> None:
             with self.step_lock:
@@ -222,7 +249,7 @@ class LocalEngine:
             default_compile_level=self.config.engine.compile_level if cuda else 0,
             per_request_processors=True,
         )
-        manager = _manager_class()(inner, generation, batching)
+        manager = _manager_class(tuning.graph_max_q if graphs else 0)(inner, generation, batching)
         if self._penalty:
             penalty.install(manager, rows, self.config.model.max_seq_length, inner.device)
         # The paged cache is allocated uninitialised, and warm-up requests read cache blocks that
