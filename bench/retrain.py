@@ -173,7 +173,7 @@ def count_graph_captures() -> None:
     ModelRunner._capture_graph = timed
 
 
-async def sample_loop(app, stop: asyncio.Event, samples: list[tuple[float, float, int, int]]) -> None:
+async def sample_loop(app, stop: asyncio.Event, samples: list[tuple]) -> None:
     """Every 20 ms: how late the event loop wakes (the web front-end, the service and the
     engine's streaming all run on it) and the engine's queue and batch."""
     period = 0.02
@@ -182,7 +182,13 @@ async def sample_loop(app, stop: asyncio.Event, samples: list[tuple[float, float
         await asyncio.sleep(period)
         lag = time.perf_counter() - before - period
         status = app.engine.status()
-        samples.append((time.time(), lag, status.queue_depth, status.generating))
+        free = None
+        try:  # the paged cache's free share (transformers' block manager), for the local engine
+            cache = app.engine._manager.batch_processor.cache
+            free = cache.get_num_free_blocks() / cache.num_blocks
+        except AttributeError:
+            pass
+        samples.append((time.time(), lag, status.queue_depth, status.generating, free))
 
 
 def write_originals(work: Path, count: int) -> None:
@@ -323,7 +329,7 @@ async def measure(work: Path, args) -> dict:
     print(f"bench: bot up in {time.perf_counter() - loaded:.0f} s, {app.describe()}", file=sys.stderr, flush=True)
     admin = {"Authorization": "Bearer bench-admin"}
     replies: list[Reply] = []
-    samples: list[tuple[float, float, int, int]] = []
+    samples: list[tuple] = []
     stop = asyncio.Event()
     sampler = asyncio.create_task(sample_loop(app, stop, samples))
     try:
@@ -390,6 +396,7 @@ async def measure(work: Path, args) -> dict:
                 "loop_lag_max_ms": None if not lags else round(max(lags) * 1000, 1),
                 "queue_max": max((s[2] for s in samples if window(name, s[0])), default=0),
                 "batch_max": max((s[3] for s in samples if window(name, s[0])), default=0),
+                "kv_free_min": min((s[4] for s in samples if window(name, s[0]) and s[4] is not None), default=None),
                 "graph_captures": len(caught), "graph_capture_s": round(sum(c[1] for c in caught), 2),
                 "graph_capture_q": sorted({c[2] for c in caught})}
 
@@ -471,11 +478,11 @@ def render(result: dict) -> str:
                      f"{p.get('engine_first_p50')} / {p.get('engine_first_p95')} | "
                      f"{p.get('prompt_tokens_p50')} / {p.get('prompt_tokens_max')} | "
                      f"{p['total_p50']} / {p['total_p95']} | {', '.join(p['versions'])} |")
-    lines += ["", "| replies | event loop late p95 / max ms | engine queue max | batch max | CUDA graphs captured "
-              "(seconds; padded query tokens) |", "|---|---|---|---|---|"]
+    lines += ["", "| replies | event loop late p95 / max ms | engine queue max | batch max | KV cache free min "
+              "| CUDA graphs captured (seconds; padded query tokens) |", "|---|---|---|---|---|---|"]
     for name, p in result["phases"].items():
         lines.append(f"| {name} | {p['loop_lag_p95_ms']} / {p['loop_lag_max_ms']} | {p['queue_max']} | {p['batch_max']} | "
-                     f"{p['graph_captures']} ({p['graph_capture_s']} s; {', '.join(map(str, p['graph_capture_q'][:8]))}) |")
+                     f"{share(p['kv_free_min'])} | {p['graph_captures']} ({p['graph_capture_s']} s; {', '.join(map(str, p['graph_capture_q'][:8]))}) |")
     lines += ["", f"failed replies: {result['failed_replies']}"
               + (f" ({'; '.join(result['errors'])})" if result["errors"] else "")
               + f"; reply rows in the log by status: {result['reply_statuses']}"]

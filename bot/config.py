@@ -71,9 +71,9 @@ class EngineSettings:
     timeout: float = opt(120.0, "seconds before a request to the server fails", min=1.0, max=3600.0)
     weights: str = opt("auto", "local, on CUDA: serve the 4-bit base as loaded (4bit), dequantised once to bf16 (same values, ~3x the memory, a cheaper decode step), or auto: bf16 when that copy takes at most a third of the free GPU memory", choices=["auto", "4bit", "bf16"])
     prefix_sharing: bool = opt(True, "local: compute prompt blocks that requests share (the persona) once")
-    cuda_graphs: bool = opt(True, "local, on CUDA: replay decode steps as CUDA graphs, captured at start for every batch size")
+    cuda_graphs: bool = opt(True, "local, on CUDA: replay steps as CUDA graphs, one per step shape (steps carrying long prefills run eagerly)")
     compile_level: int = opt(0, "local, on CUDA: torch.compile the steps (0 off, 1-3 more speed for a longer start)", min=0, max=3)
-    kv_cache_tokens: int = opt(0, "local: tokens the paged KV cache holds (0: 512 per row of max_batch_size, at least max_seq_length)", min=0)
+    kv_cache_tokens: int = opt(0, "local: tokens the paged KV cache holds (0: on CUDA max_seq_length per row of max_batch_size, within a quarter of the free GPU memory; elsewhere 512 per row)", min=0)
 
 
 @dataclass

@@ -47,8 +47,10 @@ GREEDY_TEMPERATURE = 1e-5
 BLOCK_SIZE = {"cpu": 32, "cuda": 64}
 # Tokens one step may carry (prefill chunks plus one per decoding row).
 MAX_BATCH_TOKENS = {"cpu": 512, "cuda": 4096}
-# The KV cache holds this many tokens per row unless [engine] kv_cache_tokens says otherwise.
+# Without a GPU the KV cache holds this many tokens per row unless [engine] kv_cache_tokens
+# says otherwise; on CUDA, max_seq_length per row within this share of the free GPU memory.
 KV_TOKENS_PER_ROW = 512
+KV_SHARE_OF_FREE_MEMORY = 0.25
 
 
 @dataclass
@@ -182,6 +184,7 @@ class LocalEngine:
         self._penalty = False
         self._weights = ""
         self._attention = ""
+        self._kv_tokens = 0
         self.counters = _Counters()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -217,9 +220,10 @@ class LocalEngine:
         tuning = self.tuning
         rows = self.config.generation.max_batch_size
         block = tuning.block_size or BLOCK_SIZE[kind]
-        kv_tokens = self.config.engine.kv_cache_tokens or max(rows * KV_TOKENS_PER_ROW, self.config.model.max_seq_length)
-        kv_tokens = max(kv_tokens, self.config.model.max_seq_length + block)
         cuda = kind == "cuda"
+        kv_tokens = self.config.engine.kv_cache_tokens or self._default_kv_tokens(rows, block, cuda)
+        kv_tokens = max(kv_tokens, self.config.model.max_seq_length + block)
+        self._kv_tokens = math.ceil(kv_tokens / block) * block
         # Each sampling stage costs every step over the whole vocabulary, so the batch has the
         # stages the configured settings use; requests then set their own values for them.
         # Top-p sorts the vocabulary: only where [generation] top_p < 1 with sampling. The penalty
@@ -265,6 +269,29 @@ class LocalEngine:
         if manager.get_result("warmup", timeout=600) is None:
             raise RuntimeError(f"the engine did not start: {manager.background_thread_status.fatal_error}")
         return manager
+
+    def _default_kv_tokens(self, rows: int, block: int, cuda: bool) -> int:
+        """On CUDA: room for every row at max_seq_length (chats with some history run near the
+        prompt budget, and a full cache holds new chats back until a row ends), within a share of
+        the GPU memory still free (a retrain trains on the same GPU). Elsewhere 512 per row."""
+        max_seq = self.config.model.max_seq_length
+        if not cuda:
+            return max(rows * KV_TOKENS_PER_ROW, max_seq)
+        import torch
+
+        config = self.model.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.bfloat16
+        per_token = 2 * config.num_hidden_layers * heads * head_dim * torch.finfo(dtype).bits // 8
+        free, _ = torch.cuda.mem_get_info(self.model.device)
+        fits = int(free * KV_SHARE_OF_FREE_MEMORY) // per_token // block * block
+        wanted = rows * max_seq
+        if fits < wanted:
+            log.warning("engine: the KV cache holds %d tokens (%.0f%% of the free GPU memory), less than %d rows × "
+                        "max_seq_length %d; long chats may wait for room. Set [engine] kv_cache_tokens to choose",
+                        fits, KV_SHARE_OF_FREE_MEMORY * 100, rows, max_seq)
+        return max(min(wanted, fits), rows * KV_TOKENS_PER_ROW // 4, max_seq + block)
 
     async def close(self) -> None:
         """Stop: replies waiting or in progress end with "interrupted"; the model is released."""
@@ -458,6 +485,8 @@ class LocalEngine:
             parts.append("shared prompt blocks")
         if cuda and engine.cuda_graphs:
             parts.append("CUDA graphs")
+        if self._kv_tokens:
+            parts.append(f"KV cache {self._kv_tokens:,} tokens")
         if self._weights:
             parts.append(self._weights)
         if self._attention == "paged|rolebot":
