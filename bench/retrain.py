@@ -85,6 +85,7 @@ def main() -> int:
     parser.add_argument("--after", type=float, help="seconds of chatting after the swap (default 20 / 5)")
     parser.add_argument("--max-steps", type=int, help="[retrain] max_steps (default: the shipped config's; CPU: 2)")
     parser.add_argument("--preference", choices=["none", "kto"], help="[retrain] preference (default: the shipped config's)")
+    parser.add_argument("--yield-to-chats", action="store_true", help="[retrain] yield_to_chats = true (the training pauses while chats wait)")
     parser.add_argument("--engine", default="", help="[engine] overrides, KEY=VALUE '+'-joined (as bench/serve.py --variant)")
     parser.add_argument("--tuning", default="", help="the engine's Tuning fields, KEY=VALUE '+'-joined (e.g. attention=sdpa)")
     parser.add_argument("--work", help="folder for the model, adapters and database (default: a temporary one)")
@@ -208,6 +209,8 @@ def config_text(base: str, args, cuda: bool) -> str:
     steps = f"max_steps = {args.max_steps}\n" if args.max_steps is not None else ""
     if args.preference is not None:
         steps += f"preference = {json.dumps(args.preference)}\n"
+    if args.yield_to_chats:
+        steps += "yield_to_chats = true\n"
     small = "" if cuda else "batch_size = 1\ngrad_accum = 1\npack_length = 512\nwarmup_steps = 0\n"
     engine = "".join(f"{k} = {v if v in ('true', 'false') or v.replace('.', '').isdigit() else json.dumps(v)}\n"
                      for k, v in (item.split("=", 1) for item in args.engine.split("+") if item))
@@ -404,6 +407,8 @@ async def measure(work: Path, args) -> dict:
               "during the retrain": [r for r in replies if trigger <= r.started < done],
               "after the swap": [r for r in replies if r.started >= done]}
     metrics = last.get("metrics") or {}
+    candidate_meta = work / "adapters" / CHARACTER / str(last.get("candidate_version")) / "meta.json"
+    paused = json.loads(candidate_meta.read_text(encoding="utf-8")).get("paused_for_chats") if candidate_meta.exists() else None
     cycle = {"status": last["status"], "reason": last["reason"], "candidate": last.get("candidate_version"),
              "trigger_to_done_s": round(done - trigger, 1),
              "run_recorded_s": round(last["finished_at"] - last["started_at"], 1) if last.get("finished_at") else None,
@@ -411,6 +416,7 @@ async def measure(work: Path, args) -> dict:
              "liked": metrics.get("liked"), "disliked": metrics.get("disliked"), "replayed": metrics.get("replayed"),
              "gate": {k: metrics.get(k) for k in ("val_nll_active", "val_nll_candidate", "preference_active",
                                                    "preference_candidate", "heldout_up", "heldout_down")},
+             "paused_for_chats": paused,
              "swap_ms": status["engine"].get("last_swap_ms"), "active_after": status["active_version"],
              "engine": status["engine"].get("batching"), "largest_batch": status["engine"].get("largest_batch")}
     from training.modeling import device
@@ -468,6 +474,8 @@ def render(result: dict) -> str:
              f"| gate: held-out NLL active → candidate | {gate['val_nll_active']} → {gate['val_nll_candidate']} |",
              f"| gate: 👍 ranked above 👎, active → candidate | {share(gate['preference_active'])} → {share(gate['preference_candidate'])} "
              f"({gate['heldout_up']} 👍 × {gate['heldout_down']} 👎 held out) |",
+             f"| training paused for waiting chats ([retrain] yield_to_chats) | "
+             f"{'off' if not c.get('paused_for_chats') else '{pauses} times, {paused_s} s'.format(**c['paused_for_chats'])} |",
              f"| hot swap in the engine | {c['swap_ms']} ms |",
              f"| engine | {c['engine']}; largest batch {c['largest_batch']} |",
              "", "| replies | count | failed | first token p50 / p95 / max s | engine's first token p50 / p95 s "

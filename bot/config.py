@@ -146,6 +146,7 @@ class RetrainSettings:
     max_steps: int = opt(60, "optimizer steps of a retrain", min=1)
     cpu_max_steps: int = opt(24, "without a GPU: a retrain trains this many steps of one 512-token row instead (a cycle in minutes on 2 cores); 0: the full recipe", min=0)
     nice: int = opt(10, "CPU priority of the training and gate process (0 = the bot's own, 19 = lowest), so serving keeps the CPU", min=0, max=19)
+    yield_to_chats: bool = opt(False, "the training pauses (between layers, at most 0.5 s at a time) while chats wait for their first word")
     timeout_minutes: float = opt(60.0, "a retrain running longer is killed", min=0.1)
     nll_tolerance: float = opt(0.02, "allowed relative worsening of held-out NLL", min=0.0, max=1.0)
 

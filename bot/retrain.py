@@ -22,9 +22,11 @@ from bot.store import Store, TrainingRun
 from training.errors import UserError
 from training.registry import Registry
 from training.retrain_job import RetrainJob, read_result, write_job
+from training.yielding import ENV, ChatsWaiting
 from training.settings import TrainSettings, recipe_for_device
 
 log = logging.getLogger(__name__)
+WATCH_S = 0.005  # how often the engine is looked at while a retrain that yields to chats runs
 Notify = Callable[[str], Awaitable[None]]
 
 
@@ -149,9 +151,23 @@ class Retrainer:
         return job, work / "job.json"
 
     async def _subprocess(self, job: Path) -> tuple[int, str]:
-        """Train in a child process; kill it when it runs past the timeout."""
+        """Train in a child process; kill it when it runs past the timeout. With an engine in
+        this process and ``[retrain] yield_to_chats``, the child pauses while chats wait."""
+        engine = self.adapters.engine
+        chats = ChatsWaiting(job.with_name("chats-waiting")) if engine is not None and self.config.retrain.yield_to_chats else None
+        watcher = asyncio.create_task(_watch(engine, chats)) if chats is not None else None
+        try:
+            return await self._run_child(job, {**os.environ, ENV: str(chats.path)} if chats is not None else None)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+                chats.close()
+
+    async def _run_child(self, job: Path, env: dict | None) -> tuple[int, str]:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "training.retrain", str(job),
+            sys.executable, "-m", "training.retrain", str(job), env=env,
             stdout=None if self.echo else asyncio.subprocess.PIPE,
             stderr=None if self.echo else asyncio.subprocess.STDOUT)
         self.process = proc
@@ -169,6 +185,13 @@ class Retrainer:
             await proc.wait()
             raise
         return proc.returncode, (output or b"").decode("utf-8", "replace")
+
+
+async def _watch(engine, chats: ChatsWaiting) -> None:
+    """Keep the flag up while the engine holds requests that have not begun."""
+    while True:
+        chats.set(engine.status().starting > 0)
+        await asyncio.sleep(WATCH_S)
 
 
 def retrain_settings(config: Config) -> TrainSettings:

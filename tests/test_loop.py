@@ -12,6 +12,7 @@ import pytest
 
 from bot.app import App
 from bot.config import load_config
+from training.registry import Registry
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +36,7 @@ start_from = "base"
 max_steps = 2
 cpu_max_steps = 0  # these steps even without a GPU
 nll_tolerance = 0.05
+yield_to_chats = true
 
 [generation]
 max_new_tokens = 8
@@ -117,3 +119,7 @@ async def test_admin_retrain_promotes_a_gated_version_while_a_client_keeps_chatt
     assert statuses == {"complete"}, statuses
     assert version == "v0001"
     assert len(during) >= 2
+    # The training stepped aside while the steady client's chats waited for their first word.
+    meta = Registry(app.config.adapter_root, app.config.character.name).get("v0001").meta
+    paused = meta["paused_for_chats"]
+    assert paused["pauses"] >= 1 and paused["paused_s"] <= paused["pauses"] * 0.6, paused

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from training import report
+from training import report, yielding
 from training.canon import for_training, training_index
 from training.dataset import load_samples, sha256
 from training.errors import UserError
@@ -70,11 +70,14 @@ def train(job: TrainJob, *, activate: bool = True) -> TrainResult:
     trainer = build_trainer(model, tokenizer, to_records(rows), job.train, packed)
     memory = report.Memory.start()
     started = time.perf_counter()
+    pauses = yielding.install(model)  # a retrain beside the bot: chats first
     try:
         stats = trainer.train()
     except _oom() as exc:
         raise UserError(f"out of memory while training ({str(exc).splitlines()[0]}) — lower [training] "
                         "batch_size or pack_length, or [model] max_seq_length") from None
+    finally:
+        paused = pauses()
     runtime = time.perf_counter() - started
     seen = stats.global_step * job.train.batch_size * job.train.grad_accum * len(encoded) / len(rows)
     losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
@@ -99,6 +102,7 @@ def train(job: TrainJob, *, activate: bool = True) -> TrainResult:
         "losses": losses,
         "val_nll": val_nll,
         "runtime_s": round(runtime, 2),
+        **({"paused_for_chats": paused} if paused else {}),
         "samples_per_s": round(seen / runtime, 3),
         "device": _plain(device()),
         "peak_memory_gb": memory.peak_gb,

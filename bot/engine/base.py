@@ -28,6 +28,7 @@ class EngineStatus:
     largest_batch: int  # most replies generated together so far
     adapter_swaps: int
     last_swap_ms: float | None
+    starting: int = 0  # submitted replies without a first token yet (waiting, or in their prefill)
 
 
 class Engine(Protocol):

@@ -511,4 +511,5 @@ class LocalEngine:
             largest_batch=manager.largest_batch if manager is not None else 0,
             adapter_swaps=self.counters.swaps,
             last_swap_ms=self.counters.last_swap_ms,
+            starting=len(self._held) + sum(1 for reply in self._live.values() if reply.tokens == 0),
         )
