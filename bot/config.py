@@ -59,7 +59,7 @@ class GenerationSettings:
 class CanonSettings:
     k: int = opt(3, "screenplay exchanges most like the message that the prompt's persona part holds (BM25 over the canon index written by rolebot prepare); 0: no canon", min=0, max=64)
     max_tokens: int = opt(384, "most tokens the canon exchanges take in a prompt; when a prompt is over its budget, history goes first, then canon", min=16, max=65536)
-    train: bool = opt(True, "rolebot train and retrains build each sample's prompt with its k exchanges too (never from the sample's own scene); the adapter's meta.json records it and serving follows it")
+    train: bool = opt(False, "rolebot train and retrains build each sample's prompt with its k exchanges too (never from the sample's own scene); the adapter's meta.json records it and serving follows it (off: on the real script it did not lower held-out NLL, README)")
 
 
 @dataclass

@@ -133,7 +133,7 @@ def test_training_without_an_index_trains_without_canon_and_says_so(prepared, tm
     pairs = tmp_path / "pairs.json"
     pairs.write_text(prepared.read_text(encoding="utf-8"), encoding="utf-8")
     (tmp_path / "pairs.canon.jsonl").write_text("not json\n", encoding="utf-8")
-    (tmp_path / "config.toml").write_text("[training]\nmax_steps = 1\n", encoding="utf-8")
+    (tmp_path / "config.toml").write_text("[training]\nmax_steps = 1\n\n[canon]\ntrain = true\n", encoding="utf-8")
     assert main(["--config", str(tmp_path / "config.toml"), "train", "--data", str(pairs)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err

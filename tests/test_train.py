@@ -29,6 +29,9 @@ pack_length = 512
 [generation]
 max_new_tokens = 8
 temperature = 0.0
+
+[canon]
+train = true
 """
 
 pytestmark = pytest.mark.slow
@@ -72,7 +75,7 @@ def test_eval_shows_the_adapter_beats_the_base_on_held_out_nll(trained, capsys):
     meta = json.loads((trained / "adapters/甄嬛/v0001/meta.json").read_text(encoding="utf-8"))
     scores = meta["eval"]
     assert scores["adapter"]["nll"] < scores["base"]["nll"], scores
-    # Trained with canon (the default): its prompts held the exchanges, as meta.json records.
+    # Trained with canon ([canon] train = true): its prompts held the exchanges, as meta.json records.
     assert meta["config"]["prompt"]["canon_k"] == 3 and meta["canon"]["samples_with_canon"] > 0
     assert scores["canon_k"] == 3 and scores["canon_index"].endswith("甄嬛.canon.jsonl")
     for row in ("base", "base+canon", "adapter", "adapter+canon"):

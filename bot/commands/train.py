@@ -24,10 +24,10 @@ which becomes the active version.
 Without --data: [training] data, else the character's script (or the project's sample
 script) prepared into data/<character>.json with its last episode held out for --val.
 
-With [canon] train on (the default), each sample's prompt holds the [canon] k exchanges of
-the screenplay most like it, never from its own scene, from the canon index beside the
-pairs (FILE.canon.jsonl, written by `rolebot prepare`); meta.json records it and the bot
-serves the version in the same format.
+With [canon] train = true (off by default), each sample's prompt holds the [canon] k
+exchanges of the screenplay most like it, never from its own scene, from the canon index
+beside the pairs (FILE.canon.jsonl, written by `rolebot prepare`; pairs without one train
+without canon); meta.json records it and the bot serves the version in the same format.
 """
 
 
