@@ -77,6 +77,8 @@ class Tuning:
     # compute rather than by kernel launches, and each new shape's capture (two forwards and the
     # capture, ~0.1-0.3 s for an 8B model) would stall every row in the batch. Prompts grow with
     # each user's history, so new shapes keep coming. 0: capture every shape (transformers').
+    # Measured (README, the loop): first tokens before and after a retrain went down, during one
+    # (training on the same GPU) up; eager steps lose more to a second process than graphs do.
     graph_max_q: int = 256
 
 
