@@ -59,6 +59,9 @@ REPLIES = ["臣妾给皇上请安，皇上万福金安。", "多谢姐姐挂念�
 BAD = ["作为一个AI助手，我无法回答。", "I am an AI language model.", "好的。", "我不知道你在说什么。"]
 
 
+PHASES = ("before the retrain", "during the retrain", "after the swap")
+
+
 @dataclass
 class Reply:
     started: float
@@ -160,16 +163,17 @@ def count_graph_captures() -> None:
         from transformers.generation.continuous_batching.model_runner import ModelRunner
     except ImportError:
         return
+    from bot.engine.local import step_io
+
     capture = ModelRunner._capture_graph
 
     def timed(self, *args, **kwargs):
-        io = self.inputs_and_outputs
-        io = io.io_pairs[io.current_pair].device_io if hasattr(io, "io_pairs") else io
+        queries = step_io(self).num_q_tokens
         started, wall = time.perf_counter(), time.time()
         try:
             return capture(self, *args, **kwargs)
         finally:
-            CAPTURES.append((wall, time.perf_counter() - started, io.num_q_tokens))
+            CAPTURES.append((wall, time.perf_counter() - started, queries))
 
     ModelRunner._capture_graph = timed
 
@@ -381,16 +385,16 @@ async def measure(work: Path, args) -> dict:
     with sqlite3.connect(work / "rolebot.db") as conn:
         rows = conn.execute("SELECT created_at, first_token_ms, prompt_tokens FROM messages "
                             "WHERE role = 'assistant' AND created_at >= ?", (chatting,)).fetchall()
-    # The engine's own first token (submit to first piece, as the reply row records it), beside
-    # the client's: the difference is the service and the web front-end.
-    engine_side = {"before the retrain": [r for r in rows if r[0] < trigger_wall],
-                   "during the retrain": [r for r in rows if trigger_wall <= r[0] < done_wall],
-                   "after the swap": [r for r in rows if r[0] >= done_wall]}
+    from serve import percentile
+
     def window(name: str, wall: float) -> bool:
+        """Whether a wall-clock time falls in phase ``name`` (reply rows, samples, captures)."""
         return {"before the retrain": chatting <= wall < trigger_wall, "during the retrain": trigger_wall <= wall < done_wall,
                 "after the swap": wall >= done_wall}[name]
 
-    from serve import percentile
+    # The engine's own first token (submit to first piece, as the reply row records it), beside
+    # the client's: the difference is the service and the web front-end.
+    engine_side = {name: [r for r in rows if window(name, r[0])] for name in PHASES}
 
     def loop_summary(name: str) -> dict:
         lags = [s[1] for s in samples if window(name, s[0])]

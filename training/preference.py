@@ -55,22 +55,17 @@ def quiet(build):
 def train_and_save(trainer, model, tokenizer, registry: Registry, parent: Version, stage: str,
                    details: dict[str, Any], before_save=None) -> Version:
     """Train, then write the result as ``parent``'s child with the stage's ``details`` in meta."""
+    from training import yielding
     from training.sft import save
 
-    from training import yielding
-
     started = time.perf_counter()
-    pauses = yielding.install(model)  # a retrain beside the bot: chats first
-    try:
+    with yielding.while_training(model) as paused:  # a retrain beside the bot: chats first
         stats = trainer.train()
-    finally:
-        paused = pauses()
     if before_save is not None:
         before_save()
     losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
     meta = {**{k: v for k, v in parent.meta.items() if k not in ("version", "gate", "eval")},
             "parent_version": parent.name, "stage": stage, "steps": stats.global_step,
             "final_loss": losses[-1][1] if losses else None, "losses": losses, stage: details,
-            "runtime_s": round(time.perf_counter() - started, 2), "created_at": time.time(),
-            **({"paused_for_chats": paused} if paused else {})}
+            "runtime_s": round(time.perf_counter() - started, 2), "created_at": time.time(), **paused}
     return save(registry, model, tokenizer, meta, losses)

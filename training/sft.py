@@ -70,14 +70,12 @@ def train(job: TrainJob, *, activate: bool = True) -> TrainResult:
     trainer = build_trainer(model, tokenizer, to_records(rows), job.train, packed)
     memory = report.Memory.start()
     started = time.perf_counter()
-    pauses = yielding.install(model)  # a retrain beside the bot: chats first
     try:
-        stats = trainer.train()
+        with yielding.while_training(model) as paused:  # a retrain beside the bot: chats first
+            stats = trainer.train()
     except _oom() as exc:
         raise UserError(f"out of memory while training ({str(exc).splitlines()[0]}) — lower [training] "
                         "batch_size or pack_length, or [model] max_seq_length") from None
-    finally:
-        paused = pauses()
     runtime = time.perf_counter() - started
     seen = stats.global_step * job.train.batch_size * job.train.grad_accum * len(encoded) / len(rows)
     losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
@@ -102,7 +100,7 @@ def train(job: TrainJob, *, activate: bool = True) -> TrainResult:
         "losses": losses,
         "val_nll": val_nll,
         "runtime_s": round(runtime, 2),
-        **({"paused_for_chats": paused} if paused else {}),
+        **paused,
         "samples_per_s": round(seen / runtime, 3),
         "device": _plain(device()),
         "peak_memory_gb": memory.peak_gb,

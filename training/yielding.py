@@ -23,10 +23,11 @@ may pause again, so a bot that is never idle slows a retrain down but never stop
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ENV = "ROLEBOT_CHATS_WAITING"
@@ -116,3 +117,17 @@ def install(model, flag: Path | str | None = None, *, max_pause_s: float = MAX_P
         return {"pauses": pauser.pauses, "paused_s": round(pauser.paused_s, 1)}
 
     return remove
+
+
+@contextlib.contextmanager
+def while_training(model) -> Iterator[dict]:
+    """``install`` for the span of a ``trainer.train()``: yields the meta.json entries it adds,
+    ``{"paused_for_chats": {...}}`` once training ends (nothing when no flag was installed)."""
+    remove = install(model)
+    entries: dict = {}
+    try:
+        yield entries
+    finally:
+        paused = remove()
+        if paused:
+            entries["paused_for_chats"] = paused

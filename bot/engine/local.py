@@ -106,17 +106,21 @@ class _Counters:
     last_swap_ms: float | None = None
 
 
+def step_io(runner):
+    """The inputs of the step ``runner`` (transformers' ``ModelRunner``) computes now: with async
+    batching, the device side of the current IO pair (it keys the CUDA graphs)."""
+    io = runner.inputs_and_outputs
+    return io.io_pairs[io.current_pair].device_io if hasattr(io, "io_pairs") else io
+
+
 def _graph_small_steps_only(runner, max_q: int) -> None:
-    """Make ``runner`` (transformers' ``ModelRunner``) replay or capture CUDA graphs only for
-    steps of at most ``max_q`` padded query tokens; larger steps run eagerly (``Tuning.graph_max_q``)."""
+    """Make ``runner`` replay or capture CUDA graphs only for steps of at most ``max_q`` padded
+    query tokens; larger steps run eagerly (``Tuning.graph_max_q``)."""
     choose = runner._get_forward_fn
 
     def forward_fn(use_block_table: bool):
         fn, use_graph = choose(use_block_table)
-        io = runner.inputs_and_outputs
-        if hasattr(io, "io_pairs"):  # async batching: the pair this step computes on (it keys the graphs)
-            io = io.io_pairs[io.current_pair].device_io
-        return fn, use_graph and io.num_q_tokens <= max_q
+        return fn, use_graph and step_io(runner).num_q_tokens <= max_q
 
     runner._get_forward_fn = forward_fn
 
