@@ -52,12 +52,13 @@ class GenerationSettings:
     stop: list[str] = opt(["###"], "strings that end a reply")
     max_batch_size: int = opt(32, "replies generated together: rows of the running batch", min=1, max=1024)
     history_turns: int = opt(8, "earlier turns of the chat kept in the prompt", min=0, max=200)
+    history_step: int = opt(4, "once a chat is longer than history_turns, its oldest turns leave the prompt this many at a time (so the prompt keeps between history_turns - history_step + 1 and history_turns), and successive prompts begin alike and reuse the engine's cached blocks; 1: a sliding window, whose every prompt is computed whole", min=1, max=200)
     regenerate_temperature: float = opt(0.8, "sampling temperature of a regenerate (🔄, /retry) when temperature is 0, so the new reply can differ", min=0.01, max=5.0)
 
 
 @dataclass
 class CanonSettings:
-    k: int = opt(3, "screenplay exchanges most like the message that the prompt's persona part holds (BM25 over the canon index written by rolebot prepare); 0: no canon", min=0, max=64)
+    k: int = opt(3, "screenplay exchanges most like the message that the prompt holds, after the history (BM25 over the canon index written by rolebot prepare); 0: no canon", min=0, max=64)
     max_tokens: int = opt(384, "most tokens the canon exchanges take in a prompt; when a prompt is over its budget, history goes first, then canon", min=16, max=65536)
     train: bool = opt(False, "rolebot train and retrains build each sample's prompt with its k exchanges too (never from the sample's own scene); the adapter's meta.json records it and serving follows it (off: on the real script it did not lower held-out NLL, README)")
 
@@ -70,7 +71,8 @@ class EngineSettings:
     api_key_env: str = opt("OPENAI_API_KEY", "env var holding the server's API key (may be unset)")
     timeout: float = opt(120.0, "seconds before a request to the server fails", min=1.0, max=3600.0)
     weights: str = opt("auto", "local, on CUDA: serve the 4-bit base as loaded (4bit), dequantised once to bf16 (same values, ~3x the memory, a cheaper decode step), or auto: bf16 when that copy takes at most a third of the free GPU memory", choices=["auto", "4bit", "bf16"])
-    prefix_sharing: bool = opt(True, "local: compute prompt blocks that requests share (the persona) once")
+    prefix_sharing: bool = opt(True, "local: compute prompt blocks that requests share (the persona, a chat's history) once and keep them cached for later prompts")
+    prefill_next: bool = opt(True, "when a chat's next prompt will not begin like this one (its oldest turns leave, [generation] history_step), compute that next start while this reply streams, if the batch has room; local with prefix_sharing, or a server that caches prefixes")
     cuda_graphs: bool = opt(True, "local, on CUDA: replay steps as CUDA graphs, one per step shape (steps carrying long prefills run eagerly)")
     compile_level: int = opt(0, "local, on CUDA: torch.compile the steps (0 off, 1-3 more speed for a longer start)", min=0, max=3)
     kv_cache_tokens: int = opt(0, "local: tokens the paged KV cache holds (0: on CUDA max_seq_length per row of max_batch_size, within a quarter of the free GPU memory; elsewhere 512 per row)", min=0)
@@ -189,7 +191,7 @@ class Config:
         canon only when ``[canon] train`` is on."""
         k = self.canon.k if self.canon.train or not training else 0
         return PromptStyle(self.model.prompt_format, self.character.persona, self.character.name,
-                           canon_k=k, canon_max_tokens=self.canon.max_tokens)
+                           canon_k=k, canon_max_tokens=self.canon.max_tokens, history_first=self.model.history_first)
 
 
 def secret(env_name: str) -> str | None:

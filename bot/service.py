@@ -29,7 +29,7 @@ from bot.config import Config, GenerationSettings
 from bot.status import RetrainStatus, ServiceStatus, as_text
 from bot.adapters import Adapters
 from training.errors import UserError
-from training.prompts import Exchange, Sample
+from training.prompts import Exchange, Sample, served_history_first
 from training.registry import Registry
 
 if TYPE_CHECKING:
@@ -288,12 +288,14 @@ class Service:
         self.notifiers: dict[str, Notifier] = {}  # platform → how to message one of its chats
         self._accepting = True
         self._tasks: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task] = set()  # work beside the replies (prefills)
         self._partial: dict[int, list[str]] = {}  # replies streaming now: their pieces so far
         self._live: dict[tuple[str, str], Reply] = {}  # (platform, chat) → its reply streaming now
         self._saver: asyncio.Task | None = None
         self._calls = 0  # handle()/rate() calls in progress, so close() can wait for them
         self._idle = asyncio.Event()
         self._idle.set()
+        self._orders: dict[str | None, bool] = {}  # adapter version → its prompts are history first
 
     @property
     def character(self) -> str:
@@ -457,7 +459,10 @@ class Service:
                     display_name=msg.display_name, platform_message_id=msg.platform_message_id)
             else:
                 text = user_row.text
-            prompt, trimmed = self._fit(text, await self._history(user_row))
+            rows = await self._history(user_row)
+            history = self._exchanges(rows)
+            prompt, trimmed = self._fit(text, history)
+            opening = rows[len(rows) - len(history)].id if history else None  # the prompt's first turn
             stream = self.engine.generate(prompt, settings)
             try:
                 row = await self.store.start_reply(
@@ -486,12 +491,24 @@ class Service:
         self._live[chat] = reply
         started.set_result(reply)
         try:
-            await self._stream(reply, stream)
+            ahead = None
+            if self.config.engine.prefill_next and self.config.generation.history_turns:
+                ahead = lambda: self._spawn(self._prefill_next(user_row, opening, stream.adapter_version))  # noqa: E731
+            await self._stream(reply, stream, ahead)
         finally:
             if self._live.get(chat) is reply:
                 del self._live[chat]
 
-    async def _stream(self, reply: Reply, stream: ReplyStream) -> None:
+    def _spawn(self, work: Awaitable[None]) -> None:
+        """Run ``work`` beside the replies; close() cancels what is left of it."""
+        if self._accepting:
+            task = asyncio.ensure_future(work)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        elif asyncio.iscoroutine(work):
+            work.close()
+
+    async def _stream(self, reply: Reply, stream: ReplyStream, on_first: Callable[[], None] | None = None) -> None:
         pieces: list[str] = []
         status: ReplyStatus = "failed"
         started = time.perf_counter()
@@ -511,6 +528,8 @@ class Service:
             async for piece in stream:
                 if not pieces:
                     timer.cancel()
+                    if on_first is not None:
+                        on_first()
                 pieces.append(piece)
                 reply._push(piece)
             status = _STATUS.get(stream.stats.finish_reason, "failed")
@@ -563,29 +582,60 @@ class Service:
             except Exception:  # the final write still comes; only the crash copy is late
                 log.warning("could not save the partial text of %d replies", len(grown), exc_info=True)
 
-    async def _history(self, user_row: db.Message) -> list[Exchange]:
-        """The chat's earlier turns, oldest first, up to [generation] history_turns."""
-        keep = self.config.generation.history_turns
-        if keep == 0:
-            return []
-        rows = await self.store.recent_history(user_row.conversation_id, keep + 8)
-        earlier = [m for m in rows if m.id < user_row.id][-keep:]
-        return [Exchange(USER_SPEAKER if m.role == "user" else self.character, neutralise(m.text))
-                for m in earlier]
+    async def _history(self, user_row: db.Message, *, ahead: int = 0) -> list[db.Message]:
+        """The chat's earlier turns, oldest first: at most [generation] history_turns, the oldest
+        leaving history_step at a time (``Store.recent_history``); ``ahead``: as they will be
+        once that many more messages are said."""
+        generation = self.config.generation
+        return await self.store.recent_history(user_row.conversation_id, generation.history_turns,
+                                               before=None if ahead else user_row.id, step=generation.history_step,
+                                               ahead=ahead)
+
+    def _exchanges(self, rows: list[db.Message]) -> list[Exchange]:
+        return [Exchange(USER_SPEAKER if m.role == "user" else self.character, neutralise(m.text)) for m in rows]
+
+    async def _prefill_next(self, user_row: db.Message, opening: int | None, version: str | None) -> None:
+        """While a reply streams: if the chat's next prompt will not begin as this one did (its
+        oldest turns leave), have the engine compute the start it will begin with, so that the
+        next reply's own prefill is only this reply and the next message."""
+        try:
+            # This message is said; its reply is still generating, so it is the one message ahead.
+            rows = await self._history(user_row, ahead=1)
+            if not rows or rows[0].id == opening or not self._history_first(version):
+                return
+            start = self.engine.render(Sample(instruction="", history=tuple(self._exchanges(rows))),
+                                       history_first=True, prefix=True)
+            if start and self.engine.count_tokens(start) <= self.engine.max_prompt_tokens:
+                self.engine.prefill(start)
+        except Exception:  # an optimisation only: never the reply's problem
+            log.warning("could not prefill the next prompt of conversation %d", user_row.conversation_id, exc_info=True)
+
+    def _history_first(self, version: str | None) -> bool:
+        """Whether ``version`` learned its prompts history first (its meta.json), else the config's."""
+        if version not in self._orders:
+            try:
+                meta = self.adapters.registry.get(version).meta if version else None
+            except UserError:  # not a version of this store (a remote server's model name)
+                meta = None
+            self._orders[version] = served_history_first(meta, self.config.model.history_first)
+        return self._orders[version]
 
     def _fit(self, text: str, history: list[Exchange]) -> tuple[str, str]:
-        """The prompt within the engine's token budget: oldest turns go first, then the least
-        similar canon, then the end of the message itself. Returns the prompt and the message
-        text it holds."""
+        """The prompt within the engine's token budget: oldest turns go first (history_step at a
+        time, so the next prompts keep this start), then the least similar canon, then the end of
+        the message itself. Returns the prompt and the message text it holds."""
         budget = self.engine.max_prompt_tokens
-        canon = list(self.canon.lookup(text, self.engine.adapter_version, self.engine.count_tokens)) if self.canon else []
+        version = self.engine.adapter_version
+        canon = list(self.canon.lookup(text, version, self.engine.count_tokens)) if self.canon else []
+        history_first = self._history_first(version)
         while True:
-            prompt = self.engine.render(Sample(instruction=neutralise(text), history=tuple(history), canon=tuple(canon)))
+            prompt = self.engine.render(Sample(instruction=neutralise(text), history=tuple(history), canon=tuple(canon)),
+                                        history_first=history_first)
             used = self.engine.count_tokens(prompt)
             if used <= budget:
                 return prompt, text
             if history:
-                history.pop(0)
+                del history[: self.config.generation.history_step]
             elif canon:
                 canon.pop()
             elif len(text) > 1:
@@ -765,9 +815,9 @@ class Service:
         pending = set(self._tasks)
         if pending:
             _, pending = await asyncio.wait(pending, timeout=grace_s)
-        for task in pending:
+        for task in pending | self._background:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*pending, *self._background, return_exceptions=True)
         if self._saver is not None:
             self._saver.cancel()
             await asyncio.gather(self._saver, return_exceptions=True)

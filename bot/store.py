@@ -486,21 +486,33 @@ class Store:
         )
         return _message_from_row(row) if row else None
 
-    async def recent_history(self, conversation_id: int, limit: int) -> list[Message]:
-        """The conversation's last ``limit`` messages the user saw, oldest first.
+    async def recent_history(self, conversation_id: int, limit: int, *, before: int | None = None,
+                             step: int = 1, ahead: int = 0) -> list[Message]:
+        """The conversation's last ``limit`` messages the user saw (before message ``before``),
+        oldest first.
 
         Of a user message's alternatives only the kept one counts (the latest, unless the user
         went back to another); the ones swiped away were not said. Replies still generating or
         failed are left out: the model should not see them as said.
+
+        With ``step`` > 1 the window's first message moves ``step`` messages at a time: of the
+        ``n`` messages, those from the first multiple of ``step`` that leaves at most ``limit``
+        (between ``limit - step + 1`` and ``limit``). Successive prompts then begin alike.
+        ``ahead``: where the window will begin once that many more messages are said.
         """
-        rows = await self._fetchall(
-            f"""{_MESSAGE_SELECT}
-            WHERE m.conversation_id = ? AND m.status IN ('complete', 'interrupted') AND m.text != ''
+        where = f"""WHERE m.conversation_id = ? AND m.status IN ('complete', 'interrupted') AND m.text != ''
               AND (m.reply_to IS NULL OR m.id = {kept_reply_sql("m.reply_to")})
-            ORDER BY m.id DESC LIMIT ?""",
-            (conversation_id, limit),
-        )
-        return [_message_from_row(row) for row in reversed(rows)]
+              AND m.id < ?"""
+        args = (conversation_id, before if before is not None else 1 << 62)
+        if limit <= 0:
+            return []
+        step = max(1, min(step, limit))
+        count = (await self._fetchall(f"SELECT COUNT(*) FROM messages AS m {where}", args))[0][0]
+        said = count + ahead
+        start = 0 if said <= limit else -(-(said - limit) // step) * step
+        rows = await self._fetchall(
+            f"{_MESSAGE_SELECT} {where} ORDER BY m.id LIMIT ? OFFSET ?", (*args, limit, start))
+        return [_message_from_row(row) for row in rows]
 
     async def conversation_messages(self, conversation_id: int) -> list[Message]:
         """Every message of a conversation, oldest first: user messages, each alternative reply

@@ -16,7 +16,7 @@ from training.canon import CanonIndex, canon_path, fit, served_canon, with_canon
 from training.character import role_confusion
 from training.dataset import load_samples
 from training.errors import UserError
-from training.prompts import CANON_HEADING, PromptStyle, Sample
+from training.prompts import CANON_HEADING, Exchange, PromptStyle, Sample
 from training.screenplay import SAMPLE_SCRIPT
 
 NAMES = ("甄嬛", "嬛嬛", "莞贵人")
@@ -75,15 +75,19 @@ def test_training_never_gets_an_exchange_of_the_samples_own_scene(prepared):
     assert index.search(f"{first.instruction}\n{first.output}", 1)[0].reply == first.output
 
 
-def test_canon_is_rendered_in_the_persona_part_and_within_its_token_share(prepared):
+def test_canon_is_rendered_after_the_history_and_within_its_token_share(prepared):
     index = CanonIndex.load(canon_path(prepared))
     found = index.search("皇上", 3)
     canon = fit(found, "甄嬛", 60, len)
     assert 0 < len(canon) < 3 or sum(len(c.said) + len(c.reply) for c in canon) < 60
-    style = PromptStyle("alpaca", "你是甄嬛。", "甄嬛", canon_k=3)
-    prompt = style.prompt(Sample("皇上万福", canon=canon), None)
-    assert prompt.startswith(f"你是甄嬛。\n\n{CANON_HEADING}\n{canon[0].speaker}：{canon[0].said}\n甄嬛：{canon[0].reply}")
-    assert prompt.index(CANON_HEADING) < prompt.index("### Instruction:\n皇上万福")
+    block = f"{CANON_HEADING}\n{canon[0].speaker}：{canon[0].said}\n甄嬛：{canon[0].reply}"
+    sample = Sample("皇上万福", canon=canon, history=(Exchange("用户", "你好"), Exchange("甄嬛", "嗯。")))
+    prompt = PromptStyle("alpaca", "你是甄嬛。", "甄嬛", canon_k=3).prompt(sample, None)
+    assert prompt.index("### Input:\n用户：你好\n甄嬛：嗯。\n\n" + block) < prompt.index("### Instruction:\n皇上万福")
+    # The tutorial's order: the canon joins the persona.
+    tutorial = PromptStyle("alpaca", "你是甄嬛。", "甄嬛", canon_k=3, history_first=False).prompt(sample, None)
+    assert tutorial.startswith(f"你是甄嬛。\n\n{block}")
+    assert tutorial.index("### Instruction:\n皇上万福") < tutorial.index("### Input:\n用户：你好")
 
 
 def test_serving_asks_in_the_format_the_adapter_learned():

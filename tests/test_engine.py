@@ -15,7 +15,7 @@ from aiohttp import web
 from bot.config import GenerationSettings, parse_config
 from bot.engine import IncrementalDecoder, make_engine
 from bot.engine.remote import OpenAIEngine
-from training.prompts import Sample
+from training.prompts import Exchange, Sample
 from training.registry import Registry, Version
 
 CONFIG = """
@@ -281,6 +281,38 @@ async def test_adapter_swap_during_traffic_fails_and_mixes_no_reply(engine, vers
     await engine.swap_adapter(v1)
     assert await reply(engine.generate(late[0])) == alone(late[0], gen, v1)
     assert engine.status().adapter_swaps == 4
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_chats_next_start_prefilled_ahead_is_read_from_the_cache_and_changes_no_reply(engine, alone, versions):
+    await engine.swap_adapter(versions[0])
+    history = tuple(Exchange("用户" if i % 2 == 0 else "甄嬛", line) for i, line in enumerate(LINES * 2))
+    start = engine.render(Sample("", history=history), prefix=True)
+    assert start and engine.count_tokens(start) > 2 * 32
+    before = engine.status()
+    assert engine.prefill(start)
+    while engine._warming:  # one token, no reply: it leaves at its first step
+        await asyncio.sleep(0.01)
+    prompt = engine.render(Sample("你还记得我们说过什么吗？", history=history + (Exchange("甄嬛", "记得。"),)))
+    assert prompt.startswith(start)
+    text = await reply(engine.generate(prompt))
+    after = engine.status()
+    assert after.prefills == before.prefills + 1 and after.replies_served == before.replies_served + 1
+    # The reply read the prefilled blocks (all but the partial last one) instead of computing them...
+    reused = after.prompt_tokens_cached - before.prompt_tokens_cached
+    assert reused >= engine.count_tokens(start) - 2 * 32, (reused, engine.count_tokens(start))
+    # ...and is what the model gives that prompt computed whole.
+    assert text == alone(prompt, engine.config.generation, versions[0])
+    # No prefill while a swap runs (its blocks would be the old adapter's), nor of a short text.
+    assert not engine.prefill("皇上")
+    swap = asyncio.create_task(engine.swap_adapter(versions[1]))
+    while not engine._swapping:
+        await asyncio.sleep(0)
+    assert not engine.prefill(start)
+    await swap
+    assert await reply(engine.generate(prompt)) == alone(prompt, engine.config.generation, versions[1])
+    await engine.swap_adapter(versions[0])
 
 
 @pytest.mark.slow

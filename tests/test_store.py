@@ -108,6 +108,26 @@ async def test_a_write_cancelled_at_any_point_leaves_the_store_usable(store):
 
 
 @pytest.mark.asyncio
+async def test_the_history_window_moves_in_steps_so_prompts_begin_alike(store):
+    said = []
+    for i in range(7):  # 14 messages
+        asked, _ = await exchange(store, f"q{i}", answer=f"a{i}")
+        said += [f"q{i}", f"a{i}"]
+    conversation = asked.conversation_id
+    texts = lambda rows: [m.text for m in rows]  # noqa: E731
+    # A sliding window: the last 8.
+    assert texts(await store.recent_history(conversation, 8)) == said[-8:]
+    # In steps of 4: of 14, from the 8th (the first multiple of 4 that leaves at most 8).
+    assert texts(await store.recent_history(conversation, 8, step=4)) == said[8:]
+    # Before message q6 (12 said): from the 4th, 8 of them; two more keep the same start.
+    assert texts(await store.recent_history(conversation, 8, step=4, before=asked.id)) == said[4:12]
+    assert texts(await store.recent_history(conversation, 8, step=4, before=asked.id, ahead=2)) == said[8:12]
+    # A step longer than the window is the window: never an empty history.
+    assert texts(await store.recent_history(conversation, 4, step=9)) == said[12:]
+    assert await store.recent_history(conversation, 0, step=4) == []
+
+
+@pytest.mark.asyncio
 async def test_conversation_history_and_reset(store):
     await exchange(store, "first", answer="one")
     asked, reply = await exchange(store, "second", answer="two")

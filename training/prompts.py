@@ -5,8 +5,15 @@ training, evaluation and the engine all render through.
 
 ``alpaca`` is the tutorial's template; the character's persona, when set, stands before it as
 the system part. ``chat`` uses the model's own chat template with the persona as the system
-message. A sample's canon (exchanges of the screenplay like the one at hand) joins the persona
-in that system part, in the script's own 「角色：台词」 form.
+message. A sample's canon (exchanges of the screenplay like the one at hand) is shown in the
+script's own 「角色：台词」 form.
+
+Where the chat's history and the canon go is ``history_first``. On (the default), every part
+that changes from one turn to the next comes after the history: the Alpaca input (the history)
+stands before the instruction (the message), and the canon follows the history. A chat's next
+prompt then begins with this one's persona and history, token for token, and the engine reuses
+those cached prompt blocks instead of computing them again (``prefix``). Off is the tutorial's
+order: instruction, then input, with the canon in the system part.
 """
 
 from __future__ import annotations
@@ -19,6 +26,18 @@ ALPACA = """Below is an instruction that describes a task, paired with an input 
 {}
 
 ### Input:
+{}
+
+### Response:
+{}"""
+
+# The same template with the input first, so that a chat's history opens every prompt.
+ALPACA_HISTORY_FIRST = """Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.
+
+### Input:
+{}
+
+### Instruction:
 {}
 
 ### Response:
@@ -73,41 +92,76 @@ def canon_text(canon: tuple[Canon, ...], character: str) -> str:
     return CANON_HEADING + "\n" + "\n\n".join(blocks)
 
 
-def system_text(sample: Sample, persona: str, character: str) -> str:
-    """The persona part of the prompt: who the character is, then the canon at hand."""
-    parts = [persona.strip(), canon_text(sample.canon, character)]
+def system_text(sample: Sample, persona: str, character: str, history_first: bool = False) -> str:
+    """The persona part of the prompt: who the character is, then (in the tutorial's order)
+    the canon at hand."""
+    parts = [persona.strip(), "" if history_first else canon_text(sample.canon, character)]
     return "\n\n".join(part for part in parts if part)
 
 
-def alpaca_prompt(sample: Sample, persona: str = "", character: str = "") -> str:
-    """The prompt up to (not including) the response."""
+def _context(sample: Sample, character: str, history_first: bool) -> str:
+    """The Alpaca input: the history (or the sample's own input); history first, the canon after it."""
     context = sample.input or history_text(sample.history)
-    body = ALPACA.format(sample.instruction, context, "")
-    system = system_text(sample, persona, character)
+    canon = canon_text(sample.canon, character) if history_first else ""
+    return f"{context}\n\n{canon}" if context and canon else context or canon
+
+
+def alpaca_prompt(sample: Sample, persona: str = "", character: str = "", history_first: bool = False) -> str:
+    """The prompt up to (not including) the response."""
+    context = _context(sample, character, history_first)
+    if history_first:
+        body = ALPACA_HISTORY_FIRST.format(context, sample.instruction, "")
+    else:
+        body = ALPACA.format(sample.instruction, context, "")
+    system = system_text(sample, persona, character, history_first)
     return f"{system}\n\n{body}" if system else body
 
 
-def chat_messages(sample: Sample, persona: str, character: str) -> list[dict]:
-    system = system_text(sample, persona, character)
+def chat_messages(sample: Sample, persona: str, character: str, history_first: bool = False) -> list[dict]:
+    system = system_text(sample, persona, character, history_first)
     messages = [{"role": "system", "content": system}] if system else []
     for turn in sample.history:
         role = "assistant" if turn.speaker == character else "user"
         messages.append({"role": role, "content": turn.text})
+    if history_first and sample.canon:  # after the history, so the history's blocks stay shared
+        messages.append({"role": "system", "content": canon_text(sample.canon, character)})
     if sample.input:
         messages.append({"role": "user", "content": sample.input})
     messages.append({"role": "user", "content": sample.instruction})
     return messages
 
 
-def render_prompt(sample: Sample, tokenizer, *, fmt: str, persona: str = "", character: str = "") -> str:
+def render_prompt(sample: Sample, tokenizer, *, fmt: str, persona: str = "", character: str = "",
+                  history_first: bool = False) -> str:
     """The text the model sees before its reply, in the configured format."""
     if sample.prompt:
         return sample.prompt
     if fmt == "chat":
         return tokenizer.apply_chat_template(
-            chat_messages(sample, persona, character), tokenize=False, add_generation_prompt=True
+            chat_messages(sample, persona, character, history_first), tokenize=False, add_generation_prompt=True
         )
-    return alpaca_prompt(sample, persona, character)
+    return alpaca_prompt(sample, persona, character, history_first)
+
+
+def render_prefix(history: tuple[Exchange, ...], tokenizer, *, fmt: str, persona: str = "", character: str = "") -> str:
+    """The start that every later prompt of a chat with this ``history`` shares (history first):
+    the persona, the template's opening and the history, up to its last line."""
+    if fmt == "chat":
+        sample = Sample(instruction="", history=history)
+        messages = chat_messages(sample, persona, character, True)[:-1]  # without the message
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False) if messages else ""
+    text = alpaca_prompt(Sample(instruction="", history=history), persona, character, True)
+    return text[: text.rindex("\n\n### Instruction:")]
+
+
+def served_history_first(meta: dict | None, configured: bool) -> bool:
+    """The prompt order to serve an adapter with: the one it was trained on, when its
+    meta.json records a prompt (older adapters, which do not say, learned the tutorial's
+    order); else the configured one."""
+    prompt = (meta or {}).get("config", {}).get("prompt")
+    if isinstance(prompt, dict):
+        return bool(prompt.get("history_first", False))
+    return configured
 
 
 @dataclass(frozen=True)
@@ -121,9 +175,19 @@ class PromptStyle:
     # caller retrieves them (training.canon), the style only renders what a sample carries.
     canon_k: int = 0
     canon_max_tokens: int = 0
+    # The history before the message and the canon after the history (module docstring).
+    history_first: bool = True
 
     def prompt(self, sample: Sample, tokenizer) -> str:
-        return render_prompt(sample, tokenizer, fmt=self.fmt, persona=self.persona, character=self.character)
+        return render_prompt(sample, tokenizer, fmt=self.fmt, persona=self.persona, character=self.character,
+                             history_first=self.history_first)
+
+    def prefix(self, history: tuple[Exchange, ...], tokenizer) -> str:
+        """What the next prompt of a chat with this history begins with ("" in the tutorial's
+        order, where the message comes first)."""
+        if not self.history_first:
+            return ""
+        return render_prefix(history, tokenizer, fmt=self.fmt, persona=self.persona, character=self.character)
 
     def prompt_ids(self, sample: Sample, tokenizer) -> list[int]:
         # A chat template already writes its special tokens; the Alpaca text gets the

@@ -30,6 +30,11 @@ class ModelSettings:
         "alpaca", "prompt template: the tutorial's Alpaca template or the model's chat template",
         choices=["alpaca", "chat"],
     )
+    history_first: bool = opt(
+        True, "the chat's history stands before the message and the canon after the history, so that a "
+        "chat's next prompt begins with this one and the engine reuses its cached blocks; false: the "
+        "tutorial's order (instruction, then input). Each adapter is served in the order it was trained on",
+    )
 
 
 @dataclass

@@ -21,6 +21,7 @@ loads as a new PEFT adapter, and the manager is rebuilt (its graphs were capture
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import math
@@ -98,12 +99,31 @@ class _Reply:
     admitted: bool = False
 
 
+class _Finished:
+    """A prefill's output when the manager would not take it."""
+
+    error = "not accepted"
+
+    @staticmethod
+    def is_finished() -> bool:
+        return True
+
+
 @dataclass
 class _Counters:
     replies: int = 0
     tokens: int = 0
     swaps: int = 0
     last_swap_ms: float | None = None
+    prefills: int = 0
+    prompt_tokens: int = 0
+    cached_before: int = 0  # prompt tokens reused by the managers replaced so far
+
+
+def _cached_tokens(manager) -> int:
+    """Prompt tokens a manager has read from cached blocks instead of computing them."""
+    processor = manager.batch_processor if manager is not None else None
+    return getattr(processor.cache, "_total_prefix_length", 0) if processor is not None else 0
 
 
 def step_io(runner):
@@ -180,6 +200,8 @@ class LocalEngine:
         self._manager = None
         self._adapter_name: str | None = None
         self._live: dict[str, _Reply] = {}  # admitted to the manager, not finished
+        self._warming: set[str] = set()  # prefills (``prefill``) in the manager, not finished
+        self._block = BLOCK_SIZE["cpu"]
         self._held: deque[_Reply] = deque()  # waiting for a swap to finish
         self._swapping = False
         self._drained: asyncio.Future | None = None
@@ -225,7 +247,7 @@ class LocalEngine:
         kind = self._device.kind
         tuning = self.tuning
         rows = self.config.generation.max_batch_size
-        block = tuning.block_size or BLOCK_SIZE[kind]
+        block = self._block = tuning.block_size or BLOCK_SIZE[kind]
         cuda = kind == "cuda"
         kv_tokens = self.config.engine.kv_cache_tokens or self._default_kv_tokens(rows, block, cuda)
         kv_tokens = max(kv_tokens, self.config.model.max_seq_length + block)
@@ -323,9 +345,15 @@ class LocalEngine:
         with self._tokenizer_lock:
             return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def render(self, sample: Sample) -> str:
+    def render(self, sample: Sample, *, history_first: bool | None = None, prefix: bool = False) -> str:
+        """``sample`` as the model's prompt; ``history_first`` (None: the config's) is the order the
+        served adapter learned. ``prefix``: only the start that the next prompts of a chat with
+        ``sample.history`` share (``PromptStyle.prefix``)."""
+        style = self._style if history_first is None else dataclasses.replace(self._style, history_first=history_first)
+        if prefix:
+            return style.prefix(sample.history, self.tokenizer)
         with self._tokenizer_lock:
-            return self._style.prompt(sample, self.tokenizer)
+            return style.prompt(sample, self.tokenizer)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -351,6 +379,43 @@ class LocalEngine:
             self._admit(reply)
         return stream
 
+    def prefill(self, prompt: str) -> bool:
+        """Compute the prompt blocks of ``prompt`` now, with no reply, and keep them cached: the
+        start of a chat's next prompt (``PromptStyle.prefix``) when that prompt will not begin
+        like the last one, so that its own prefill is only what follows. It takes a row only when
+        the batch has room and nothing waits, and never during a swap (the blocks would be of
+        the old adapter); with prefix sharing off it does nothing. Returns whether it was taken."""
+        manager = self._manager
+        if (manager is None or self._closing or self._swapping or self._held or not self.config.engine.prefix_sharing
+                or manager.batch_processor is None or manager.input_queue.qsize()
+                or len(self._live) + len(self._warming) >= self.config.generation.max_batch_size - 1):
+            return False
+        with self._tokenizer_lock:
+            ids = self.tokenizer(prompt, add_special_tokens=self._special)["input_ids"]
+        if len(ids) < 2 * self._block or len(ids) + 2 > self.config.model.max_seq_length:
+            return False  # too short to be worth a row, or too long to be any prompt
+        rid = f"p{next(self._ids)}"
+
+        def finished(output) -> None:
+            if output.is_finished() or output.error is not None:
+                with manager.output_router._lock:
+                    manager.output_router.result_handlers.pop(rid, None)
+                self._warming.discard(rid)
+                if self._drained is not None and not self._live and not self._warming and not self._drained.done():
+                    self._drained.set_result(None)
+
+        manager.register_result_handler(rid, finished)
+        self._warming.add(rid)
+        self.counters.prefills += 1
+        self.counters.prompt_tokens += len(ids)
+        # Two tokens, not one: transformers marks a request's computed blocks shareable after the
+        # step that ends its prefill, unless that step also finishes it (max_new_tokens = 1).
+        if manager.add_request(ids, request_id=rid, max_new_tokens=2, streaming=False, eos_token_id=[],
+                               **self._sampling(self.config.generation)) is None:
+            finished(_Finished())
+            return False
+        return True
+
     def _admit(self, reply: _Reply) -> None:
         manager = self._manager
         if manager.background_thread_status.fatal_error is not None or not manager.is_running():
@@ -360,15 +425,20 @@ class LocalEngine:
         manager.register_result_handler(reply.rid, lambda output: self._on_output(reply, output))
         reply.admitted = True
         self._live[reply.rid] = reply
+        self.counters.prompt_tokens += len(reply.ids)
+        submitted = manager.add_request(reply.ids, request_id=reply.rid, max_new_tokens=gen.max_new_tokens,
+                                        streaming=True, eos_token_id=self._eos, **self._sampling(gen))
+        if submitted is None:
+            self._end(reply, "error", "the engine is not accepting requests")
+
+    def _sampling(self, gen: GenerationSettings) -> dict[str, float]:
+        """A request's own sampling settings, as the manager's per-request processors take them."""
         sampling = {"temperature": float(max(gen.temperature, GREEDY_TEMPERATURE))}
-        if "top_p" in manager.logit_processor.supported_keys:
+        if "top_p" in self._manager.logit_processor.supported_keys:
             sampling["top_p"] = float(gen.top_p if gen.temperature > 0 else 1.0)
         if self._penalty:
             sampling["repetition_penalty"] = float(gen.repetition_penalty)
-        submitted = manager.add_request(reply.ids, request_id=reply.rid, max_new_tokens=gen.max_new_tokens,
-                                        streaming=True, eos_token_id=self._eos, **sampling)
-        if submitted is None:
-            self._end(reply, "error", "the engine is not accepting requests")
+        return sampling
 
     def _on_output(self, reply: _Reply, output) -> None:
         """One step's outputs for one request, on the event loop: decode, filter, stream, finish."""
@@ -421,7 +491,7 @@ class LocalEngine:
         reply.stream._finish(ReplyStats(len(reply.ids), reply.tokens, reply.first_s,
                                         time.perf_counter() - reply.stream.submitted, reply.stream.adapter_version,
                                         reason), error)
-        if self._drained is not None and not self._live and not self._drained.done():
+        if self._drained is not None and not self._live and not self._warming and not self._drained.done():
             self._drained.set_result(None)
 
     # -- adapters ----------------------------------------------------------------------------
@@ -440,7 +510,7 @@ class LocalEngine:
             self._swapping = True
             self.adapter_version = version.name if version else None
             try:
-                if self._live:
+                if self._live or self._warming:
                     self._drained = self._loop.create_future()
                     await self._drained
                 started = time.perf_counter()
@@ -478,6 +548,7 @@ class LocalEngine:
                 # Asking for every free block uninitialises the complete ones: their prefix hashes go.
                 blocks.has_enough_free_blocks(blocks.num_free_blocks)
         if isinstance(plan, LoadAdapter):  # new layers: the captured graphs are of the old forward
+            self.counters.cached_before += _cached_tokens(manager)
             manager.stop(True, 30)
             self._manager = self._new_manager()
 
@@ -518,4 +589,7 @@ class LocalEngine:
             adapter_swaps=self.counters.swaps,
             last_swap_ms=self.counters.last_swap_ms,
             starting=len(self._held) + sum(1 for reply in self._live.values() if reply.tokens == 0),
+            prefills=self.counters.prefills,
+            prompt_tokens=self.counters.prompt_tokens,
+            prompt_tokens_cached=self.counters.cached_before + _cached_tokens(manager),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -36,7 +37,9 @@ class OpenAIEngine:
         self.client = None
         self._style = config.prompt_style()
         self._tasks: set[asyncio.Task] = set()
+        self._warming: set[asyncio.Task] = set()  # of those, prefills
         self.replies = 0
+        self.prefills = 0
         self.tokens = 0
         self.swaps = 0
 
@@ -77,8 +80,14 @@ class OpenAIEngine:
             return len(text.encode("utf-8")) // 2 + 1
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def render(self, sample: Sample) -> str:
-        return self._style.prompt(sample, self.tokenizer)
+    def render(self, sample: Sample, *, history_first: bool | None = None, prefix: bool = False) -> str:
+        """``sample`` as the model's prompt; ``history_first`` (None: the config's) is the order the
+        served adapter learned. ``prefix``: only the start that the next prompts of a chat with
+        ``sample.history`` share (``PromptStyle.prefix``)."""
+        style = self._style if history_first is None else dataclasses.replace(self._style, history_first=history_first)
+        if prefix:
+            return style.prefix(sample.history, self.tokenizer)
+        return style.prompt(sample, self.tokenizer)
 
     def generate(self, prompt: str, sampling: GenerationSettings | None = None) -> ReplyStream:
         if self.client is None:
@@ -92,6 +101,26 @@ class OpenAIEngine:
         # A task cancelled before its first step never runs its own handler.
         task.add_done_callback(lambda _: stream._end_now("interrupted"))
         return stream
+
+    def prefill(self, prompt: str) -> bool:
+        """Ask the server for one token after ``prompt`` and drop it: a server that caches
+        prompt prefixes (vLLM's automatic prefix caching) then holds the start of the chat's
+        next prompt. Only with fewer requests in flight than [generation] max_batch_size."""
+        if self.client is None or len(self._tasks) >= self.config.generation.max_batch_size:
+            return False
+        task = asyncio.get_running_loop().create_task(self._prefill(prompt))
+        self._tasks.add(task)
+        self._warming.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._warming.discard)
+        return True
+
+    async def _prefill(self, prompt: str) -> None:
+        try:
+            await self.client.completions.create(model=self.model_name, prompt=prompt, max_tokens=1, temperature=0.0)
+            self.prefills += 1
+        except Exception as exc:  # an optimisation only: the reply itself reports what is wrong
+            log.debug("engine: a prefill was not taken: %s", exc)
 
     async def _complete(self, stream: ReplyStream, prompt: str, gen: GenerationSettings, model: str) -> None:
         import openai
@@ -175,8 +204,8 @@ class OpenAIEngine:
         return EngineStatus(
             backend=self.backend, device=f"server {self.config.engine.base_url}", model=self.model_name,
             adapter_version=self.adapter_version, batching="the server's", queue_depth=0,
-            generating=len(self._tasks), replies_served=self.replies, tokens_generated=self.tokens,
-            largest_batch=0, adapter_swaps=self.swaps, last_swap_ms=None,
+            generating=len(self._tasks) - len(self._warming), replies_served=self.replies, tokens_generated=self.tokens,
+            largest_batch=0, adapter_swaps=self.swaps, last_swap_ms=None, prefills=self.prefills,
         )
 
 
