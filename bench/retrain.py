@@ -90,6 +90,9 @@ def main() -> int:
     parser.add_argument("--preference", choices=["none", "kto"], help="[retrain] preference (default: the shipped config's)")
     parser.add_argument("--yield-to-chats", action="store_true", help="[retrain] yield_to_chats = true (the training pauses while chats wait)")
     parser.add_argument("--engine", default="", help="[engine] overrides, KEY=VALUE '+'-joined (as bench/serve.py --variant)")
+    parser.add_argument("--generation", default="", help="[generation] overrides, KEY=VALUE '+'-joined (e.g. history_step=1)")
+    parser.add_argument("--tutorial-order", action="store_true",
+                        help="[model] history_first = false: prompts in the tutorial's order, the message before the history")
     parser.add_argument("--tuning", default="", help="the engine's Tuning fields, KEY=VALUE '+'-joined (e.g. attention=sdpa)")
     parser.add_argument("--work", help="folder for the model, adapters and database (default: a temporary one)")
     parser.add_argument("--out", help="write results.md and results.json into this folder")
@@ -193,7 +196,8 @@ async def sample_loop(app, stop: asyncio.Event, samples: list[tuple]) -> None:
             free = cache.get_num_free_blocks() / cache.num_blocks
         except AttributeError:
             pass
-        samples.append((time.time(), lag, status.queue_depth, status.generating, free))
+        samples.append((time.time(), lag, status.queue_depth, status.generating, free,
+                        status.prompt_tokens, status.prompt_tokens_cached, status.prefills))
 
 
 def write_originals(work: Path, count: int) -> None:
@@ -216,8 +220,12 @@ def config_text(base: str, args, cuda: bool) -> str:
     if args.yield_to_chats:
         steps += "yield_to_chats = true\n"
     small = "" if cuda else "batch_size = 1\ngrad_accum = 1\npack_length = 512\nwarmup_steps = 0\n"
-    engine = "".join(f"{k} = {v if v in ('true', 'false') or v.replace('.', '').isdigit() else json.dumps(v)}\n"
-                     for k, v in (item.split("=", 1) for item in args.engine.split("+") if item))
+    def overrides(joined: str) -> str:
+        return "".join(f"{k} = {v if v in ('true', 'false') or v.replace('.', '').isdigit() else json.dumps(v)}\n"
+                       for k, v in (item.split("=", 1) for item in joined.split("+") if item))
+
+    engine, generation = overrides(args.engine), overrides(args.generation)
+    order = "history_first = false\n" if args.tutorial_order else ""
     return f"""# bench/retrain.py: the shipped defaults, except what a bench needs
 [character]
 name = "{CHARACTER}"
@@ -226,7 +234,7 @@ persona = {json.dumps(PERSONA, ensure_ascii=False)}
 [model]
 base = {json.dumps(base)}
 max_seq_length = {2048 if cuda else 512}
-
+{order}
 [training]
 {small}data = "data/train.json"
 val = "data/val.json"
@@ -236,7 +244,7 @@ max_new_tokens = {args.new_tokens}
 temperature = 0.0
 repetition_penalty = 1.0
 stop = []
-
+{generation}
 [engine]
 {engine}
 [service]
@@ -397,9 +405,15 @@ async def measure(work: Path, args) -> dict:
     engine_side = {name: [r for r in rows if window(name, r[0])] for name in PHASES}
 
     def loop_summary(name: str) -> dict:
-        lags = [s[1] for s in samples if window(name, s[0])]
+        inside = [s for s in samples if window(name, s[0])]
+        lags = [s[1] for s in inside]
         caught = [c for c in CAPTURES if window(name, c[0])]
-        return {"loop_lag_p95_ms": None if not lags else round(percentile(lags, 95) * 1000, 1),
+        # Prompt tokens submitted in the phase, and the share read from cached blocks.
+        submitted = inside[-1][5] - inside[0][5] if len(inside) > 1 else 0
+        cached = inside[-1][6] - inside[0][6] if len(inside) > 1 else 0
+        return {"prompt_tokens_submitted": submitted, "prompt_cached_share": cached / submitted if submitted else None,
+                "prefills": inside[-1][7] - inside[0][7] if len(inside) > 1 else 0,
+                "loop_lag_p95_ms": None if not lags else round(percentile(lags, 95) * 1000, 1),
                 "loop_lag_max_ms": None if not lags else round(max(lags) * 1000, 1),
                 "queue_max": max((s[2] for s in samples if window(name, s[0])), default=0),
                 "batch_max": max((s[3] for s in samples if window(name, s[0])), default=0),
@@ -491,10 +505,12 @@ def render(result: dict) -> str:
                      f"{p.get('prompt_tokens_p50')} / {p.get('prompt_tokens_max')} | "
                      f"{p['total_p50']} / {p['total_p95']} | {', '.join(p['versions'])} |")
     lines += ["", "| replies | event loop late p95 / max ms | engine queue max | batch max | KV cache free min "
-              "| CUDA graphs captured (seconds; padded query tokens) |", "|---|---|---|---|---|---|"]
+              "| prompt tokens submitted, read from cache | next starts prefilled "
+              "| CUDA graphs captured (seconds; padded query tokens) |", "|---|---|---|---|---|---|---|---|"]
     for name, p in result["phases"].items():
         lines.append(f"| {name} | {p['loop_lag_p95_ms']} / {p['loop_lag_max_ms']} | {p['queue_max']} | {p['batch_max']} | "
-                     f"{share(p['kv_free_min'])} | {p['graph_captures']} ({p['graph_capture_s']} s; {', '.join(map(str, p['graph_capture_q'][:8]))}) |")
+                     f"{share(p['kv_free_min'])} | {p['prompt_tokens_submitted']:,}, {share(p['prompt_cached_share'])} | "
+                     f"{p['prefills']} | {p['graph_captures']} ({p['graph_capture_s']} s; {', '.join(map(str, p['graph_capture_q'][:8]))}) |")
     lines += ["", f"failed replies: {result['failed_replies']}"
               + (f" ({'; '.join(result['errors'])})" if result["errors"] else "")
               + f"; reply rows in the log by status: {result['reply_statuses']}"]

@@ -601,7 +601,8 @@ class Service:
         try:
             # This message is said; its reply is still generating, so it is the one message ahead.
             rows = await self._history(user_row, ahead=1)
-            if not rows or rows[0].id == opening or not self._history_first(version):
+            # A prompt without history shares the persona with the next anyway: nothing to gain.
+            if opening is None or not rows or rows[0].id == opening or not self._history_first(version):
                 return
             start = self.engine.render(Sample(instruction="", history=tuple(self._exchanges(rows))),
                                        history_first=True, prefix=True)

@@ -164,6 +164,43 @@ async def test_history_is_in_the_prompt_until_reset(bot):
 
 @pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="module")
+async def test_a_chats_prompts_begin_alike_and_the_next_start_is_prefilled_when_the_window_moves(bot):
+    from training.prompts import Exchange, Sample
+
+    bot.config.generation.history_turns = 4
+    bot.config.generation.history_step = 4
+    engine = bot.engine
+    lines = ["第零句话", "第一句话", "这是第二句话，说得长一些：" + "嬛嬛" * 6, "第三句话", "第四句话"]
+    prompts, cached, prefills = [], [], []
+    for line in lines:
+        before = engine.status()
+        reply = await say(bot, line, user="window")
+        assert (await reply.result()).status == "complete"
+        while bot._background or engine._warming:  # the prefill ahead, if one was asked for
+            await asyncio.sleep(0.01)
+        after = engine.status()
+        prompts.append(rows(bot, "SELECT prompt FROM messages WHERE id = ?", reply.message_id)[0]["prompt"])
+        cached.append(after.prompt_tokens_cached - before.prompt_tokens_cached)
+        prefills.append(after.prefills - before.prefills)
+        bot.limiter.clock.now += 61
+    said = [m["text"] for m in rows(bot, "SELECT m.text FROM messages AS m JOIN conversations AS c "
+                                         "ON c.id = m.conversation_id WHERE c.chat_id = 'chat-window' ORDER BY m.id")]
+    # Windows of at most 4 messages whose start moves 4 at a time: 0, 2, 4, then 2, 4 again.
+    assert all(said[i] in prompts[4] for i in (4, 5, 6, 7)) and said[3] not in prompts[4]
+    assert said[0] in prompts[2] and said[0] not in prompts[3] and said[4] in prompts[3]
+    # Turn 2 knew that turn 3's window would start at its own message and had that start
+    # computed; turn 3 (same start as turn 4) asked for nothing.
+    assert prefills == [0, 0, 1, 0, 1]
+    history = lambda i: tuple(Exchange("用户" if j % 2 == 0 else "甄嬛", said[j]) for j in i)  # noqa: E731
+    start = engine.render(Sample("", history=history([4])), prefix=True)
+    assert prompts[3].startswith(start) and prompts[4].startswith(start)
+    assert cached[3] >= engine.count_tokens(start) - 32, (cached, engine.count_tokens(start))
+    # Without a moving window, the next prompt begins with this one's history, token for token.
+    assert prompts[4].startswith(engine.render(Sample("", history=history([4, 5])), prefix=True))
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
 async def test_a_long_message_is_cut_and_the_prompt_fits_the_budget(bot):
     # An earlier turn fills most of the budget; a message at the character limit (more tokens
     # than the budget alone) must still fit: the history goes, then the end of the message.
