@@ -18,6 +18,7 @@ order: instruction, then input, with the canon in the system part.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 ALPACA = """Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.
@@ -188,6 +189,13 @@ class PromptStyle:
         if not self.history_first:
             return ""
         return render_prefix(history, tokenizer, fmt=self.fmt, persona=self.persona, character=self.character)
+
+    def render(self, sample: Sample, tokenizer, *, history_first: bool | None = None, prefix: bool = False) -> str:
+        """``sample`` as an engine serves it. ``history_first`` (None: this style's) is the order
+        the served adapter learned (``served_history_first``); ``prefix``: only the start that the
+        next prompts of a chat with ``sample.history`` share."""
+        style = self if history_first is None else dataclasses.replace(self, history_first=history_first)
+        return style.prefix(sample.history, tokenizer) if prefix else style.prompt(sample, tokenizer)
 
     def prompt_ids(self, sample: Sample, tokenizer) -> list[int]:
         # A chat template already writes its special tokens; the Alpaca text gets the

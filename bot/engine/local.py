@@ -21,7 +21,6 @@ loads as a new PEFT adapter, and the manager is rebuilt (its graphs were capture
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import math
@@ -346,14 +345,9 @@ class LocalEngine:
             return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def render(self, sample: Sample, *, history_first: bool | None = None, prefix: bool = False) -> str:
-        """``sample`` as the model's prompt; ``history_first`` (None: the config's) is the order the
-        served adapter learned. ``prefix``: only the start that the next prompts of a chat with
-        ``sample.history`` share (``PromptStyle.prefix``)."""
-        style = self._style if history_first is None else dataclasses.replace(self._style, history_first=history_first)
-        if prefix:
-            return style.prefix(sample.history, self.tokenizer)
+        """The prompt of ``sample`` (``PromptStyle.render``)."""
         with self._tokenizer_lock:
-            return style.prompt(sample, self.tokenizer)
+            return self._style.render(sample, self.tokenizer, history_first=history_first, prefix=prefix)
 
     # -- requests --------------------------------------------------------------------------
 

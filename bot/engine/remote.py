@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 
@@ -81,13 +80,8 @@ class OpenAIEngine:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def render(self, sample: Sample, *, history_first: bool | None = None, prefix: bool = False) -> str:
-        """``sample`` as the model's prompt; ``history_first`` (None: the config's) is the order the
-        served adapter learned. ``prefix``: only the start that the next prompts of a chat with
-        ``sample.history`` share (``PromptStyle.prefix``)."""
-        style = self._style if history_first is None else dataclasses.replace(self._style, history_first=history_first)
-        if prefix:
-            return style.prefix(sample.history, self.tokenizer)
-        return style.prompt(sample, self.tokenizer)
+        """The prompt of ``sample`` (``PromptStyle.render``)."""
+        return self._style.render(sample, self.tokenizer, history_first=history_first, prefix=prefix)
 
     def generate(self, prompt: str, sampling: GenerationSettings | None = None) -> ReplyStream:
         if self.client is None:
