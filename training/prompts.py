@@ -18,8 +18,7 @@ order: instruction, then input, with the canon in the system part.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 ALPACA = """Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.
 
@@ -194,7 +193,7 @@ class PromptStyle:
         """``sample`` as an engine serves it. ``history_first`` (None: this style's) is the order
         the served adapter learned (``served_history_first``); ``prefix``: only the start that the
         next prompts of a chat with ``sample.history`` share."""
-        style = self if history_first is None else dataclasses.replace(self, history_first=history_first)
+        style = self if history_first is None else replace(self, history_first=history_first)
         return style.prefix(sample.history, tokenizer) if prefix else style.prompt(sample, tokenizer)
 
     def prompt_ids(self, sample: Sample, tokenizer) -> list[int]:

@@ -377,8 +377,9 @@ class LocalEngine:
         """Compute the prompt blocks of ``prompt`` now, with no reply, and keep them cached: the
         start of a chat's next prompt (``PromptStyle.prefix``) when that prompt will not begin
         like the last one, so that its own prefill is only what follows. It takes a row only when
-        the batch has room (it is scheduled after the prompts submitted before it), and never during a swap (the blocks would be of
-        the old adapter); with prefix sharing off it does nothing. Returns whether it was taken."""
+        the batch has room, queued behind the prompts submitted before it, and never during a swap
+        (the blocks would be of the old adapter); with prefix sharing off it does nothing. Returns
+        whether it was taken."""
         manager = self._manager
         if (manager is None or self._closing or self._swapping or self._held or not self.config.engine.prefix_sharing
                 or manager.batch_processor is None
