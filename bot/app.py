@@ -24,6 +24,7 @@ from bot.config import Config
 from bot.platforms import Frontend, Options, enabled
 from bot.service import Service
 from bot.store import Store
+from training.builtin import concrete
 from training.registry import Registry, Version
 from training.settings import TrainSettings, recipe_for_device
 
@@ -63,6 +64,8 @@ class App:
         """
         from bot.engine import make_engine
 
+        for choice in config.choices:  # what builtin:auto and prompt_format auto became here
+            log.info("%s", choice)
         async with AsyncExitStack() as stack:
             store = await Store.open(config.database)
             stack.push_async_callback(store.close)
@@ -163,11 +166,14 @@ def train_first_adapter(config: Config, registry: Registry) -> Version:
     from training.sft import TrainJob, train
 
     settings = first_run_settings(config)
+    amount = f"{settings.max_steps} steps" if settings.max_steps else f"{settings.epochs:g} epochs"
+    if settings is not config.training:
+        amount += ", the quick CPU recipe: [training] first_run_steps"
+        if settings.max_minutes:
+            amount += f", at most {settings.max_minutes:g} minutes"
     print(f"rolebot: {config.character.name} has no adapter yet — preparing the script and "
-          f"training the first version ({settings.max_steps or settings.epochs} "
-          f"{'steps' if settings.max_steps else 'epochs'}"
-          f"{'' if settings is config.training else ', the quick CPU recipe: [training] first_run_steps'}"
-          "); serving starts after.", file=sys.stderr, flush=True)
+          f"training the first version on {concrete(config.model.base)} ({amount}); serving starts after.",
+          file=sys.stderr, flush=True)
     files = dataset_files(config)
     result = in_child_process(train, TrainJob(
         data=files.train, val=files.val, model=config.model, lora=config.lora, train=settings,
@@ -195,7 +201,7 @@ def in_child_process(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 def first_run_settings(config: Config) -> TrainSettings:
     """The full recipe on a GPU; without one, a short run of single 512-token rows, so that the
     first `rolebot serve` on a laptop answers within minutes instead of hours."""
-    return recipe_for_device(config.training, config.training.first_run_steps)
+    return recipe_for_device(config.training, config.training.first_run_steps, config.training.first_run_minutes)
 
 
 async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:

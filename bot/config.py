@@ -173,6 +173,8 @@ class Config:
     retrain: RetrainSettings = field(default_factory=RetrainSettings)
     # Where relative paths in the file are resolved from; not a key of the file.
     root: Path = field(default_factory=Path.cwd, metadata={"internal": True})
+    # What `auto` values were settled to and why (``settle``), for the start-up log.
+    choices: list[str] = field(default_factory=list, metadata={"internal": True})
 
     def path(self, value: str) -> Path:
         """A path from the config, relative to the config file's folder."""
@@ -190,7 +192,12 @@ class Config:
         """The prompt format training, evaluation and serving render through; for training,
         canon only when ``[canon] train`` is on."""
         k = self.canon.k if self.canon.train or not training else 0
-        return PromptStyle(self.model.prompt_format, self.character.persona, self.character.name,
+        fmt = self.model.prompt_format
+        if fmt == "auto":  # a Config built in code, not settled by load_config
+            from training.builtin import best_format
+
+            fmt = best_format(self.model.base)
+        return PromptStyle(fmt, self.character.persona, self.character.name,
                            canon_k=k, canon_max_tokens=self.canon.max_tokens, history_first=self.model.history_first)
 
 
@@ -212,14 +219,53 @@ def find_config(explicit: str | None) -> Path | None:
 def load_config(explicit: str | None = None) -> Config:
     path = find_config(explicit)
     if path is None:
-        return Config()
+        return settle(Config())
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise UserError(f"{path}: config file not found — check --config or $ROLEBOT_CONFIG") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read the config file: {exc}") from None
-    return parse_config(text, path)
+    return settle(parse_config(text, path))
+
+
+def settle(config: Config) -> Config:
+    """Make ``[model] base = "builtin:auto"`` and ``prompt_format = "auto"`` concrete: the base
+    and format the character's adapter was trained with, where it has one (an adapter fits only
+    its base, and is served in its format), else this machine's builtin choice and the format
+    that model scores best with. Every command then sees one concrete model."""
+    from training import builtin
+
+    model = config.model
+    if model.base != builtin.AUTO and model.prompt_format != "auto":
+        return config
+    trained = _trained_meta(config)
+    base, fmt = model.base, model.prompt_format
+    if base == builtin.AUTO:
+        choice = builtin.auto_base(trained.get("base_model"))
+        base = choice.base
+        config.choices.append(f"[model] base = builtin:auto: {base} ({choice.reason})")
+    if fmt == "auto":
+        recorded = ((trained.get("config") or {}).get("prompt") or {}).get("fmt")
+        if trained.get("base_model") == base and recorded in ("alpaca", "chat"):
+            fmt, why = recorded, "the format the active adapter was trained with"
+        else:
+            fmt, why = builtin.best_format(base), f"the one {base} scores best with"
+        config.choices.append(f"[model] prompt_format = auto: {fmt} ({why})")
+    config.model = dataclasses.replace(model, base=base, prompt_format=fmt)
+    return config
+
+
+def _trained_meta(config: Config) -> dict:
+    """meta.json of the character's active adapter version (else its newest), {} if none."""
+    from training.registry import Registry
+
+    try:
+        registry = Registry(config.adapter_root, config.character.name)
+        version = registry.active() or (registry.versions() or [None])[-1]
+    except (UserError, OSError, ValueError):
+        return {}
+    return version.meta if version is not None else {}
 
 
 def parse_config(text: str, path: Path) -> Config:

@@ -12,6 +12,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# builtin:auto (the default base) picks SmolLM2 in the suite: the tests of the model-agnostic
+# parts run in seconds on it; tests of the Chinese default name builtin:qwen2.5-coder-0.5b.
+os.environ["ROLEBOT_BUILTIN"] = "smollm2-135m"
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

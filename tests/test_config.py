@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bot.cli import main
-from bot.config import Config, load_config, secret
+from bot.config import Config, load_config, secret, settle
 from training.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,12 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_shipped_config_is_complete_and_matches_the_defaults():
     config = load_config(str(ROOT / "config.toml"))
-    defaults = Config(root=config.root)
+    defaults = settle(Config(root=config.root))
     for section in dataclasses.fields(Config):
         if section.metadata.get("internal"):
             continue
         assert getattr(config, section.name) == getattr(defaults, section.name), section.name
-    assert config.model.base == "builtin:smollm2-135m"
+    assert Config().model.base == "builtin:auto" and Config().model.prompt_format == "auto"
+    # settled for this machine: the suite's $ROLEBOT_BUILTIN (conftest) picks SmolLM2
+    assert (config.model.base, config.model.prompt_format) == ("builtin:smollm2-135m", "alpaca")
     text = (ROOT / "config.toml").read_text(encoding="utf-8")
     for section in dataclasses.fields(Config):
         if section.metadata.get("internal"):
@@ -86,7 +88,7 @@ def test_secrets_come_from_the_named_environment_variable(monkeypatch, tmp_path)
 def test_no_file_means_the_embedded_defaults(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("ROLEBOT_CONFIG", raising=False)
-    assert load_config(None).model.base == "builtin:smollm2-135m"
+    assert load_config(None).model.base == "builtin:smollm2-135m"  # builtin:auto, settled by $ROLEBOT_BUILTIN
 
 
 def test_the_docker_images_config_binds_everywhere_and_keeps_its_state_on_the_volume(tmp_path):

@@ -99,7 +99,7 @@ def load_base(settings: ModelSettings, *, offload_embedding: bool | None = None)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
             f"[model] base: cannot load {settings.base!r}: {first} — give a local checkpoint "
-            "path, a hub name this machine can reach, or builtin:smollm2-135m"
+            "path, a hub name this machine can reach, or builtin:auto"
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

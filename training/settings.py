@@ -19,16 +19,20 @@ def opt(default, help: str, **checks):
 @dataclass
 class ModelSettings:
     base: str = opt(
-        "builtin:smollm2-135m",
-        "base model: builtin:smollm2-135m, a hub name (e.g. a *-bnb-4bit model) or a local path",
+        "builtin:auto",
+        "base model: builtin:auto (the Chinese builtin:qwen2.5-coder-0.5b where it is installed and "
+        "the machine has the memory, else builtin:smollm2-135m; an adapter already trained keeps its "
+        "base), a builtin name, a hub name (e.g. a *-bnb-4bit model) or a local path",
     )
     cache_dir: str = opt("", "where the builtin model is converted to (empty: the user cache dir)")
     max_seq_length: int = opt(2048, "longest sample / prompt in tokens", min=64, max=131072)
     dtype: str = opt("auto", "compute dtype", choices=["auto", "bfloat16", "float16", "float32"])
     load_in_4bit: bool = opt(True, "load the base in 4-bit (bitsandbytes) when a CUDA GPU is present")
     prompt_format: str = opt(
-        "alpaca", "prompt template: the tutorial's Alpaca template or the model's chat template",
-        choices=["alpaca", "chat"],
+        "auto", "prompt template: the tutorial's Alpaca template, the model's chat template, or auto: the "
+        "one the builtin model scores best with (bench/fidelity.py: chat for Qwen, alpaca for SmolLM2), "
+        "alpaca for any other model",
+        choices=["auto", "alpaca", "chat"],
     )
     history_first: bool = opt(
         True, "the chat's history stands before the message and the canon after the history, so that a "
@@ -55,17 +59,19 @@ class LoraSettings:
     loftq: bool = opt(False, "LoftQ initialisation (needs an unquantised base)")
 
 
-def recipe_for_device(settings: "TrainSettings", cpu_steps: int) -> "TrainSettings":
+def recipe_for_device(settings: "TrainSettings", cpu_steps: int, cpu_minutes: float = 0.0) -> "TrainSettings":
     """``settings`` on a GPU (or when ``cpu_steps`` is 0); without one, ``cpu_steps`` steps of
-    single 512-token rows: what a 2-core machine trains in minutes (about 2 s a step on the
-    builtin model) where the full recipe takes hours."""
+    single 512-token rows, stopping early after ``cpu_minutes`` (0: no limit): what a 2-core
+    machine trains in minutes (about 6 s a step on SmolLM2, 22 s on Qwen2.5-0.5B) where the
+    full recipe takes hours."""
     from dataclasses import replace
 
     import torch
 
     if torch.cuda.is_available() or cpu_steps == 0:
         return settings
-    return replace(settings, batch_size=1, grad_accum=1, warmup_steps=0, pack_length=512, max_steps=cpu_steps)
+    return replace(settings, batch_size=1, grad_accum=1, warmup_steps=0, pack_length=512, max_steps=cpu_steps,
+                   max_minutes=cpu_minutes or settings.max_minutes)
 
 
 @dataclass
@@ -76,6 +82,9 @@ class TrainSettings:
     warmup_steps: int = opt(5, "learning-rate warm-up steps", min=0)
     max_steps: int = opt(60, "optimizer steps (0: use epochs)", min=0)
     epochs: float = opt(1.0, "epochs when max_steps is 0", min=0.01, max=1000.0)
+    max_minutes: float = opt(
+        0.0, "stop training after the optimizer step that passes this many minutes (0: no limit); "
+        "the version records the steps it made", min=0.0)
     learning_rate: float = opt(2e-4, "peak learning rate", min=1e-8, max=1.0)
     weight_decay: float = opt(0.01, "AdamW weight decay", min=0.0, max=1.0)
     lr_scheduler: str = opt(
@@ -108,6 +117,13 @@ class TrainSettings:
         "512-token row (a few minutes on a laptop); 0: the full recipe above. `rolebot train` "
         "always uses the full recipe",
         min=0,
+    )
+    first_run_minutes: float = opt(
+        4.0,
+        "with no GPU, the automatic first training stops after this many minutes of training even "
+        "if first_run_steps are not done (2 CPU cores: 24 steps of SmolLM2 take about 2.5 minutes, "
+        "Qwen2.5-0.5B makes about 11); 0: no limit",
+        min=0.0,
     )
     overlong: str = opt(
         "truncate", "samples longer than max_seq_length", choices=["truncate", "skip"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from training import report, yielding
+from training.builtin import concrete
 from training.canon import for_training, training_index
 from training.dataset import load_samples, sha256
 from training.errors import UserError
@@ -86,7 +87,7 @@ def train(job: TrainJob, *, activate: bool = True) -> TrainResult:
         val_nll = mean_nll(model, tokenizer, val, style, job.model.max_seq_length)
     print(report.render(memory.finish(), stats.metrics, len(encoded), len(rows), dropped, seen / runtime, val_nll))
     meta = {
-        "base_model": job.model.base,
+        "base_model": concrete(job.model.base),
         "dataset": {"file": str(job.data), "sha256": sha256(job.data), "samples": len(samples),
                     "val_file": str(job.val) if job.val else None,
                     "dropped": dict(dropped)},
@@ -209,7 +210,25 @@ def build_trainer(model, tokenizer, records: list[dict], settings: TrainSettings
             train_dataset=Dataset.from_list(records),
             args=args,
             data_collator=Collator(tokenizer.pad_token_id, flatten=packed and drops_training_masks(model)),
+            callbacks=[time_limit(settings.max_minutes)] if settings.max_minutes else None,
         )
+
+
+def time_limit(minutes: float):
+    """A trainer callback that ends training after the optimizer step that passes ``minutes``
+    (``[training] max_minutes``, the first run's ``first_run_minutes``): a budget in time, where
+    a budget in steps takes 2.5 minutes on one machine and 10 on another."""
+    from transformers import TrainerCallback
+
+    class TimeLimit(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.perf_counter() - self.started >= minutes * 60:
+                control.should_training_stop = True
+
+    return TimeLimit()
 
 
 def precision_and_optimizer(settings: TrainSettings) -> dict:

@@ -192,7 +192,7 @@ class LocalEngine:
         self.model = self.tokenizer = None
         self._initial = version
         self._style = config.prompt_style()
-        self._special = config.model.prompt_format != "chat"  # as training tokenises prompts
+        self._special = config.prompt_style().fmt != "chat"  # as training tokenises prompts
         self._tokenizer_lock = threading.RLock()  # a fast tokenizer must not be used by two threads at once
         self._swap_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -53,7 +53,7 @@ def load_serving_model(config: Config, adapter_dir: str | None):
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"[model] base: cannot load {settings.base!r} for serving: {first} — give a local "
-                        "checkpoint path, a hub name this machine can reach, or builtin:smollm2-135m") from None
+                        "checkpoint path, a hub name this machine can reach, or builtin:auto") from None
     if cuda and wants_dequantized(config.engine.weights, model):
         replaced = dequantize_4bit_layers(model, dtype)
         log.info("engine: %d 4-bit layers dequantised to %s for serving", replaced, dtype)

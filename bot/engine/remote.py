@@ -55,7 +55,7 @@ class OpenAIEngine:
         from openai import AsyncOpenAI
 
         self.tokenizer = await asyncio.to_thread(_local_tokenizer, self.config)
-        if self.tokenizer is None and self.config.model.prompt_format == "chat":
+        if self.tokenizer is None and self.config.prompt_style().fmt == "chat":
             raise UserError(f"[model] prompt_format = 'chat' needs the tokenizer of {self.config.model.base!r}, which is "
                             "not on this machine; download it or use prompt_format = 'alpaca'")
         self.client = AsyncOpenAI(
