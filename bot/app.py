@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from bot.adapters import Adapters
@@ -82,6 +82,9 @@ class App:
             adapters.engine = engine  # from now on every activation hot-swaps
             retrainer = await start_retraining(config, store, adapters, stack) if retraining else None
             canon = ServedCanon.load(config, adapters.registry)
+            if canon is not None:  # a reply ends where another speaker of the script would begin
+                names = (config.character.name, *config.character.aliases)
+                engine.hygiene = replace(engine.hygiene, speakers=engine.hygiene.speakers + canon.index.speakers(names))
             service = Service(config, store, engine, adapters=adapters, retrainer=retrainer, canon=canon)
             options = Options(host, port, on_quit, interactive)
             running = frontends(service, options) if frontends else enabled(config, service, options)

@@ -29,7 +29,7 @@ from bot.config import Config, GenerationSettings
 from bot.status import RetrainStatus, ServiceStatus, as_text
 from bot.adapters import Adapters
 from training.errors import UserError
-from training.prompts import Exchange, Sample, served_history_first
+from training.prompts import USER_SPEAKER, Exchange, Sample, served_history_first
 from training.registry import Registry
 
 if TYPE_CHECKING:
@@ -52,7 +52,6 @@ NOT_SET_UP = "retraining is not set up in this process"
 PARTIAL_SAVE_S = 1.0
 
 # How a user speaks in the prompt's history; the screenplay form the model was trained on.
-USER_SPEAKER = "用户"
 # Special-token text (<|im_start|>, <s>) and Alpaca's ### headers in user text would let a
 # message rewrite the prompt's structure; they are neutralised in the prompt, not in the log.
 TEMPLATE_MARKERS = re.compile(r"<\|[^<>|\n]{0,40}\|>|</?s>|#{3,}")

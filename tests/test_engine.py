@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ from aiohttp import web
 
 from bot.config import GenerationSettings, parse_config
 from bot.engine import IncrementalDecoder, make_engine
+from bot.engine.base import hygiene_for
 from bot.engine.remote import OpenAIEngine
+from training.hygiene import clean
 from training.prompts import Exchange, Sample
 from training.registry import Registry, Version
 
@@ -64,9 +67,8 @@ def alone(project, versions):
                                  max_new_tokens=gen.max_new_tokens, repetition_penalty=gen.repetition_penalty,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).rstrip("\ufffd")
-        for stop in gen.stop:
-            text = text.split(stop)[0]
-        return text
+        # as the engine's stream shows it: without stop strings, scaffolding or another's turn
+        return clean(text, replace(hygiene_for(config), stops=tuple(gen.stop)))[0]
 
     return generate
 

@@ -62,6 +62,9 @@ class Canon:
     reply: str
 
 
+# How the chat's history labels the user's lines (the character's carry the character's name).
+USER_SPEAKER = "用户"
+
 # Stands before the canon exchanges in the system part of the prompt.
 CANON_HEADING = "原剧本中相似的对白："
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bot.cards import Card, CardError, embed_card, read_card, write_json_card
 from bot.config import CharacterSettings, Config, find_config, load_config, parse_config
-from bot.service import USER_SPEAKER
+from training.prompts import USER_SPEAKER
 from bot.toml_edit import set_keys
 from training.errors import UserError
 

@@ -10,7 +10,7 @@
 """
 
 from bot.engine.base import Engine, EngineStatus, active_version, make_engine, prompt_budget
-from bot.engine.stream import IncrementalDecoder, ReplyStats, ReplyStream, StopFilter
+from bot.engine.stream import IncrementalDecoder, ReplyStats, ReplyStream
 
-__all__ = ["Engine", "EngineStatus", "IncrementalDecoder", "ReplyStats", "ReplyStream", "StopFilter",
+__all__ = ["Engine", "EngineStatus", "IncrementalDecoder", "ReplyStats", "ReplyStream",
            "active_version", "make_engine", "prompt_budget"]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from bot.config import Config, GenerationSettings
 from bot.engine.stream import ReplyStream
 from training.errors import UserError
-from training.prompts import Sample
+from training.hygiene import Hygiene, ReplyFilter
+from training.prompts import USER_SPEAKER, Sample
 from training.registry import Registry, Version
 
 
@@ -37,6 +38,7 @@ class EngineStatus:
 class Engine(Protocol):
     adapter_version: str | None
     max_prompt_tokens: int
+    hygiene: Hygiene  # what every reply is cleaned of (the app adds the script's speakers)
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...
@@ -57,6 +59,19 @@ def make_engine(config: Config, version: Version | None) -> Engine:
     from bot.engine.local import LocalEngine
 
     return LocalEngine(config, version)
+
+
+def hygiene_for(config: Config) -> Hygiene:
+    """The character's reply hygiene: [generation] stop, its names, the user's label, the persona.
+    The script's other speakers join once the canon index is loaded (``bot.app``)."""
+    character = config.character
+    return Hygiene(stops=tuple(config.generation.stop), names=(character.name, *character.aliases),
+                   speakers=(USER_SPEAKER,), persona=character.persona)
+
+
+def reply_filter(hygiene: Hygiene, gen: GenerationSettings) -> ReplyFilter:
+    """The filter of one reply: the engine's hygiene with this request's stop strings."""
+    return ReplyFilter(replace(hygiene, stops=tuple(gen.stop)))
 
 
 def active_version(config: Config) -> Version | None:

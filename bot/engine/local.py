@@ -30,9 +30,10 @@ from collections import deque
 from dataclasses import dataclass
 
 from bot.config import Config, GenerationSettings
-from bot.engine.base import EngineStatus, prompt_budget
-from bot.engine.stream import IncrementalDecoder, ReplyStats, ReplyStream, StopFilter
+from bot.engine.base import EngineStatus, hygiene_for, prompt_budget, reply_filter
+from bot.engine.stream import IncrementalDecoder, ReplyStats, ReplyStream
 from bot.engine.swap import LoadAdapter, SwapPlan, apply_swap, plan_swap
+from training.hygiene import ReplyFilter
 from training.prompts import Sample
 from training.registry import Version
 
@@ -91,7 +92,7 @@ class _Reply:
     ids: list[int]
     gen: GenerationSettings
     decoder: IncrementalDecoder
-    stops: StopFilter
+    stops: ReplyFilter
     read: int = 0  # generated tokens already consumed from the manager's outputs
     tokens: int = 0
     first_s: float | None = None
@@ -192,6 +193,7 @@ class LocalEngine:
         self.model = self.tokenizer = None
         self._initial = version
         self._style = config.prompt_style()
+        self.hygiene = hygiene_for(config)
         self._special = config.prompt_style().fmt != "chat"  # as training tokenises prompts
         self._tokenizer_lock = threading.RLock()  # a fast tokenizer must not be used by two threads at once
         self._swap_lock = asyncio.Lock()
@@ -365,7 +367,8 @@ class LocalEngine:
             return stream._end_now("error", f"the prompt has {len(ids)} tokens and the reply may take "
                                    f"{gen.max_new_tokens}: more than [model] max_seq_length "
                                    f"{self.config.model.max_seq_length}; keep prompts within max_prompt_tokens")
-        reply = _Reply(f"r{next(self._ids)}", stream, ids, gen, IncrementalDecoder(self.tokenizer), StopFilter(gen.stop))
+        reply = _Reply(f"r{next(self._ids)}", stream, ids, gen, IncrementalDecoder(self.tokenizer),
+                       reply_filter(self.hygiene, gen))
         stream._on_cancel = lambda: self._end(reply, "interrupted")
         if self._swapping:
             self._held.append(reply)

@@ -7,8 +7,8 @@ import logging
 import time
 
 from bot.config import Config, GenerationSettings, secret
-from bot.engine.base import EngineStatus, prompt_budget
-from bot.engine.stream import ReplyStats, ReplyStream, StopFilter
+from bot.engine.base import EngineStatus, hygiene_for, prompt_budget, reply_filter
+from bot.engine.stream import ReplyStats, ReplyStream
 from training.errors import UserError
 from training.prompts import Sample
 from training.registry import Version
@@ -35,6 +35,7 @@ class OpenAIEngine:
         self.tokenizer = None
         self.client = None
         self._style = config.prompt_style()
+        self.hygiene = hygiene_for(config)
         self._tasks: set[asyncio.Task] = set()
         self._warming: set[asyncio.Task] = set()  # of those, prefills
         self.replies = 0
@@ -119,7 +120,7 @@ class OpenAIEngine:
     async def _complete(self, stream: ReplyStream, prompt: str, gen: GenerationSettings, model: str) -> None:
         import openai
 
-        stops = StopFilter(gen.stop)
+        stops = reply_filter(self.hygiene, gen)
         prompt_tokens, tokens, pieces = stream.prompt_tokens, 0, 0
         first = None
         reason = "error"

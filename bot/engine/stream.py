@@ -1,8 +1,9 @@
 """One reply as the service sees it: a stream of text pieces, and the decoding that makes them.
 
 Every backend hands the service a ``ReplyStream``. The local engine turns token ids into pieces
-with ``IncrementalDecoder`` (never half a character) and ``StopFilter`` (never a stop string, nor
-the start of one that may still complete).
+with ``IncrementalDecoder`` (never half a character); both backends pass the text through
+``training.hygiene.ReplyFilter`` (never a stop string, template scaffolding, another speaker's
+line or the persona, nor the start of one that may still complete).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ class ReplyStats:
 class ReplyStream:
     """One reply: iterate it (``async for piece in stream``) for its text pieces.
 
-    Stop strings are never shown. When iteration ends ``stats`` says why and how fast; a reply
-    that failed ends with ``finish_reason == "error"`` and ``error`` set, rather than raising,
-    so a front-end can always show what arrived. Leaving the loop early cancels the reply.
+    Stop strings and scaffolding are never shown (``ReplyFilter``). When iteration ends
+    ``stats`` says why and how fast; a reply that failed ends with ``finish_reason == "error"``
+    and ``error`` set, rather than raising, so a front-end can always show what arrived. Leaving the loop early cancels the reply.
     """
 
     def __init__(self, prompt_tokens: int, adapter_version: str | None, on_cancel: Callable[[], None] = lambda: None):
@@ -76,37 +77,6 @@ class ReplyStream:
         self._finish(ReplyStats(self.prompt_tokens, 0, None, time.perf_counter() - self.submitted,
                                 self.adapter_version, reason), error)
         return self
-
-
-class StopFilter:
-    """Holds back text that could be the start of a stop string, and ends at one.
-
-    The model has produced the stop string by the time it is seen; the user must never see it.
-    """
-
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self.buffer = ""
-        self.done = False
-
-    def feed(self, text: str) -> str:
-        if self.done:
-            return ""
-        self.buffer += text
-        for stop in self.stops:
-            at = self.buffer.find(stop)
-            if at >= 0:
-                self.done = True
-                out, self.buffer = self.buffer[:at], ""
-                return out
-        keep = max((k for s in self.stops for k in range(len(s), 0, -1) if self.buffer.endswith(s[:k])), default=0)
-        out = self.buffer[: len(self.buffer) - keep]
-        self.buffer = self.buffer[len(out):]
-        return out
-
-    def flush(self) -> str:
-        out, self.buffer = ("" if self.done else self.buffer), ""
-        return out
 
 
 class IncrementalDecoder:
