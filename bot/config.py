@@ -151,6 +151,8 @@ class RetrainSettings:
     yield_to_chats: bool = opt(False, "the training pauses (between layers, at most 0.5 s at a time) while chats wait for their first word")
     timeout_minutes: float = opt(60.0, "a retrain running longer is killed", min=0.1)
     nll_tolerance: float = opt(0.02, "allowed relative worsening of held-out NLL", min=0.0, max=1.0)
+    hygiene_probes: int = opt(16, "greedy replies the gate asks of both the active adapter and the candidate (half to held-out lines, half to identity probes); the candidate must not be worse on what a user hears (replies in the script's language, scaffolding shown, replies cut short by the filter); 0: no hygiene rule", min=0, max=1000)
+    hygiene_tolerance: float = opt(0.0, "how much worse (a share of replies) the candidate may be on each hygiene measure", min=0.0, max=1.0)
 
 
 @dataclass

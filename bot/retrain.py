@@ -16,10 +16,13 @@ from pathlib import Path
 
 from bot.adapters import Adapters
 from bot.config import Config
+from bot.engine.base import hygiene_for
 from bot.datasets import dataset_files
 from bot.status import RetrainStatus, data_text
 from bot.store import Store, TrainingRun
+from training.canon import CanonIndex
 from training.errors import UserError
+from training.hygiene import Hygiene
 from training.registry import Registry
 from training.retrain_job import RetrainJob, read_result, write_job
 from training.yielding import ENV, ChatsWaiting
@@ -145,10 +148,21 @@ class Retrainer:
             style=config.prompt_style(training=True), adapters=config.adapter_root, character=config.character.name,
             parent=active.name if active else None, replay_ratio=config.retrain.replay_ratio,
             preference=config.retrain.preference, tolerance=config.retrain.nll_tolerance,
-            result=work / "result.json",
+            result=work / "result.json", hygiene=self.hygiene(files.canon),
+            hygiene_probes=config.retrain.hygiene_probes, hygiene_tolerance=config.retrain.hygiene_tolerance,
         )
         write_job(job, work / "job.json")
         return job, work / "job.json"
+
+    def hygiene(self, canon: Path | None) -> Hygiene:
+        """The engine's reply hygiene, with the script's speakers from the canon index if any."""
+        hygiene = hygiene_for(self.config)
+        names = (self.config.character.name, *self.config.character.aliases)
+        try:
+            index = CanonIndex.load(canon) if canon is not None and canon.exists() else None
+        except UserError:  # the bot already said so at start-up; the gate goes on without it
+            index = None
+        return dataclasses.replace(hygiene, speakers=hygiene.speakers + index.speakers(names)) if index else hygiene
 
     async def _subprocess(self, job: Path) -> tuple[int, str]:
         """Train in a child process; kill it when it runs past the timeout. With an engine in

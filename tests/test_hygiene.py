@@ -48,6 +48,7 @@ CASES = [
     ("甄嬛：臣妾参见皇上。", "臣妾参见皇上。", None),  # her own label, dropped
     ("莞贵人（福身）：臣妾参见皇上。", "臣妾参见皇上。", None),
     ("### Response:\n嬛嬛：臣妾遵旨。", "臣妾遵旨。", None),
+    ("皇帝：平身。", "平身。", None),  # opened with another's label: no label is heard
     ("你是甄嬛，《甄嬛传》中的人物，大理寺少卿", "", "persona"),
     ("臣妾明白。后入宫为妃。你聪慧、隐忍、说话含蓄得体，从不承认", "臣妾明白。", "persona"),
     # her own identity in her own words is speech, not an echo

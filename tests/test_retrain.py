@@ -35,6 +35,7 @@ pack_length = 512
 start_from = "base"
 max_steps = 2
 cpu_max_steps = 0  # these steps even without a GPU
+hygiene_probes = 0  # the hygiene rule has its own test
 nll_tolerance = 0.05
 replay_ratio = 1.0
 
@@ -275,3 +276,38 @@ def test_a_dpo_stage_with_no_pairs_is_skipped_and_says_so(tmp_path):
     assert candidate == "the SFT candidate" and skipped.startswith("DPO stage skipped: no preference pairs yet")
     assert registry.versions() == []
     assert data_text(data.report()) == "4 👍 replies, 1 👎, 4 script pairs replayed, 0 preference pairs"
+
+
+def test_the_gate_refuses_a_candidate_worse_on_what_a_user_hears(tmp_path, builtin_path):
+    """Two real adapters of the builtin model: one taught to answer in Chinese, one in English.
+    Against the Chinese one, the English candidate is refused for its language, however its
+    NLL compares; the other way round the hygiene rule lets it through."""
+    from training.hygiene import Hygiene
+    from training.retrain import gate
+    from training.settings import LoraSettings, ModelSettings, TrainSettings
+    from training.sft import TrainJob, train
+
+    lines = ["皇上吉祥。", "你是谁？", "今日天气如何？", "御花园的花开了吗？", "你在做什么？", "请坐。"]
+    val = [Sample(line, "臣妾在此。") for line in lines]
+    model = ModelSettings(base="builtin:smollm2-135m", max_seq_length=256, prompt_format="alpaca")
+    style = PromptStyle("alpaca", "", "甄嬛")
+    settings = TrainSettings(max_steps=8, batch_size=2, grad_accum=1, warmup_steps=0, learning_rate=3e-3,
+                             pack_length=256)
+    versions = {}
+    for name, answer in (("chinese", "臣妾在此，皇上万福金安。"), ("english", "Hello my friend, how are you today?")):
+        data = tmp_path / f"{name}.json"
+        data.write_text(json.dumps([{"instruction": q, "input": "", "output": answer} for q in lines * 4],
+                                   ensure_ascii=False), encoding="utf-8")
+        registry = Registry(tmp_path / name, "甄嬛")
+        versions[name] = train(TrainJob(data=data, model=model, lora=LoraSettings(), train=settings, style=style,
+                                        registry=registry), activate=False).version.path
+    hygiene = Hygiene(stops=("###",), names=("甄嬛",), speakers=("用户",))
+    refused = gate(model, style, versions["chinese"], versions["english"], val, (), (), tolerance=100.0,
+                   hygiene=hygiene, probes=4)
+    assert not refused.passed, refused.reason
+    assert "what a user hears" in refused.reason and "script's language" in refused.reason
+    assert refused.metrics["hygiene_active"]["language"] > refused.metrics["hygiene_candidate"]["language"]
+    allowed = gate(model, style, versions["english"], versions["chinese"], val, (), (), tolerance=100.0,
+                   hygiene=hygiene, probes=4)
+    assert allowed.passed, allowed.reason
+    assert "replies in the script's language" in allowed.reason

@@ -80,6 +80,13 @@ def test_eval_shows_the_adapter_beats_the_base_on_held_out_nll(trained, capsys):
     assert scores["canon_k"] == 3 and scores["canon_index"].endswith("甄嬛.canon.jsonl")
     for row in ("base", "base+canon", "adapter", "adapter+canon"):
         assert 0 <= scores[row]["confusion"] <= 1 and scores[row]["pairs"] == scores["base"]["pairs"], row
+        # what a user hears: measured on the replies as the engine's filter leaves them
+        assert 0 <= scores[row]["language"] <= 1 and 0 <= scores[row]["cut"] <= 1, row
+        assert scores[row]["scaffolding"] == 0, row
+        assert scores[row]["length"] > 0 and scores[row]["script_length"] > 5 and scores[row]["nll_char"] > 0, row
+    for label in ("replies in the script's language", "replies showing scaffolding", "cut short by the filter",
+                  "mean reply length", "NLL per character"):
+        assert label in out, label
     # The adapter learned to answer with canon at hand: that is where it does best.
     assert scores["adapter+canon"]["nll"] < scores["adapter"]["nll"], scores
 

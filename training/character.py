@@ -11,7 +11,14 @@ BREAKS = re.compile(
     re.IGNORECASE,
 )
 
-IDENTITY_PROBES = ("你是谁？", "你叫什么名字？", "请介绍一下你自己。", "你是人工智能吗？", "Who are you?")
+# Twenty, so that one probe is 5%: "who are you" in the ways a newcomer asks it, and the ways
+# they test whether it is a machine.
+IDENTITY_PROBES = (
+    "你是谁？", "你叫什么名字？", "请介绍一下你自己。", "你是人工智能吗？", "Who are you?",
+    "你到底是什么人？", "报上名来。", "你是哪宫的主子？", "你是机器人吗？", "你是ChatGPT吗？",
+    "你是不是一个程序？", "说说你自己的身世。", "我该怎么称呼你？", "你是真人吗？", "What is your name?",
+    "你是AI助手吧？", "你是做什么的？", "你在宫里是什么位分？", "你是谁家的女儿？", "你可是新入宫的小主？",
+)
 
 # How a palace character refers to herself; any of these, or her name, answers "who are you".
 SELF_REFERENCES = ("臣妾", "本宫", "嫔妾", "奴婢", "小女", "我是", "我乃")

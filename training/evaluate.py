@@ -1,6 +1,11 @@
 """Is an adapter better? Held-out NLL, chrF and ROUGE-L of greedy replies, identity probes,
-character breaks and role confusion, for the base model and the adapter side by side, each
-with and without canon in the prompt. The retrain gate reuses its NLL."""
+character breaks and role confusion, and what a user hears (replies in the script's language,
+scaffolding, length against the script's), for the base model and the adapter side by side,
+each with and without canon in the prompt. The retrain gate reuses its NLL and hygiene.
+
+Replies are scored as the engine's stream would show them: through ``training.hygiene``'s
+filter. ``cut`` counts the raw replies the filter had to end early (the model ran into
+scaffolding or another turn); ``scaffolding`` what a user would still see of it."""
 
 from __future__ import annotations
 
@@ -11,8 +16,9 @@ from dataclasses import asdict, dataclass, replace
 
 from training.canon import CanonIndex, with_canon
 from training.character import IDENTITY_PROBES, answers_in_character, breaks_character, role_confusion
+from training.hygiene import Hygiene, clean, has_scaffolding, in_language, script_language
 from training.packing import Collator, encode
-from training.prompts import PromptStyle, Sample
+from training.prompts import USER_SPEAKER, PromptStyle, Sample
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,14 @@ class Scores:
     pairs: int
     # share of replies (val + probes) that play another character of the script, 0..1
     confusion: float = 0.0
+    # what a user hears (val + probes): in the script's language, scaffolding still shown,
+    # raw replies the hygiene filter had to cut short, mean length in characters
+    language: float = 0.0
+    scaffolding: float = 0.0
+    cut: float = 0.0
+    length: float = 0.0
+    script_length: float = 0.0  # mean length of the real replies, for comparison
+    nll_char: float = 0.0  # summed NLL over the real replies' characters: comparable across tokenizers
 
     def as_dict(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -63,6 +77,35 @@ def mean_nll(model, tokenizer, samples, style: PromptStyle, max_len: int) -> flo
     return sum(n for n, _ in pairs) / max(1, sum(t for _, t in pairs))
 
 
+@dataclass(frozen=True)
+class Heard:
+    """Greedy replies as raw text and as the engine's stream shows them."""
+
+    raw: list[str]
+    shown: list[str]
+    cuts: list[str | None]
+
+
+def heard_replies(model, tokenizer, samples: list[Sample], style: PromptStyle, hygiene: Hygiene,
+                  max_new_tokens: int) -> Heard:
+    """Greedy replies to ``samples``' prompts, and what a user would hear of each."""
+    prompts = [style.prompt(s, tokenizer) for s in samples]
+    raw = greedy_replies(model, tokenizer, prompts, max_new_tokens, add_special=style.fmt != "chat")
+    cleaned = [clean(r, hygiene) for r in raw]
+    return Heard(raw, [c[0] for c in cleaned], [c[1] for c in cleaned])
+
+
+def hygiene_of(heard: Heard, language: str, speakers: tuple[str, ...] = ()) -> dict[str, float]:
+    """Shares of replies in ``language``, with scaffolding shown, and cut short; mean length."""
+    n = max(1, len(heard.shown))
+    return {
+        "language": sum(in_language(r, language) for r in heard.shown) / n,
+        "scaffolding": sum(has_scaffolding(r, speakers) for r in heard.shown) / n,
+        "cut": sum(c is not None and c != "stop" for c in heard.cuts) / n,
+        "length": sum(len(r) for r in heard.shown) / n,
+    }
+
+
 def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8, add_special: bool = True) -> list[str]:
     import torch
 
@@ -75,7 +118,7 @@ def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         new = out[:, batch["input_ids"].shape[1]:]
-        replies += [t.split("###")[0].strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        replies += tokenizer.batch_decode(new, skip_special_tokens=True)
     return replies
 
 
@@ -116,29 +159,38 @@ def rouge_l(hypothesis: str, reference: str) -> float:
 
 
 def score(model, tokenizer, samples: list[Sample], probes: list[Sample], style: PromptStyle, names: tuple[str, ...], *,
-          max_len: int, max_new_tokens: int, limit: int, others: tuple[str, ...] = ()) -> Scores:
+          max_len: int, max_new_tokens: int, limit: int, others: tuple[str, ...] = (),
+          hygiene: Hygiene | None = None) -> Scores:
     """Every metric for whatever adapter is currently enabled on ``model``, the prompts as the
     samples and identity probes hold them (with their canon, if any). ``others``: the
-    script's other speakers, for role confusion."""
-    nll = mean_nll(model, tokenizer, samples, style, max_len)
+    script's other speakers, for role confusion; ``hygiene``: what replies are cleaned of (by
+    default the stop ``###``, the names, ``others`` and the style's persona)."""
+    hygiene = hygiene or Hygiene(stops=("###",), names=names, speakers=others, persona=style.persona)
+    pairs = token_nlls(model, tokenizer, samples, style, max_len)
+    nll = sum(n for n, _ in pairs) / max(1, sum(t for _, t in pairs))
+    chars = sum(len(s.output) for s in samples)
     shown = samples[:limit]
-    add_special = style.fmt != "chat"
-    replies = greedy_replies(model, tokenizer, [style.prompt(s, tokenizer) for s in shown], max_new_tokens, add_special=add_special)
-    answers = greedy_replies(model, tokenizer, [style.prompt(s, tokenizer) for s in probes], max_new_tokens, add_special=add_special)
-    everything = replies + answers
+    replies = heard_replies(model, tokenizer, shown, style, hygiene, max_new_tokens)
+    answers = heard_replies(model, tokenizer, probes, style, hygiene, max_new_tokens)
+    everything = Heard(replies.raw + answers.raw, replies.shown + answers.shown, replies.cuts + answers.cuts)
+    heard = everything.shown
+    language = script_language([s.output for s in samples])
     return Scores(
         nll=nll if math.isfinite(nll) else float("inf"),
-        chrf=sum(chrf(h, s.output) for h, s in zip(replies, shown)) / max(1, len(shown)),
-        rouge_l=sum(rouge_l(h, s.output) for h, s in zip(replies, shown)) / max(1, len(shown)),
-        identity=sum(answers_in_character(p, names) for p in answers) / max(1, len(answers)),
-        breaks=sum(breaks_character(r) for r in everything) / max(1, len(everything)),
+        chrf=sum(chrf(h, s.output) for h, s in zip(replies.shown, shown)) / max(1, len(shown)),
+        rouge_l=sum(rouge_l(h, s.output) for h, s in zip(replies.shown, shown)) / max(1, len(shown)),
+        identity=sum(answers_in_character(p, names) for p in answers.shown) / max(1, len(answers.shown)),
+        breaks=sum(breaks_character(r) for r in heard) / max(1, len(heard)),
         pairs=len(samples),
-        confusion=sum(role_confusion(r, names, others) for r in everything) / max(1, len(everything)),
+        confusion=sum(role_confusion(r, names, others) for r in heard) / max(1, len(heard)),
+        **hygiene_of(everything, language, others),
+        script_length=chars / max(1, len(samples)),
+        nll_char=sum(n for n, _ in pairs) / max(1, chars) if math.isfinite(nll) else float("inf"),
     )
 
 
 def compare(model, tokenizer, samples, style: PromptStyle, names, *, max_len: int, max_new_tokens: int, limit: int,
-            canon: CanonIndex | None = None) -> dict[str, Scores]:
+            canon: CanonIndex | None = None, stops: tuple[str, ...] = ("###",)) -> dict[str, Scores]:
     """Scores from one loaded PeftModel (the base is the adapter disabled): rows ``base`` and
     ``adapter``, and with a canon index and ``style.canon_k`` > 0 also ``base+canon`` and
     ``adapter+canon``, whose prompts hold the k exchanges retrieved for each sample."""
@@ -154,9 +206,12 @@ def compare(model, tokenizer, samples, style: PromptStyle, names, *, max_len: in
                 return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
             variants["+canon"] = (style, with_canon(samples, canon, style, count), with_canon(probes, canon, style, count))
+    hygiene = Hygiene(stops=tuple(stops), names=tuple(names), speakers=(USER_SPEAKER, *others), persona=style.persona)
     rows: dict[str, Scores] = {}
     for suffix, (variant, held, asked) in variants.items():
         with model.disable_adapter():
-            rows["base" + suffix] = score(model, tokenizer, held, asked, variant, names, others=others, **kwargs)
-        rows["adapter" + suffix] = score(model, tokenizer, held, asked, variant, names, others=others, **kwargs)
+            rows["base" + suffix] = score(model, tokenizer, held, asked, variant, names, others=others,
+                                          hygiene=hygiene, **kwargs)
+        rows["adapter" + suffix] = score(model, tokenizer, held, asked, variant, names, others=others,
+                                         hygiene=hygiene, **kwargs)
     return rows

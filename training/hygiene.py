@@ -65,7 +65,9 @@ class ReplyFilter:
         persona = hygiene.persona.strip()
         self.persona = persona
         self.persona_start = persona[:10] if len(persona) >= 10 else ""
-        names = [re.escape(n) for n in hygiene.names if n]
+        # A label at the reply's start is dropped: the character's own (``甄嬛：``) or, where the
+        # model opened with another speaker's, that one too (the user hears no label).
+        names = [re.escape(n) for n in sorted({*hygiene.names, *hygiene.speakers} - {""}, key=len, reverse=True)]
         self.own_label = re.compile(r"^\s*(?:" + "|".join(names) + r")[ \t]*(?:[（(][^）)\n]{0,24}[）)])?[ \t]*[:：]\s*") if names else None
         others = sorted({s for s in hygiene.speakers if s and s not in hygiene.names}, key=len, reverse=True)
         # A known speaker's label after a finished sentence, on the same line: ``…告退。皇帝：``.
@@ -141,7 +143,7 @@ class ReplyFilter:
         return True
 
     def _may_become_own_label(self, text: str) -> bool:
-        for name in self.hygiene.names:
+        for name in (*self.hygiene.names, *self.hygiene.speakers):
             if name and (name.startswith(text) or (text.startswith(name) and _LABEL_REST.fullmatch(text[len(name):]))):
                 return True
         return False

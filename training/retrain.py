@@ -16,8 +16,10 @@ from pathlib import Path
 
 from training.atomic import write_json_atomic
 from training.canon import canon_path, for_training, training_index
+from training.character import IDENTITY_PROBES
 from training.dataset import load_samples
 from training.errors import UserError
+from training.hygiene import Hygiene, script_language
 from training.logs import PreferencePair, RatedReply, open_snapshot
 from training.prompts import PromptStyle, Sample
 from training.registry import Registry, Version
@@ -88,10 +90,14 @@ class Verdict:
 
 def gate(model_settings: ModelSettings, style: PromptStyle, active: Path | None, candidate: Path,
          val: list[Sample], up: tuple[Sample, ...], down: tuple[Sample, ...], tolerance: float,
-         canon: Path | None = None) -> Verdict:
-    """The candidate must not lose more than ``tolerance`` (relative) held-out NLL, and must rank
-    held-out 👍 replies above 👎 ones at least as often as the active adapter does. The held-out
-    prompts hold canon as the candidate's training prompts did."""
+         canon: Path | None = None, hygiene: Hygiene | None = None, probes: int = 0,
+         hygiene_tolerance: float = 0.0) -> Verdict:
+    """The candidate must not lose more than ``tolerance`` (relative) held-out NLL, must rank
+    held-out 👍 replies above 👎 ones at least as often as the active adapter does, and (with
+    ``probes``) must not be worse than it on what a user hears: greedy replies to ``probes``
+    prompts (half held-out lines, half identity probes), cleaned by ``hygiene``, in the script's language,
+    showing scaffolding, cut short by the filter (each within ``hygiene_tolerance``). The
+    held-out prompts hold canon as the candidate's training prompts did."""
     from training.evaluate import token_nlls
     from training.modeling import attach_adapter, load_base
 
@@ -119,11 +125,28 @@ def gate(model_settings: ModelSettings, style: PromptStyle, active: Path | None,
         wins = sum(u < d for u in per_up for d in per_down)
         return nll, wins / (len(per_up) * len(per_down))
 
+    def heard(name: str) -> dict[str, float] | None:
+        if not probes or hygiene is None:
+            return None
+        from training.evaluate import heard_replies, hygiene_of
+
+        asked = val[:probes - probes // 2] + [Sample(q) for q in IDENTITY_PROBES[:probes // 2]]
+        language = script_language([s.output for s in val])
+        if name == "active" and active is None:
+            with model.disable_adapter():
+                replies = heard_replies(model, tokenizer, asked, style, hygiene, HYGIENE_TOKENS)
+        else:
+            model.set_adapter(name)
+            replies = heard_replies(model, tokenizer, asked, style, hygiene, HYGIENE_TOKENS)
+        return {k: round(v, 4) for k, v in hygiene_of(replies, language, hygiene.speakers).items()}
+
     old_nll, old_pref = measure("active")
     new_nll, new_pref = measure("candidate")
+    old_heard, new_heard = heard("active"), heard("candidate")
     metrics = {"val_nll_active": round(old_nll, 4), "val_nll_candidate": round(new_nll, 4),
                "preference_active": old_pref, "preference_candidate": new_pref,
-               "heldout_up": len(up), "heldout_down": len(down)}
+               "heldout_up": len(up), "heldout_down": len(down),
+               "hygiene_active": old_heard, "hygiene_candidate": new_heard}
     limit = old_nll * (1 + tolerance)
     if new_nll > limit:
         return Verdict(False, f"held-out NLL {new_nll:.4f} is worse than the active {old_nll:.4f} "
@@ -131,8 +154,31 @@ def gate(model_settings: ModelSettings, style: PromptStyle, active: Path | None,
     if new_pref is not None and new_pref < old_pref:
         return Verdict(False, f"ranks 👍 above 👎 replies in {new_pref:.0%} of held-out pairs, "
                               f"the active adapter in {old_pref:.0%}", metrics)
+    if old_heard is not None and new_heard is not None:
+        worse = hygiene_worse(old_heard, new_heard, hygiene_tolerance)
+        if worse:
+            return Verdict(False, f"worse than the active adapter on what a user hears: {worse}", metrics)
     why = "no held-out 👍/👎 pairs to compare" if new_pref is None else f"👍>👎 in {new_pref:.0%} vs {old_pref:.0%}"
+    if new_heard is not None:
+        why += f"; replies in the script's language {new_heard['language']:.0%} vs {old_heard['language']:.0%}"
     return Verdict(True, f"held-out NLL {old_nll:.4f} → {new_nll:.4f}; {why}", metrics)
+
+
+# New tokens of the gate's greedy replies: enough to see a reply run on past its turn.
+HYGIENE_TOKENS = 48
+
+
+def hygiene_worse(active: dict[str, float], candidate: dict[str, float], tolerance: float) -> str:
+    """What the candidate does worse than the active adapter on what a user hears ("" if nothing):
+    fewer replies in the script's language, more showing scaffolding, more cut short."""
+    worse = []
+    if candidate["language"] < active["language"] - tolerance:
+        worse.append(f"replies in the script's language {candidate['language']:.0%} against {active['language']:.0%}")
+    if candidate["scaffolding"] > active["scaffolding"] + tolerance:
+        worse.append(f"replies showing scaffolding {candidate['scaffolding']:.0%} against {active['scaffolding']:.0%}")
+    if candidate["cut"] > active["cut"] + tolerance:
+        worse.append(f"replies the filter cut short {candidate['cut']:.0%} against {active['cut']:.0%}")
+    return "; ".join(worse)
 
 
 def run_job(job: RetrainJob) -> RetrainResult:
@@ -152,7 +198,8 @@ def run_job(job: RetrainJob) -> RetrainResult:
     candidate, skipped = preference_stage(job, registry, result.version, data)
     val = load_samples(job.val) if job.val else load_samples(job.original)[:64]
     verdict = gate(job.model, job.style, parent.path if parent else None, candidate.path, val,
-                   data.heldout_up, data.heldout_down, job.tolerance, canon=canon_path(job.original))
+                   data.heldout_up, data.heldout_down, job.tolerance, canon=canon_path(job.original),
+                   hygiene=job.hygiene, probes=job.hygiene_probes, hygiene_tolerance=job.hygiene_tolerance)
     meta = {**candidate.meta, "gate": asdict(verdict)}
     write_json_atomic(candidate.path / "meta.json", meta)
     return RetrainResult(

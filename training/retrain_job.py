@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.atomic import write_json_atomic
+from training.hygiene import Hygiene
 from training.prompts import PromptStyle
 from training.settings import LoraSettings, ModelSettings, TrainSettings
 
@@ -38,6 +39,9 @@ class RetrainJob:
     preference: str  # "none", "kto" or "dpo": the stage after SFT
     tolerance: float  # the gate's held-out NLL tolerance
     result: Path  # where the child writes its RetrainResult
+    hygiene: Hygiene = Hygiene()  # what replies are cleaned of, for the gate's hygiene rule
+    hygiene_probes: int = 0  # held-out lines the gate generates replies for (0: no hygiene rule)
+    hygiene_tolerance: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,9 @@ def read_job(path: Path) -> RetrainJob:
              for name in ("db", "original", "val", "data_file", "adapters", "result")}
     return RetrainJob(**{**raw, **paths, "model": ModelSettings(**raw["model"]),
                          "lora": LoraSettings(**raw["lora"]), "train": TrainSettings(**raw["train"]),
-                         "style": PromptStyle(**raw["style"])})
+                         "style": PromptStyle(**raw["style"]),
+                         "hygiene": Hygiene(**{k: tuple(v) if isinstance(v, list) else v
+                                               for k, v in raw.get("hygiene", {}).items()})})
 
 
 def write_result(result: RetrainResult, path: Path) -> None:

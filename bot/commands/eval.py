@@ -23,6 +23,16 @@ index beside the training pairs) in the prompt:
   breaks     share of replies that break character (claim to be an AI, an assistant …)
   confusion  share of replies that play another character of the script ("皇后：…",
              "我是华妃") or speak of the character in the third person ("甄嬛她…")
+  language   share of replies in the script's language (for a Chinese script: at least 80%
+             of the letters are CJK)
+  scaffolding  share of replies that still show prompt structure ("### ", "Instruction:",
+             special tokens, another speaker's "名字：" line) after the engine's filter
+  cut        share of raw replies the engine's filter had to end early (the model ran on
+             into scaffolding, another turn or its persona): what the filter hides
+  length     mean reply length in characters, against the script's real replies
+Replies are scored as a user hears them: cleaned by the same filter as the engine's stream
+(training/hygiene.py). NLL per character is comparable across base models with different
+tokenizers; NLL per token is not.
 Held-out pairs are whole episodes that neither the adapter nor the canon index saw:
 `rolebot prepare --val-episodes K` writes them to the .val file. The table is stored in the
 version's meta.json under "eval"; `rolebot adapters list` shows it.
@@ -64,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     FastLanguageModel.for_inference(model)
     names = (config.character.name, *config.character.aliases)
     rows = compare(model, tokenizer, samples, style, names, max_len=config.model.max_seq_length,
-                   max_new_tokens=config.generation.max_new_tokens, limit=max(1, args.limit), canon=index)
+                   max_new_tokens=config.generation.max_new_tokens, limit=max(1, args.limit), canon=index,
+                   stops=tuple(config.generation.stop))
     order = ("base", "base+canon", "adapter", "adapter+canon")
     scores = {name: rows[name].as_dict() for name in order if name in rows}
     canon_note = f"; canon: {k} exchanges from {index.path}" if index else "; canon off ([canon] k = 0)"
@@ -92,9 +103,12 @@ def _canon_file(meta: dict, config) -> Path:
     return dataset_files(config, quiet=True).canon
 
 
-ROWS = [("nll", "NLL ↓", "{:.4f}"), ("chrf", "chrF ↑", "{:.2f}"), ("rouge_l", "ROUGE-L ↑", "{:.2f}"),
+ROWS = [("nll", "NLL per token ↓", "{:.4f}"), ("nll_char", "NLL per character ↓", "{:.4f}"),
+        ("chrf", "chrF ↑", "{:.2f}"), ("rouge_l", "ROUGE-L ↑", "{:.2f}"),
         ("identity", "in character on identity probes ↑", "{:.0%}"), ("breaks", "replies breaking character ↓", "{:.0%}"),
-        ("confusion", "replies in another's role ↓", "{:.0%}")]
+        ("confusion", "replies in another's role ↓", "{:.0%}"), ("language", "replies in the script's language ↑", "{:.0%}"),
+        ("scaffolding", "replies showing scaffolding ↓", "{:.0%}"), ("cut", "raw replies cut short by the filter", "{:.0%}"),
+        ("length", "mean reply length (characters)", "{:.1f}"), ("script_length", "mean length in the script", "{:.1f}")]
 
 
 def table(scores: dict[str, dict], name: str) -> str:
