@@ -52,6 +52,9 @@ PLATFORM = "web"
 # A 1 MB message must reach the service (which cuts it and says so), not die as a 413.
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_MESSAGE_ID = 2**63 - 1  # SQLite's largest integer
+# The largest max_tokens taken (then capped to [generation] max_new_tokens): beyond any model's
+# context, and what OpenAI's own API refuses with a 400 too.
+MAX_TOKENS = 2**31 - 1
 # How an answer that is not a reply maps to HTTP: (status, OpenAI error type, code).
 ANSWER_ERRORS = {
     "empty": (400, "invalid_request_error", "empty_message"),
@@ -413,8 +416,8 @@ def parse_chat(body: dict) -> ChatRequest:
         stream=stream,
         include_usage=options.get("include_usage") is True,
         overrides=Overrides(
-            max_tokens=number(body, "max_completion_tokens", low=1, integer=True)
-            or number(body, "max_tokens", low=1, integer=True),
+            max_tokens=number(body, "max_completion_tokens", low=1, high=MAX_TOKENS, integer=True)
+            or number(body, "max_tokens", low=1, high=MAX_TOKENS, integer=True),
             temperature=number(body, "temperature", low=0.0, high=2.0),
             top_p=number(body, "top_p", low=0.01, high=1.0),
         ),
@@ -451,15 +454,26 @@ def parse_message_id(value: Any) -> int:
 
 
 def number(body: dict, key: str, *, low: float, high: float | None = None, integer: bool = False):
-    """An optional numeric field from ``low`` to ``high``; None when absent."""
+    """An optional numeric field from ``low`` to ``high``; None when absent. JSON integers have no
+    size limit: one of 400 digits is compared as the integer it is (``math.isfinite`` would
+    convert it to a float and raise ``OverflowError``), and the message shows only its start."""
     value = body.get(key)
     if value is None:
         return None
     numeric = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
-    if not numeric or not math.isfinite(value) or value < low or (high is not None and value > high):
+    finite = numeric and (isinstance(value, int) or math.isfinite(value))
+    if not finite or value < low or (high is not None and value > high):
         bounds = f"from {low} to {high}" if high is not None else f">= {low}"
-        raise BadRequest(f"{key} must be {'an integer' if integer else 'a number'} {bounds}, not {value!r}", key)
+        raise BadRequest(f"{key} must be {'an integer' if integer else 'a number'} {bounds}, not {_shown(value)}", key)
     return value if integer else float(value)
+
+
+def _shown(value: Any) -> str:
+    """A client's value for an error message: at most 40 characters of its repr."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**40:
+        return f"{'a negative' if value < 0 else 'an'} integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class cancel_on_disconnect:
