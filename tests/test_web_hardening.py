@@ -83,7 +83,7 @@ async def post(url: str, path: str, body, *, headers: dict | None = None) -> tup
     """POST ``body`` (a dict is sent as JSON text) with exactly the headers given."""
     data = json.dumps(body).encode() if isinstance(body, dict) else body
     async with aiohttp.ClientSession() as http:
-        async with http.post(url + path, data=data, headers=headers or {"Content-Type": "application/json"}) as response:
+        async with http.post(url + path, data=data, headers={"Content-Type": "application/json"} if headers is None else headers) as response:
             return response.status, await response.json(content_type=None)
 
 
@@ -113,3 +113,153 @@ async def test_huge_numbers_in_sampling_fields_are_a_400_naming_the_field(site):
     # A large value within the bounds is capped to [generation] max_new_tokens, as before.
     status, body = await post(url, "/v1/chat/completions", chat("你好", "numbers", max_tokens=10**6))
     assert status == 200 and body["choices"][0]["message"]["content"] == "臣妾在。"
+
+
+# Item 1: cross-site requests (CSRF) on the keyless loopback default.
+
+
+async def said_and_rated(url: str, user: str) -> dict:
+    """A conversation of ``user``'s with one reply, rated 👍; the reply's body."""
+    status, reply = await post(url, "/v1/chat/completions", chat("记住我", user))
+    assert status == 200, reply
+    status, body = await post(url, "/api/ratings", {"message_id": int(reply["id"]), "user": user, "value": 1})
+    assert status == 200, body
+    return reply
+
+
+def history(app, user: str) -> list[tuple]:
+    """Every message of ``user``'s chat (all conversations) with its rating."""
+    return [tuple(r) for r in rows(app, "SELECT m.id, m.role, m.text, r.value FROM messages m JOIN conversations c "
+                                        "ON c.id = m.conversation_id LEFT JOIN ratings r ON r.message_id = m.id "
+                                        "WHERE c.platform = 'web' AND c.chat_id = ? ORDER BY m.id", user)]
+
+
+@ASYNC
+async def test_a_foreign_page_cannot_drive_the_open_local_api(site):
+    app, url = site
+    reply = await said_and_rated(url, "alice2")
+    before = history(app, "alice2")
+    evil = {"Content-Type": "text/plain", "Origin": "http://evil.example"}  # what a form on any page sends
+    json_from = lambda origin, **more: {"Content-Type": "application/json", "Origin": origin, **more}  # noqa: E731
+    forget = chat("/forget", "alice2")
+    probes = [
+        ("/v1/chat/completions", forget, evil, 403),  # the issue's probe
+        ("/v1/chat/completions", forget, json_from("http://evil.example"), 403),
+        ("/v1/chat/completions", forget, json_from("null"), 403),  # a sandboxed frame, a file:// page
+        # Another port of this machine is the same site (its cookies go along), not the same origin.
+        ("/v1/chat/completions", forget, json_from("http://localhost:3000", **{"Sec-Fetch-Site": "same-site"}), 403),
+        ("/v1/chat/completions", forget, {"Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}, 403),
+        ("/v1/chat/completions", forget, {"Content-Type": "text/plain"}, 415),  # no Origin: JSON is still required
+        ("/v1/chat/completions", forget, {"Content-Type": "application/x-www-form-urlencoded"}, 415),
+        ("/v1/chat/completions", forget, {}, 415),
+        ("/api/ratings", {"message_id": int(reply["id"]), "user": "alice2", "value": -1}, evil, 403),
+        ("/api/ratings", {"message_id": int(reply["id"]), "user": "alice2", "value": -1}, {"Content-Type": "text/plain"}, 415),
+        ("/api/keep", {"message_id": int(reply["id"]), "user": "alice2"}, evil, 403),
+        ("/api/stop", {"user": "alice2"}, evil, 403),
+        ("/api/stop", b"", {"Origin": "http://evil.example"}, 403),  # no body at all
+        ("/api/admin/rollback", b"", {"Origin": "http://evil.example"}, 403),
+    ]
+    for path, body, headers, expected in probes:
+        status, answer = await post(url, path, body, headers=headers)
+        assert status == expected, (path, headers, answer)
+        code = {403: "cross_site_request", 415: "unsupported_media_type"}[expected]
+        assert answer["error"]["code"] == code and answer["error"]["type"] == "invalid_request_error", answer
+        assert path in answer["error"]["message"] and "\n" not in answer["error"]["message"]
+    # A page elsewhere cannot read, nor greet into, someone's conversation (an <img> or fetch).
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url + "/api/conversation", params={"user": "alice2"},
+                            headers={"Sec-Fetch-Site": "cross-site"}) as response:
+            assert response.status == 403
+    assert history(app, "alice2") == before  # alice2's messages and 👍 are all still there
+
+
+@ASYNC
+async def test_the_chat_pages_own_requests_and_local_tools_still_pass(site):
+    app, url = site
+    jar = aiohttp.CookieJar(unsafe=True)
+    page = {"Origin": url, "Sec-Fetch-Site": "same-origin"}
+    async with aiohttp.ClientSession(cookie_jar=jar) as http:
+        # A link from another site opens the page (a cross-site navigation is no request to act on).
+        async with http.get(url + "/", headers={"Sec-Fetch-Site": "cross-site"}) as response:
+            assert response.status == 200
+        async with http.get(url + "/api/conversation", headers={"Sec-Fetch-Site": "same-origin"}) as response:
+            assert response.status == 200
+        async with http.post(url + "/v1/chat/completions", json=chat("网页来客", "ignored"), headers=page) as response:
+            assert response.status == 200
+            reply = await response.json()
+        async with http.post(url + "/api/ratings", data=json.dumps({"message_id": int(reply["id"]), "value": 1}),
+                             headers={**page, "Content-Type": "application/json; charset=utf-8"}) as response:
+            assert response.status == 200, await response.text()
+        async with http.post(url + "/api/stop", json={}, headers=page) as response:
+            assert response.status == 200 and await response.json() == {"stopped": False}
+    [user] = rows(app, "SELECT u.platform_user_id FROM messages m JOIN users u ON u.id = m.user_id WHERE m.id = ?",
+                  reply["rolebot"]["user_message_id"])
+    assert user[0].startswith("web-")  # the page's session, not the user field
+    # A tool on this machine sends no Origin and no Sec-Fetch-Site: JSON is all it needs.
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="not-needed", max_retries=0)
+    done = await client.chat.completions.create(model="甄嬛", messages=[{"role": "user", "content": "你好"}], user="tool")
+    assert done.choices[0].message.content == "臣妾在。"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url + "/api/stop", params={"user": "tool"}) as response:  # no body: nothing to type
+            assert response.status == 200
+
+
+# Item 2: DNS rebinding.
+
+
+@ASYNC
+async def test_a_name_that_is_not_loopback_is_refused_on_the_loopback_bind(site):
+    app, url = site
+    port = int(url.rsplit(":", 1)[1])
+    await said_and_rated(url, "alice3")
+    async with aiohttp.ClientSession() as http:
+        for host in ("attacker.example:18080", "attacker.example", f"127.0.0.1.nip.io:{port}", f"0.0.0.0:{port}"):
+            for method, path in (("GET", "/api/conversation?user=alice3"), ("GET", "/"), ("POST", "/v1/chat/completions")):
+                async with http.request(method, url + path, headers={"Host": host, "Content-Type": "application/json"},
+                                        data=json.dumps(chat("/forget", "alice3"))) as response:
+                    assert response.status == 421, (host, path)
+                    error = (await response.json())["error"]
+                    assert error["code"] == "misdirected_request" and "[web] allowed_hosts" in error["message"], error
+                    assert "alice3" not in await response.text()
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}", f"chat.localhost:{port}",
+                     f"127.0.0.2:{port}"):
+            async with http.get(url + "/api/conversation?user=alice3", headers={"Host": host}) as response:
+                assert response.status == 200, host
+                assert (await response.json())["turns"][0]["text"] == "记住我"
+    assert len(history(app, "alice3")) == 2
+
+
+@ASYNC
+async def test_allowed_hosts_names_the_server_behind_a_proxy(tmp_path, model_url):
+    extra = '\n[web]\nallowed_hosts = ["chat.example.org", "bot.example:8443"]\n'
+    text = config(model_url, str(tmp_path / "no-local-model")).replace("[web]\nport = 0", "[web]\nport = 0" + extra[6:])
+    async with serving(tmp_path, text) as (app, url):
+        async with aiohttp.ClientSession() as http:
+            for host, status in (("chat.example.org", 200), ("CHAT.example.org:443", 200), ("bot.example:8443", 200),
+                                 ("bot.example", 421), ("other.example.org", 421), ("localhost", 200)):
+                async with http.get(url + "/api/conversation", headers={"Host": host}) as response:
+                    assert response.status == status, host
+            # A proxy that passes its own Host on: the page's Origin is the public name.
+            async with http.post(url + "/v1/chat/completions", json=chat("你好", "proxied"),
+                                 headers={"Origin": "https://chat.example.org", "Sec-Fetch-Site": "same-origin"}) as response:
+                assert response.status == 200
+            async with http.post(url + "/v1/chat/completions", json=chat("你好", "proxied"),
+                                 headers={"Origin": "https://evil.example.org"}) as response:
+                assert response.status == 403
+
+
+def test_hosts_are_split_and_allowed_hosts_must_be_names():
+    from bot.platforms.web_guard import Guard, split_host
+    from training.errors import UserError
+
+    assert [split_host(h) for h in ("127.0.0.1:8080", "[::1]:8080", "::1", "LocalHost.", "a.example:x")] == [
+        ("127.0.0.1", 8080), ("::1", 8080), ("::1", None), ("localhost", None), ("a.example", None)]
+    for entry in ("http://chat.example.org/", "chat.example.org/path", " "):
+        with pytest.raises(UserError, match=r"\[web\] allowed_hosts: .* is not a host name"):
+            Guard(loopback_bind=True, allowed_hosts=[entry])
+    anywhere = Guard(loopback_bind=True, allowed_hosts=["*"])
+    assert anywhere.host("attacker.example") is None  # '*' turns the check off, knowingly
+    assert Guard(loopback_bind=False).host("any.example") is None  # keys guard a public bind
+    assert Guard(loopback_bind=False, allowed_hosts=["bot.example"]).host("any.example")

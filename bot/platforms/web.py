@@ -42,6 +42,7 @@ from aiohttp import web
 from bot.config import Config, secret
 from bot.platforms import Options
 from bot.platforms.web_auth import COOKIE, COOKIE_MAX_AGE, Authenticator, Identity, Unauthorized, is_loopback, load_keys, load_secret
+from bot.platforms.web_guard import Guard
 from bot.service import Answer, IncomingMessage, NotSetUp, Overrides, Reply, Service, UnknownMessage, clean_label
 from bot.status import as_json
 from training.errors import UserError
@@ -109,6 +110,7 @@ def from_config(config: Config, service: Service, options: Options) -> WebChat |
         admin_token=admin_token,
         admin_token_env=config.service.admin_token_env,
         auth=auth,
+        guard=Guard(loopback_bind=is_loopback(host), allowed_hosts=config.web.allowed_hosts),
     )
 
 
@@ -118,9 +120,10 @@ class WebChat:
     name = "web"
 
     def __init__(self, service: Service, *, host: str, port: int, admin_token: str | None,
-                 auth: Authenticator, admin_token_env: str = "ROLEBOT_ADMIN_TOKEN"):
+                 auth: Authenticator, admin_token_env: str = "ROLEBOT_ADMIN_TOKEN", guard: Guard | None = None):
         self.service = service
         self.auth = auth
+        self.guard = guard or Guard(loopback_bind=is_loopback(host))
         self.host = host
         self.port = port
         self.admin_token = admin_token
@@ -133,7 +136,7 @@ class WebChat:
         return f"http://{host}:{self.port}"
 
     def application(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors, guarded(self.guard)])
         app.router.add_get("/", self.page)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
@@ -563,6 +566,23 @@ def error(status: int, message: str, code: str, *, kind: str = "invalid_request_
           param: str | None = None) -> web.Response:
     """An OpenAI-style error body; the official client raises it as the matching APIError."""
     return json_response({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+
+def guarded(guard: Guard):
+    """The middleware that refuses, before any handler reads the request, a Host that is not
+    this server's (421), another site's request (403) and a body not sent as JSON (415)."""
+
+    @web.middleware
+    async def check(request: web.Request, handler) -> web.StreamResponse:
+        if refusal := guard.host(request.headers.get("Host")):
+            return error(421, refusal, "misdirected_request")
+        if refusal := guard.origin(request.method, request.path, request.headers):
+            return error(403, refusal, "cross_site_request")
+        if refusal := guard.content(request.method, request.path, request.headers, request.body_exists):
+            return error(415, refusal, "unsupported_media_type")
+        return await handler(request)
+
+    return check
 
 
 @web.middleware
