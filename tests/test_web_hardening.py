@@ -5,7 +5,11 @@ answers at once: no model runs and the tests take seconds, not minutes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import os
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -16,6 +20,8 @@ from served import rows, serving
 
 ASYNC = pytest.mark.asyncio(loop_scope="module")
 REPLY = ["臣妾", "在。"]
+TOKEN_ENV = "ROLEBOT_TEST_HARDENING_ADMIN_TOKEN"
+TOKEN = "admin-token-hardening-0123456789"
 
 
 class ScriptedServer:
@@ -55,6 +61,7 @@ port = 0
 
 [service]
 rate_limit_per_minute = 1000
+admin_token_env = "{TOKEN_ENV}"
 {extra}
 """
 
@@ -75,8 +82,12 @@ async def model_url():
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def site(tmp_path_factory, model_url):
     root = tmp_path_factory.mktemp("hardening")
-    async with serving(root, config(model_url, str(root / "no-local-model"))) as (app, url):
-        yield app, url
+    os.environ[TOKEN_ENV] = TOKEN
+    try:
+        async with serving(root, config(model_url, str(root / "no-local-model"))) as (app, url):
+            yield app, url
+    finally:
+        del os.environ[TOKEN_ENV]
 
 
 async def post(url: str, path: str, body, *, headers: dict | None = None) -> tuple[int, dict]:
@@ -263,3 +274,97 @@ def test_hosts_are_split_and_allowed_hosts_must_be_names():
     assert anywhere.host("attacker.example") is None  # '*' turns the check off, knowingly
     assert Guard(loopback_bind=False).host("any.example") is None  # keys guard a public bind
     assert Guard(loopback_bind=False, allowed_hosts=["bot.example"]).host("any.example")
+
+
+# Item 5: logs.
+
+
+@ASYNC
+async def test_malformed_requests_are_one_line_without_the_credentials_they_carried(site, caplog):
+    app, url = site
+    caplog.set_level(logging.DEBUG)
+    where = urlsplit(url)
+    probes = [
+        b"GET /api/admin/status HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + TOKEN.encode() + b"\x00\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: rolebot_session=web-abc.secretsignature\x01\r\n\r\n",
+        b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # a line too long
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 32 + b"\r\n\r\n",  # TLS on the HTTP port
+    ] + [b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Api: Bearer " + TOKEN.encode() + b"\x7f\r\n\r\n"] * 6
+    for raw in probes:
+        reader, writer = await asyncio.open_connection(where.hostname, where.port)
+        writer.write(raw)
+        await writer.drain()
+        answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n", 1)[0], answer[:200]
+    await asyncio.sleep(0.1)
+    assert TOKEN not in caplog.text and "secretsignature" not in caplog.text, caplog.text
+    server = [r for r in caplog.records if r.name.startswith("aiohttp")]
+    assert len(server) == 1, [r.getMessage() for r in server]  # one line for all ten
+    web_chat = next(f for f in app.frontends if f.name == "web")
+    assert web_chat._logs.malformed.skipped == len(probes) - 1  # the others are counted for the next line
+    [line] = server
+    assert line.levelno == logging.WARNING and line.exc_info is None and "\n" not in line.getMessage()
+    assert "malformed HTTP request from 127.0.0.1" in line.getMessage(), line.getMessage()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    async with aiohttp.ClientSession() as http:  # and the server goes on
+        async with http.get(url + "/api/admin/status", headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+            assert response.status == 200
+
+
+def test_the_malformed_request_line_comes_once_a_minute_and_counts_the_rest():
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    from bot.logs import MalformedRequests
+
+    now = [1000.0]
+    quiet = MalformedRequests(every_s=60.0, clock=lambda: now[0])
+
+    def record(reason: str) -> logging.LogRecord:
+        try:
+            raise BadHttpMessage(reason)
+        except BadHttpMessage:
+            import sys
+
+            return logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s",
+                                     ("10.0.0.7",), sys.exc_info())
+
+    first = record("Invalid header value char:\n\n  b'Authorization: Bearer sk-secret\\x00'")
+    assert quiet.filter(first) and first.exc_info is None and first.levelno == logging.WARNING
+    assert first.getMessage().startswith("web: refused a malformed HTTP request from 10.0.0.7 (400: Invalid "
+                                         "header value char)") and "sk-secret" not in first.getMessage()
+    now[0] += 10
+    assert not any(quiet.filter(record("Bad method")) for _ in range(5))
+    now[0] += 51
+    again = record("Bad method")
+    assert quiet.filter(again) and "5 more in the 61 s before it were not logged" in again.getMessage()
+    other = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Unhandled exception", (), None)
+    assert quiet.filter(other) and other.levelno == logging.ERROR  # what is not a malformed request is left alone
+
+
+def test_credentials_are_redacted_from_every_log_line_and_traceback():
+    import io
+
+    from bot.logs import Redact, keep_secret
+
+    keep_secret("sk-registered-0123456789")
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.addFilter(Redact())
+    logger = logging.getLogger("rolebot.test.redact")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("got %s", "Authorization: Bearer sk-live-abcdef0123456789")
+        logger.warning("cookie header was Cookie: rolebot_session=web-x.sig; other=1")
+        logger.warning("a key in a URL /bot%s/getMe", "sk-registered-0123456789")
+        try:
+            raise ValueError("header b'Authorization: Basic dXNlcjpwYXNz\\x00'")
+        except ValueError:
+            logger.exception("failed")
+    finally:
+        logger.removeHandler(handler)
+    text = out.getvalue()
+    for secret in ("sk-live-abcdef0123456789", "web-x.sig", "sk-registered-0123456789", "dXNlcjpwYXNz"):
+        assert secret not in text, text
+    assert text.count("[redacted]") >= 4 and "Traceback" in text and "ValueError" in text

@@ -51,6 +51,7 @@ from telegram.ext import (
 )
 
 from bot.config import Config, TelegramSettings, secret
+from bot.logs import keep_secret
 from bot.platforms import Options
 from bot.platforms.text import NO_TEXT, RATINGS, RETRY, STOP, Showing, paced_edits, take_over, utf16_len
 from bot.platforms.text import split as text_split
@@ -105,6 +106,7 @@ class TelegramFrontend:
         self.admins = list(admins)
         self.retry_first_s = retry_first_s
         self.error: str | None = None  # why this platform gave up, if it did
+        keep_secret(token)  # every line rolebot writes, beside the loggers that log Bot API URLs
         self._redact_filter = Redact(token)
         for name in TOKEN_LOGGERS:  # before the bot exists: it logs its URL when made
             logging.getLogger(name).addFilter(self._redact_filter)

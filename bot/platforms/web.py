@@ -40,6 +40,7 @@ import aiohttp
 from aiohttp import web
 
 from bot.config import Config, secret
+from bot.logs import ServerLogs, keep_secret
 from bot.platforms import Options
 from bot.platforms.web_auth import COOKIE, COOKIE_MAX_AGE, Authenticator, Identity, Unauthorized, is_loopback, load_keys, load_secret
 from bot.platforms.web_guard import Guard
@@ -95,6 +96,8 @@ def from_config(config: Config, service: Service, options: Options) -> WebChat |
     keys_file = config.path(config.web.api_keys_file) if config.web.api_keys_file else None
     keys = load_keys(keys_file, config.web.api_keys_env)
     admin_token = secret(config.service.admin_token_env)
+    for credential in (admin_token, *keys):  # never in a log line
+        keep_secret(credential)
     open_api = is_loopback(host) and not keys
     if not open_api and not keys:
         log.warning("[web] host %s is not a loopback address and no API keys are set: the HTTP API refuses "
@@ -129,6 +132,7 @@ class WebChat:
         self.admin_token = admin_token
         self.admin_token_env = admin_token_env
         self._runner: web.AppRunner | None = None
+        self._logs = ServerLogs()
 
     @property
     def url(self) -> str:
@@ -150,6 +154,7 @@ class WebChat:
         return app
 
     async def start(self) -> None:
+        self._logs.install()  # malformed requests as one line, credentials redacted
         self._runner = web.AppRunner(self.application(), access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -157,6 +162,7 @@ class WebChat:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
+            self._logs.remove()
             raise UserError(f"[web] cannot listen on {self.host}:{self.port}: {exc.strerror or exc} — "
                             "stop what uses that port, or pass --port (0: any free port)") from None
         self.port = self._runner.addresses[0][1]
@@ -166,6 +172,7 @@ class WebChat:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+            self._logs.remove()
 
     # The page
 
