@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 PLATFORM = "telegram"
 MAX_UNITS = 4096  # Telegram's longest message, in UTF-16 code units
 CHOSEN = " ✓"  # marks the button of the vote just cast
+RATE_DATA = {f"rate:{value}": value for value in RATINGS.values()}  # a 👍/👎 button's data → its vote
 NOT_MODIFIED = "message is not modified"  # PTB lowercases and capitalizes the API's wording
 GONE = "not found"  # "Message to edit not found": the user deleted it
 TYPING_EVERY_S = 4.5  # a chat action shows for 5 s or until the bot's next message
@@ -128,7 +129,7 @@ class TelegramFrontend:
                                        filters=chats))
         app.add_handler(CommandHandler("retry", self.retry_command, filters=chats))
         app.add_handler(MessageHandler(filters.TEXT & ~filters.COMMAND & chats, self.chat))
-        app.add_handler(CallbackQueryHandler(self.rate, pattern=r"^rate:-?1$"))
+        app.add_handler(CallbackQueryHandler(self.rate, pattern=r"^rate:-?1\Z"))
         app.add_handler(CallbackQueryHandler(self.retry, pattern=r"^retry$"))
         app.add_handler(CallbackQueryHandler(self.stop_button, pattern=r"^stop$"))
         app.add_handler(CallbackQueryHandler(self.unknown_button))
@@ -405,9 +406,13 @@ class TelegramFrontend:
 
     async def rate(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """👍/👎 pressed under a reply. The query is always answered: until it is, the user's
-        client shows a spinner on the button."""
+        client shows a spinner on the button. A query with empty data comes here too (PTB
+        matches a handler's pattern only against non-empty data): it is an unknown button."""
         query = update.callback_query
-        value = int(query.data.removeprefix("rate:"))
+        value = RATE_DATA.get(query.data)
+        if value is None:
+            await self.unknown_button(update, context)
+            return
         try:
             rated, notice = await self._record(query, value)
         except Exception:
