@@ -19,6 +19,7 @@ from pathlib import Path
 
 from training.errors import UserError
 from training.prompts import PromptStyle
+from training.registry import name_problem
 from training.settings import LoraSettings, ModelSettings, TrainSettings, opt
 
 DEFAULT_PERSONA = (
@@ -29,7 +30,7 @@ DEFAULT_PERSONA = (
 
 @dataclass
 class CharacterSettings:
-    name: str = opt("甄嬛", "the character the bot plays (a speaker in the script)")
+    name: str = opt("甄嬛", "the character the bot plays (a speaker in the script)", check=name_problem)
     aliases: list[str] = opt(["嬛嬛", "莞贵人", "莞嫔", "熹妃", "熹贵妃"], "other names of the character in the script")
     persona: str = opt(DEFAULT_PERSONA, "who the character is; the system part of every prompt")
     script: list[str] = opt([], "screenplay files to prepare (empty: the project's sample script)")
@@ -272,6 +273,8 @@ def _check(value, hint, meta: dict, label: str):
     too_high = "max" in meta and value > meta["max"]
     if too_low or too_high or ("choices" in meta and value not in meta["choices"]):
         raise UserError(f"{label}: expected {expected}, got {value!r}")
+    if "check" in meta and (problem := meta["check"](value)):  # a rule beyond type and range
+        raise UserError(f"{label}: {problem}")
     return value
 
 
