@@ -16,8 +16,10 @@ admin API behind a bearer token.
 | POST /api/admin/rollback     | serve the previous adapter version (admin token)                |
 
 ``/retry`` as the message regenerates the last reply (a new alternative, streamed like any
-reply); ``/stop`` stops one. Who the caller is comes from ``web_auth``: the session cookie, an API key, the admin token, or
-(only on a loopback server with no keys) the ``user`` field. Only the last user message of a
+reply); ``/stop`` stops one. Before any handler reads a request, ``web_guard`` refuses a ``Host`` that is
+not this server's (421), another site's request (403) and a body not sent as JSON (415). Who the caller
+is comes from ``web_auth``: the session cookie, an API key, the admin token, or (only on a loopback
+server with no keys) the ``user`` field. Only the last user message of a
 chat request is new: the conversation the model sees is the one the store holds for that user,
 so earlier messages in the request are not used. A client that disconnects cancels its reply.
 """
