@@ -8,7 +8,7 @@ aiohttp's server logger) turns them into one WARNING line, at most one a minute,
 rest; ``Redact`` (on that logger and on every handler ``rolebot`` logs through) replaces
 credentials in every message and traceback: the secrets the front-ends registered with
 ``keep_secret`` (the admin token, API keys, bot tokens) and whatever looks like one (the value of
-an Authorization, Cookie or API-key header, a Bearer or Basic credential, a session cookie).
+an Authorization, Cookie or API-key header, a Bearer token, a session cookie).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ _lock = threading.Lock()
 _patterns = [
     # A header that carries a credential, up to the end of the line or the quote of a repr().
     re.compile(r"(?i)\b((?:proxy-)?authorization|cookie|set-cookie|x-api-key|api-key)(\s*[:=]\s*)[^\r\n'\"]+"),
-    # A credential by its scheme, wherever it stands.
-    re.compile(r"(?i)\b(bearer|basic)(\s+)[^\s'\",;]+"),
+    # A bearer token wherever it stands ("Basic" only in a header: "basic" is an ordinary word).
+    re.compile(r"(?i)\b(bearer)(\s+)[^\s'\",;]{8,}"),
     # The chat page's session cookie.
     re.compile(r"\b(rolebot_session)(=)[^\s;'\",]+"),
 ]

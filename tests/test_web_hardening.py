@@ -42,7 +42,7 @@ class ScriptedServer:
         return web.json_response({"object": "list", "data": []})
 
 
-def config(model_url: str, base: str, extra: str = "") -> str:
+def config(model_url: str, base: str, web: str = "") -> str:
     return f"""
 [model]
 base = "{base}"
@@ -58,11 +58,11 @@ k = 0
 
 [web]
 port = 0
+{web}
 
 [service]
 rate_limit_per_minute = 1000
 admin_token_env = "{TOKEN_ENV}"
-{extra}
 """
 
 
@@ -244,8 +244,7 @@ async def test_a_name_that_is_not_loopback_is_refused_on_the_loopback_bind(site)
 
 @ASYNC
 async def test_allowed_hosts_names_the_server_behind_a_proxy(tmp_path, model_url):
-    extra = '\n[web]\nallowed_hosts = ["chat.example.org", "bot.example:8443"]\n'
-    text = config(model_url, str(tmp_path / "no-local-model")).replace("[web]\nport = 0", "[web]\nport = 0" + extra[6:])
+    text = config(model_url, str(tmp_path / "no-local-model"), 'allowed_hosts = ["chat.example.org", "bot.example:8443"]')
     async with serving(tmp_path, text) as (app, url):
         async with aiohttp.ClientSession() as http:
             for host, status in (("chat.example.org", 200), ("CHAT.example.org:443", 200), ("bot.example:8443", 200),
@@ -358,6 +357,7 @@ def test_credentials_are_redacted_from_every_log_line_and_traceback():
         logger.warning("got %s", "Authorization: Bearer sk-live-abcdef0123456789")
         logger.warning("cookie header was Cookie: rolebot_session=web-x.sig; other=1")
         logger.warning("a key in a URL /bot%s/getMe", "sk-registered-0123456789")
+        logger.warning("basic rules: the bearer of news keeps its words")
         try:
             raise ValueError("header b'Authorization: Basic dXNlcjpwYXNz\\x00'")
         except ValueError:
@@ -368,3 +368,4 @@ def test_credentials_are_redacted_from_every_log_line_and_traceback():
     for secret in ("sk-live-abcdef0123456789", "web-x.sig", "sk-registered-0123456789", "dXNlcjpwYXNz"):
         assert secret not in text, text
     assert text.count("[redacted]") >= 4 and "Traceback" in text and "ValueError" in text
+    assert "basic rules: the bearer of news keeps its words" in text  # ordinary words stay

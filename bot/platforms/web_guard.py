@@ -96,7 +96,7 @@ class Guard:
             return None
         where = "a loopback bind answers only to localhost, 127.0.0.1 and [::1]" if self.loopback_bind else \
             "this server answers only to the names in [web] allowed_hosts and loopback names"
-        return (f"Host {host!r} is not a name of this server ({where}): add it to [web] allowed_hosts "
+        return (f"Host {host[:100]!r} is not a name of this server ({where}): add it to [web] allowed_hosts "
                 "if that is how you reach it")
 
     def origin(self, method: str, path: str, headers) -> str | None:
