@@ -235,7 +235,7 @@ async def test_a_name_that_is_not_loopback_is_refused_on_the_loopback_bind(site)
                     assert error["code"] == "misdirected_request" and "[web] allowed_hosts" in error["message"], error
                     assert "alice3" not in await response.text()
         for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}", f"chat.localhost:{port}",
-                     f"127.0.0.2:{port}"):
+                     "localhost.localdomain", f"127.0.0.2:{port}"):
             async with http.get(url + "/api/conversation?user=alice3", headers={"Host": host}) as response:
                 assert response.status == 200, host
                 assert (await response.json())["turns"][0]["text"] == "记住我"

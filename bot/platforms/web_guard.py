@@ -52,7 +52,7 @@ def split_host(value: str) -> tuple[str, int | None]:
 def is_loopback_name(name: str) -> bool:
     """localhost and its subdomains (browsers resolve them to loopback themselves, RFC 6761),
     and loopback addresses."""
-    if name == "localhost" or name.endswith(".localhost"):
+    if name in ("localhost", "localhost.localdomain") or name.endswith(".localhost"):
         return True
     try:
         return ipaddress.ip_address(name).is_loopback
