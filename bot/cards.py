@@ -8,6 +8,13 @@ character_version and extensions. A V1 card is the same fields flat, without ``s
 
 The PNG side uses only the standard library: a card's picture passes through byte for byte,
 only its ``chara`` chunk is replaced.
+
+A card is a file from anywhere, and what it holds goes into ``config.toml`` and names the adapter
+folder. So its JSON may be at most ``MAX_DEPTH`` deep (measured before it is parsed: Python's
+reader recurses and a 100,000-deep array raised ``RecursionError``), every string must be text
+(no lone UTF-16 surrogate, which cannot be written), the name must be a folder name of at most
+64 characters (``training.registry.name_problem``), and each text field at most
+``MAX_TEXT_CHARS``. Each refusal is one line naming the card and the field.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Any
 
 from training.atomic import write_json_atomic
 from training.errors import UserError
+from training.registry import name_problem
 
 SPEC = "chara_card_v2"
 SPEC_VERSION = "2.0"
@@ -36,6 +44,11 @@ V1_FIELDS = ("name", "description", "personality", "scenario", "first_mes", "mes
 V2_TEXT_FIELDS = ("creator_notes", "system_prompt", "post_history_instructions", "creator",
                   "character_version")
 V2_LIST_FIELDS = ("alternate_greetings", "tags")
+# Objects and arrays inside each other: real cards (a lorebook under extensions) nest a handful.
+MAX_DEPTH = 64
+# A text field's most characters: a persona this long is already far beyond any model's prompt.
+MAX_TEXT_CHARS = 100_000
+FIELD_PARTS_SHOWN = 8  # of a deeply nested field's path, in messages
 
 
 class CardError(UserError):
@@ -109,11 +122,17 @@ def read_card(path: Path) -> Card:
         text = raw
         where = str(path)
     try:
-        value = json.loads(text.decode("utf-8-sig"))
+        decoded = text.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise CardError(f"{where}: not UTF-8 text (byte {exc.start}); a card is a UTF-8 JSON file") from None
+    if (path_too_deep := _too_deep(decoded, MAX_DEPTH)) is not None:
+        raise CardError(_deep_message(where, path_too_deep))
+    try:
+        value = json.loads(decoded)
     except json.JSONDecodeError as exc:
         raise CardError(f"{where}: not JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of more than 4,300 digits
+        raise CardError(f"{where}: not JSON: {str(exc).splitlines()[0][:120]}") from None
     return parse_card(value, where)
 
 
@@ -121,6 +140,7 @@ def parse_card(value: Any, where: str) -> Card:
     """A card from its decoded JSON: V2 (``spec`` = chara_card_v2, fields under ``data``) or V1 (flat)."""
     if not isinstance(value, dict):
         raise CardError(f"{where}: a card is a JSON object, got {_kind(value)}")
+    _check_values(value, where)
     if "spec" in value:
         if value["spec"] != SPEC:
             raise CardError(f"{where}: field spec is {value['spec']!r}; rolebot reads "
@@ -141,6 +161,8 @@ def parse_card(value: Any, where: str) -> Card:
         fields[name] = _text(data[name], where, prefix + name)
     if not fields["name"].strip():
         raise CardError(f"{where}: field {prefix}name is empty; the card must name its character")
+    if problem := name_problem(fields["name"]):
+        raise CardError(f"{where}: field {prefix}name {problem}; rename the character in the card")
     if prefix:
         for name in V2_TEXT_FIELDS:
             fields[name] = _text(data.get(name, ""), where, prefix + name)
@@ -148,6 +170,8 @@ def parse_card(value: Any, where: str) -> Card:
             items = data.get(name, [])
             if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
                 raise CardError(f"{where}: field {prefix}{name} must be a list of strings, got {_short(items)}")
+            for i, item in enumerate(items):
+                _text(item, where, f"{prefix}{name}[{i}]")
             fields[name] = tuple(items)
         extensions = data.get("extensions", {})
         if not isinstance(extensions, dict):
@@ -216,7 +240,115 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 def _text(value: Any, where: str, name: str) -> str:
     if not isinstance(value, str):
         raise CardError(f"{where}: field {name} must be a string, got {_short(value)}")
+    if len(value) > MAX_TEXT_CHARS and name.rpartition(".")[2] != "name":  # a name has its own limit
+        raise CardError(f"{where}: field {name} is {len(value):,} characters; a card's text fields are at most "
+                        f"{MAX_TEXT_CHARS:,}: shorten it in the card's editor")
     return value
+
+
+def _too_deep(text: str, limit: int) -> list | None:
+    """The path (keys and indexes) to the first object or array of ``text`` nested deeper than
+    ``limit``, or None; without recursion, so that any depth can be measured. Text that is not
+    JSON is left to the JSON reader to name."""
+    path: list = []  # for each open object or array: the key or index of the child being read
+    opened: list[str] = []
+    at, expecting_key = 0, False
+    while True:
+        at = _next_token(text, at)
+        if at < 0:
+            return None
+        char = text[at]
+        if char == '"':
+            end = _string_end(text, at)
+            if end < 0:
+                return None
+            if expecting_key and opened and opened[-1] == "{":
+                try:
+                    path[-1] = json.loads(text[at:end])
+                except ValueError:
+                    path[-1] = text[at + 1:end - 1]
+                expecting_key = False
+            at = end
+            continue
+        if char in "{[":
+            if len(opened) >= limit:
+                return path
+            opened.append(char)
+            path.append(0 if char == "[" else "")
+            expecting_key = char == "{"
+        elif char in "}]":
+            if opened:
+                opened.pop()
+                path.pop()
+            expecting_key = False
+        elif char == "," and opened:
+            if opened[-1] == "[":
+                path[-1] += 1
+            else:
+                expecting_key = True
+        at += 1
+
+
+_STRUCTURE = re.compile(r'["{}\[\],]')
+
+
+def _next_token(text: str, at: int) -> int:
+    found = _STRUCTURE.search(text, at)
+    return found.start() if found else -1
+
+
+def _string_end(text: str, start: int) -> int:
+    """The index after the closing quote of the string opening at ``start``, or -1."""
+    at = start + 1
+    while True:
+        quote = text.find('"', at)
+        if quote < 0:
+            return -1
+        backslashes = 0
+        while text[quote - 1 - backslashes] == "\\":
+            backslashes += 1
+        if backslashes % 2 == 0:
+            return quote + 1
+        at = quote + 1
+
+
+def _check_values(value: Any, where: str) -> None:
+    """Every string of the card (keys too) is text, and nothing is nested more than MAX_DEPTH
+    deep; iteratively, for cards given as values rather than read from a file."""
+    stack: list[tuple[Any, list]] = [(value, [])]
+    while stack:
+        item, path = stack.pop()
+        if len(path) > MAX_DEPTH:
+            raise CardError(_deep_message(where, path[:-1]))
+        if isinstance(item, str):
+            _no_surrogate(item, where, path)
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                _no_surrogate(key, where, path + [key])
+                stack.append((child, path + [key]))
+        elif isinstance(item, list):
+            stack.extend((child, path + [i]) for i, child in enumerate(item))
+
+
+def _no_surrogate(text: str, where: str, path: list) -> None:
+    """JSON can escape half of a UTF-16 pair alone (\\ud800); Python reads that as a lone
+    surrogate, which no file can be written with."""
+    found = re.search("[\ud800-\udfff]", text)
+    if found:
+        raise CardError(f"{where}: field {_field(path)} holds a lone UTF-16 surrogate "
+                        f"(\\u{ord(found.group()):04x} at character {found.start() + 1}), which is not text: "
+                        "fix the field in the card's editor")
+
+
+def _field(path: list) -> str:
+    shown = "".join(f"[{p}]" if isinstance(p, int) else f".{str(p)[:40]}" for p in path[:FIELD_PARTS_SHOWN])
+    return shown.lstrip(".") + ("…" if len(path) > FIELD_PARTS_SHOWN else "")
+
+
+def _deep_message(where: str, path: list) -> str:
+    subject = f"field {_field(path)}" if path and isinstance(path[0], str) else "the card's JSON"
+    return (f"{where}: {subject} is nested more than {MAX_DEPTH} deep (objects or arrays inside each other); "
+            "no card needs that: re-export it from its front-end")
 
 
 def _kind(value: Any) -> str:

@@ -8,6 +8,7 @@ import logging
 import sys
 
 from bot import __version__
+from bot.logs import redact_handlers
 from training.errors import UserError
 
 # Each name is a module in bot/commands with ``register(subparsers)``.
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in ("bot", "training"):
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    redact_handlers()  # no token, key or cookie in any line rolebot writes
     try:
         return int(args.run(args) or 0)
     except UserError as exc:

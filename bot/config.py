@@ -19,6 +19,7 @@ from pathlib import Path
 
 from training.errors import UserError
 from training.prompts import PromptStyle
+from training.registry import name_problem
 from training.settings import LoraSettings, ModelSettings, TrainSettings, opt
 
 DEFAULT_PERSONA = (
@@ -29,7 +30,7 @@ DEFAULT_PERSONA = (
 
 @dataclass
 class CharacterSettings:
-    name: str = opt("甄嬛", "the character the bot plays (a speaker in the script)")
+    name: str = opt("甄嬛", "the character the bot plays (a speaker in the script)", check=name_problem)
     aliases: list[str] = opt(["嬛嬛", "莞贵人", "莞嫔", "熹妃", "熹贵妃"], "other names of the character in the script")
     persona: str = opt(DEFAULT_PERSONA, "who the character is; the system part of every prompt")
     script: list[str] = opt([], "screenplay files to prepare (empty: the project's sample script)")
@@ -109,6 +110,7 @@ class WebSettings:
     api_keys_file: str = opt("", "file of API keys, one 'KEY IDENTITY' per line; IDENTITY is a user id, or 'NAME/*' for a key that acts for many end users (their user field becomes NAME/user)")
     api_keys_env: str = opt("ROLEBOT_API_KEYS", "env var with more API keys in the same form, separated by newlines or commas")
     session_secret: str = opt("web_session.key", "file holding the secret that signs chat page session cookies (relative to the config file; created on first start)")
+    allowed_hosts: list[str] = opt([], "names besides loopback ones that browsers may reach this server by (the Host header; 'name' or 'name:port', '*' for any): a loopback bind answers no other name, so a DNS-rebinding page cannot read it; set the public name when a reverse proxy passes its own Host on")
 
 
 @dataclass
@@ -319,6 +321,8 @@ def _check(value, hint, meta: dict, label: str):
     too_high = "max" in meta and value > meta["max"]
     if too_low or too_high or ("choices" in meta and value not in meta["choices"]):
         raise UserError(f"{label}: expected {expected}, got {value!r}")
+    if "check" in meta and (problem := meta["check"](value)):  # a rule beyond type and range
+        raise UserError(f"{label}: {problem}")
     return value
 
 

@@ -53,7 +53,8 @@ def render(value: str | list[str]) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(render(v) for v in value) + "]"
     if "\n" not in value:
-        return json.dumps(value, ensure_ascii=False)
+        # JSON leaves DEL (U+007F) as it is; a TOML string may not hold it unescaped.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     # Only backslashes, a run of three quotes and a quote right before the closing ones need escapes.
     body = value.replace("\\", "\\\\").replace('"""', '""\\"')
     if body.endswith('"'):
@@ -96,7 +97,12 @@ def _value_end(lines: list[str], first: int, key: str, path: Path) -> int:
 
 
 def _check(before: str, after: str, section: str, values: Mapping[str, object], path: Path) -> None:
-    old, new = tomllib.loads(before), tomllib.loads(after)
+    old = tomllib.loads(before)
+    try:
+        new = tomllib.loads(after)
+    except tomllib.TOMLDecodeError as exc:  # never written: the file stays as it was
+        raise UserError(f"{path}: setting [{section}] {', '.join(values)} would not read back as TOML ({exc}); "
+                        "set them by hand") from None
     expected = {**old, section: {**old.get(section, {}), **values}}
     if new != expected:
         raise UserError(f"{path}: could not set [{section}] {', '.join(values)} without changing other "

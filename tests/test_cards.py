@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import struct
 import tomllib
@@ -196,6 +197,84 @@ def test_bad_cards_are_one_clear_line_naming_file_and_field(tmp_path, capsys, na
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1, err
     assert config.read_text(encoding="utf-8") == "# mine\n[web]\nport = 9000\n"
+
+
+def png_card(text: bytes) -> bytes:
+    """A PNG whose 'chara' chunk carries ``text`` (a card's JSON), as SillyTavern writes one."""
+    image, data = png(), b"chara\0" + base64.b64encode(text)
+    chunk = struct.pack(">I", len(data)) + b"tEXt" + data + struct.pack(">I", zlib.crc32(b"tEXt" + data))
+    return image[:-12] + chunk + image[-12:]
+
+
+def deep(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+# Cards made to break the importer (issue 27): each is one line naming the card and the field,
+# and the config is left as it was, loadable.
+HOSTILE = [
+    ("deep.json", deep(100_000).encode(), "deep.json: the card's JSON is nested more than 64 deep"),
+    ("deep.png", png_card(deep(100_000).encode()),
+     "deep.png (PNG chunk 'chara'): the card's JSON is nested more than 64 deep"),
+    ("deepext.json", v2(extensions={"x": 0}).replace('{"x": 0}', '{"x": ' + deep(100_000) + "}").encode(),
+     "deepext.json: field data.extensions.x[0][0][0][0][0]… is nested more than 64 deep"),
+    ("deepext.png", png_card(v2(extensions={"x": 0}).replace('{"x": 0}', '{"a": {"b": ' + deep(100) + "}}").encode()),
+     "deepext.png (PNG chunk 'chara'): field data.extensions.a.b[0][0][0][0]… is nested more than 64 deep"),
+    ("surrogate.json", v2(name="\ud800").encode(),
+     "surrogate.json: field data.name holds a lone UTF-16 surrogate (\\ud800 at character 1)"),
+    ("surrogate-ext.json", v2(extensions={"k": ["ok", "bad \udfff"]}).encode(),
+     "surrogate-ext.json: field data.extensions.k[1] holds a lone UTF-16 surrogate (\\udfff at character 5)"),
+    ("long.json", v2(name="A" * 5_000_000).encode(),
+     "long.json: field data.name is 5,000,000 characters; a character's name is at most 64"),
+    ("evil.json", v2(name="../../../etc/evil").encode(),
+     "evil.json: field data.name '../../../etc/evil' cannot name the character's adapter folder: it holds '/'"),
+    ("hidden.json", v2(name=".evil").encode(), "hidden.json: field data.name '.evil' cannot name"),
+    ("newline.json", v2(name="Al\ndric").encode(), "newline.json: field data.name 'Al\\ndric' cannot name"),
+    ("big.json", v2(description="d" * 50_000_000).encode(),
+     "big.json: field data.description is 50,000,000 characters; a card's text fields are at most 100,000"),
+    ("greetings.json", v2(alternate_greetings=["hi", "g" * 100_001]).encode(),
+     "greetings.json: field data.alternate_greetings[1] is 100,001 characters"),
+    ("number.json", v2(extensions={"n": 0}).replace('"n": 0', '"n": 1' + "0" * 5000).encode(),
+     "number.json: not JSON: Exceeds the limit (4300 digits)"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "message"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_cards_are_one_line_and_leave_a_config_that_loads(project, tmp_path, capsys, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    before = project.read_text(encoding="utf-8")
+
+    assert run("--config", str(project), "card", "import", str(path)) == 2
+
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1 and len(err) < 400, err[:2000]
+    assert project.read_text(encoding="utf-8") == before and not (tmp_path / "cards").exists()
+    assert load_config(str(project)).character.name == "甄嬛"
+
+
+def test_a_card_with_odd_but_valid_text_imports_and_loads_back(project, tmp_path):
+    """Characters TOML writes differently from JSON (DEL, other controls, quotes, backslashes)
+    and a name at the limit: the config written loads back with the same values."""
+    name = "Dr. 王: \"The\" Doctor "
+    name += "x" * (64 - len(name))
+    greeting = "hi\x7f there \x1b[0m \\ \"quoted\" \u2028 end"
+    path = tmp_path / "odd.json"
+    path.write_text(v2(name=name, first_mes=greeting, description="line\x7f one\nline two"), encoding="utf-8")
+
+    assert run("--config", str(project), "card", "import", str(path)) == 0
+
+    character = load_config(str(project)).character
+    assert (character.name, character.greeting) == (name, greeting) and len(name) == 64
+    assert character.persona == "line\x7f one\nline two"
+
+
+def test_a_hand_edited_name_that_cannot_name_a_folder_is_one_line_naming_the_line(tmp_path):
+    path = tmp_path / "config.toml"
+    for name, problem in (("../../etc/evil", "holds '/'"), ("A" * 65, "is 65 characters")):
+        path.write_text(f'# mine\n[character]\nname = "{name}"\n', encoding="utf-8")
+        with pytest.raises(UserError, match=rf"config.toml:3: \[character\] name: .*{re.escape(problem)}"):
+            load_config(str(path))
 
 
 def test_a_chara_chunk_that_is_not_base64_and_a_missing_file_are_named(tmp_path, capsys):

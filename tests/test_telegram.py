@@ -16,7 +16,7 @@ import pytest_asyncio
 
 from bot.config import load_config
 from bot.platforms import Options
-from bot.platforms.telegram import MAX_UNITS, TelegramFrontend, from_config, split, utf16_len
+from bot.platforms.telegram import MAX_UNITS, TelegramFrontend, from_config, keyboard, split, utf16_len
 from bot.service import NOT_LAST, NOT_YOURS, NOTHING_TO_STOP, Service
 from bot.status import RetrainStatus
 from bot.store import Store
@@ -345,6 +345,34 @@ async def test_a_bad_token_stops_telegram_with_one_clear_error(tmp_path, caplog)
     assert errors == [frontend.error] and f"${TOKEN_ENV}" in frontend.error
     assert bad not in caplog.text
     assert "retrying" not in caplog.text  # a token Telegram refused is not tried again
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_every_button_press_is_answered_even_with_empty_data(tmp_path, caplog):
+    """A callback query whose data is empty reaches every CallbackQueryHandler whatever its
+    pattern (PTB matches patterns only against non-empty data), so the first, 👍/👎's: it must
+    be answered as an unknown button, not fail before it answers (the user's client would show a
+    spinner on the button)."""
+    (tmp_path / "config.toml").write_text(CONFIG, encoding="utf-8")
+    async with TelegramEmulator(token=TOKEN) as tg, Store.open(tmp_path / "bot.db") as store:
+        config = load_config(str(tmp_path / "config.toml"))
+        config.telegram.base_url = tg.base_url
+        frontend = TelegramFrontend(Service(config, store, engine=None), config.telegram, TOKEN, retry_first_s=0.01)
+        await frontend.start()
+        try:
+            await tg.user_sends(USER, USER, "/help")  # the chat begins; its answer is the bot's first message
+            await tg.wait_for(lambda: tg.sent_messages(USER))
+            sent = await frontend.app.bot.send_message(USER, "臣妾在。", reply_markup=keyboard())
+            answers = {}
+            for data in ("", "rate:1\n", "rate:", "rate:1"):
+                query = await tg.user_clicks(USER, USER, sent.message_id, data)
+                await tg.wait_for(lambda: any(a["callback_query_id"] == query for a in tg.answered_callbacks))
+                answers[data] = next(a["text"] for a in tg.answered_callbacks if a["callback_query_id"] == query)
+        finally:
+            await frontend.stop()
+    assert answers == {"": "Unknown button.", "rate:1\n": "Unknown button.", "rate:": "Unknown button.",
+                       "rate:1": "This reply is no longer in the log."}
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 @pytest.mark.slow

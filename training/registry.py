@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,27 @@ from training.errors import UserError
 
 VERSION = re.compile(r"^v(\d{4,})$")
 ACTIVE_FILE = "active.json"
+MAX_NAME_CHARS = 64
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a character's name, or None. The name is the adapter folder
+    ``<root>/<name>/``: a path separator or a leading dot would put it elsewhere (``../..``), a
+    control character or a lone surrogate cannot be written, and a very long name is more than a
+    file system takes (every command then failed)."""
+    if not name.strip():
+        return "is empty; name the character"
+    if len(name) > MAX_NAME_CHARS:
+        return f"is {len(name):,} characters; a character's name is at most {MAX_NAME_CHARS} (it names its adapter folder)"
+    shown = repr(name if len(name) <= 40 else name[:37] + "...")
+    bad = next((c for c in name if c in "/\\" or unicodedata.category(c) in ("Cc", "Cs")), None)
+    if bad is not None:
+        return f"{shown} cannot name the character's adapter folder: it holds {bad!r}"
+    if name.startswith("."):
+        return f"{shown} cannot name the character's adapter folder: it begins with '.'"
+    if name != name.strip():
+        return f"{shown} cannot name the character's adapter folder: it begins or ends with a space"
+    return None
 
 
 @dataclass(frozen=True)
@@ -38,8 +60,8 @@ class Version:
 
 class Registry:
     def __init__(self, root: Path, character: str):
-        if not character or "/" in character or character.startswith("."):
-            raise UserError(f"[character] name: {character!r} cannot name an adapter folder")
+        if problem := name_problem(character):
+            raise UserError(f"[character] name: {problem}")
         self.root = Path(root)
         self.character = character
         self.dir = self.root / character

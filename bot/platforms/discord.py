@@ -30,6 +30,7 @@ import discord
 from discord import app_commands
 
 from bot.config import Config, DiscordSettings, secret
+from bot.logs import keep_secret
 from bot.platforms import Options
 from bot.platforms.text import RATINGS, RETRY, STOP, Showing, paced_edits, take_over
 from bot.platforms.text import split as text_split
@@ -61,6 +62,7 @@ COMMANDS = (
 
 def from_config(config: Config, service: Service, options: Options) -> DiscordFrontend | None:
     token = secret(config.discord.token_env)
+    keep_secret(token)  # never in a log line
     if token is None:
         return None
     return DiscordFrontend(service, config.discord, token)

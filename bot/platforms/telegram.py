@@ -51,6 +51,7 @@ from telegram.ext import (
 )
 
 from bot.config import Config, TelegramSettings, secret
+from bot.logs import keep_secret
 from bot.platforms import Options
 from bot.platforms.text import NO_TEXT, RATINGS, RETRY, STOP, Showing, paced_edits, take_over, utf16_len
 from bot.platforms.text import split as text_split
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 PLATFORM = "telegram"
 MAX_UNITS = 4096  # Telegram's longest message, in UTF-16 code units
 CHOSEN = " ✓"  # marks the button of the vote just cast
+RATE_DATA = {f"rate:{value}": value for value in RATINGS.values()}  # a 👍/👎 button's data → its vote
 NOT_MODIFIED = "message is not modified"  # PTB lowercases and capitalizes the API's wording
 GONE = "not found"  # "Message to edit not found": the user deleted it
 TYPING_EVERY_S = 4.5  # a chat action shows for 5 s or until the bot's next message
@@ -105,6 +107,7 @@ class TelegramFrontend:
         self.admins = list(admins)
         self.retry_first_s = retry_first_s
         self.error: str | None = None  # why this platform gave up, if it did
+        keep_secret(token)  # every line rolebot writes, beside the loggers that log Bot API URLs
         self._redact_filter = Redact(token)
         for name in TOKEN_LOGGERS:  # before the bot exists: it logs its URL when made
             logging.getLogger(name).addFilter(self._redact_filter)
@@ -126,7 +129,7 @@ class TelegramFrontend:
                                        filters=chats))
         app.add_handler(CommandHandler("retry", self.retry_command, filters=chats))
         app.add_handler(MessageHandler(filters.TEXT & ~filters.COMMAND & chats, self.chat))
-        app.add_handler(CallbackQueryHandler(self.rate, pattern=r"^rate:-?1$"))
+        app.add_handler(CallbackQueryHandler(self.rate, pattern=r"^rate:-?1\Z"))
         app.add_handler(CallbackQueryHandler(self.retry, pattern=r"^retry$"))
         app.add_handler(CallbackQueryHandler(self.stop_button, pattern=r"^stop$"))
         app.add_handler(CallbackQueryHandler(self.unknown_button))
@@ -403,9 +406,13 @@ class TelegramFrontend:
 
     async def rate(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """👍/👎 pressed under a reply. The query is always answered: until it is, the user's
-        client shows a spinner on the button."""
+        client shows a spinner on the button. A query with empty data comes here too (PTB
+        matches a handler's pattern only against non-empty data): it is an unknown button."""
         query = update.callback_query
-        value = int(query.data.removeprefix("rate:"))
+        value = RATE_DATA.get(query.data)
+        if value is None:
+            await self.unknown_button(update, context)
+            return
         try:
             rated, notice = await self._record(query, value)
         except Exception:

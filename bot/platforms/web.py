@@ -16,8 +16,10 @@ admin API behind a bearer token.
 | POST /api/admin/rollback     | serve the previous adapter version (admin token)                |
 
 ``/retry`` as the message regenerates the last reply (a new alternative, streamed like any
-reply); ``/stop`` stops one. Who the caller is comes from ``web_auth``: the session cookie, an API key, the admin token, or
-(only on a loopback server with no keys) the ``user`` field. Only the last user message of a
+reply); ``/stop`` stops one. Before any handler reads a request, ``web_guard`` refuses a ``Host`` that is
+not this server's (421), another site's request (403) and a body not sent as JSON (415). Who the caller
+is comes from ``web_auth``: the session cookie, an API key, the admin token, or (only on a loopback
+server with no keys) the ``user`` field. Only the last user message of a
 chat request is new: the conversation the model sees is the one the store holds for that user,
 so earlier messages in the request are not used. A client that disconnects cancels its reply.
 """
@@ -40,8 +42,10 @@ import aiohttp
 from aiohttp import web
 
 from bot.config import Config, secret
+from bot.logs import ServerLogs, keep_secret
 from bot.platforms import Options
 from bot.platforms.web_auth import COOKIE, COOKIE_MAX_AGE, Authenticator, Identity, Unauthorized, is_loopback, load_keys, load_secret
+from bot.platforms.web_guard import Guard
 from bot.service import Answer, IncomingMessage, NotSetUp, Overrides, Reply, Service, UnknownMessage, clean_label
 from bot.status import as_json
 from training.errors import UserError
@@ -52,6 +56,9 @@ PLATFORM = "web"
 # A 1 MB message must reach the service (which cuts it and says so), not die as a 413.
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_MESSAGE_ID = 2**63 - 1  # SQLite's largest integer
+# The largest max_tokens taken (then capped to [generation] max_new_tokens): beyond any model's
+# context, and what OpenAI's own API refuses with a 400 too.
+MAX_TOKENS = 2**31 - 1
 # How an answer that is not a reply maps to HTTP: (status, OpenAI error type, code).
 ANSWER_ERRORS = {
     "empty": (400, "invalid_request_error", "empty_message"),
@@ -91,6 +98,8 @@ def from_config(config: Config, service: Service, options: Options) -> WebChat |
     keys_file = config.path(config.web.api_keys_file) if config.web.api_keys_file else None
     keys = load_keys(keys_file, config.web.api_keys_env)
     admin_token = secret(config.service.admin_token_env)
+    for credential in (admin_token, *keys):  # never in a log line
+        keep_secret(credential)
     open_api = is_loopback(host) and not keys
     if not open_api and not keys:
         log.warning("[web] host %s is not a loopback address and no API keys are set: the HTTP API refuses "
@@ -106,6 +115,7 @@ def from_config(config: Config, service: Service, options: Options) -> WebChat |
         admin_token=admin_token,
         admin_token_env=config.service.admin_token_env,
         auth=auth,
+        guard=Guard(loopback_bind=is_loopback(host), allowed_hosts=config.web.allowed_hosts),
     )
 
 
@@ -115,14 +125,16 @@ class WebChat:
     name = "web"
 
     def __init__(self, service: Service, *, host: str, port: int, admin_token: str | None,
-                 auth: Authenticator, admin_token_env: str = "ROLEBOT_ADMIN_TOKEN"):
+                 auth: Authenticator, admin_token_env: str = "ROLEBOT_ADMIN_TOKEN", guard: Guard | None = None):
         self.service = service
         self.auth = auth
+        self.guard = guard or Guard(loopback_bind=is_loopback(host))
         self.host = host
         self.port = port
         self.admin_token = admin_token
         self.admin_token_env = admin_token_env
         self._runner: web.AppRunner | None = None
+        self._logs = ServerLogs()
 
     @property
     def url(self) -> str:
@@ -130,7 +142,7 @@ class WebChat:
         return f"http://{host}:{self.port}"
 
     def application(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors, guarded(self.guard)])
         app.router.add_get("/", self.page)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
@@ -144,6 +156,7 @@ class WebChat:
         return app
 
     async def start(self) -> None:
+        self._logs.install()  # malformed requests as one line, credentials redacted
         self._runner = web.AppRunner(self.application(), access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -151,6 +164,7 @@ class WebChat:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
+            self._logs.remove()
             raise UserError(f"[web] cannot listen on {self.host}:{self.port}: {exc.strerror or exc} — "
                             "stop what uses that port, or pass --port (0: any free port)") from None
         self.port = self._runner.addresses[0][1]
@@ -160,6 +174,7 @@ class WebChat:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+            self._logs.remove()
 
     # The page
 
@@ -413,8 +428,8 @@ def parse_chat(body: dict) -> ChatRequest:
         stream=stream,
         include_usage=options.get("include_usage") is True,
         overrides=Overrides(
-            max_tokens=number(body, "max_completion_tokens", low=1, integer=True)
-            or number(body, "max_tokens", low=1, integer=True),
+            max_tokens=number(body, "max_completion_tokens", low=1, high=MAX_TOKENS, integer=True)
+            or number(body, "max_tokens", low=1, high=MAX_TOKENS, integer=True),
             temperature=number(body, "temperature", low=0.0, high=2.0),
             top_p=number(body, "top_p", low=0.01, high=1.0),
         ),
@@ -451,15 +466,26 @@ def parse_message_id(value: Any) -> int:
 
 
 def number(body: dict, key: str, *, low: float, high: float | None = None, integer: bool = False):
-    """An optional numeric field from ``low`` to ``high``; None when absent."""
+    """An optional numeric field from ``low`` to ``high``; None when absent. JSON integers have no
+    size limit: one of 400 digits is compared as the integer it is (``math.isfinite`` would
+    convert it to a float and raise ``OverflowError``), and the message shows only its start."""
     value = body.get(key)
     if value is None:
         return None
     numeric = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
-    if not numeric or not math.isfinite(value) or value < low or (high is not None and value > high):
+    finite = numeric and (isinstance(value, int) or math.isfinite(value))
+    if not finite or value < low or (high is not None and value > high):
         bounds = f"from {low} to {high}" if high is not None else f">= {low}"
-        raise BadRequest(f"{key} must be {'an integer' if integer else 'a number'} {bounds}, not {value!r}", key)
+        raise BadRequest(f"{key} must be {'an integer' if integer else 'a number'} {bounds}, not {_shown(value)}", key)
     return value if integer else float(value)
+
+
+def _shown(value: Any) -> str:
+    """A client's value for an error message: at most 40 characters of its repr."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**40:
+        return f"{'a negative' if value < 0 else 'an'} integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class cancel_on_disconnect:
@@ -549,6 +575,23 @@ def error(status: int, message: str, code: str, *, kind: str = "invalid_request_
           param: str | None = None) -> web.Response:
     """An OpenAI-style error body; the official client raises it as the matching APIError."""
     return json_response({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+
+def guarded(guard: Guard):
+    """The middleware that refuses, before any handler reads the request, a Host that is not
+    this server's (421), another site's request (403) and a body not sent as JSON (415)."""
+
+    @web.middleware
+    async def check(request: web.Request, handler) -> web.StreamResponse:
+        if refusal := guard.host(request.headers.get("Host")):
+            return error(421, refusal, "misdirected_request")
+        if refusal := guard.origin(request.method, request.path, request.headers):
+            return error(403, refusal, "cross_site_request")
+        if refusal := guard.content(request.method, request.path, request.headers, request.body_exists):
+            return error(415, refusal, "unsupported_media_type")
+        return await handler(request)
+
+    return check
 
 
 @web.middleware
