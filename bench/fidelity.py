@@ -32,14 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from bot.commands.eval import ROWS as EVAL_ROWS
+
 REAL_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "data" / "zhenhuan" / "甄嬛传剧本01-10.txt"
 ROWS = ("base", "base+canon", "adapter", "adapter+canon")
-METRICS = [("nll", "NLL per token ↓", "{:.3f}"), ("nll_char", "NLL per character ↓", "{:.3f}"),
-           ("chrf", "chrF ↑", "{:.2f}"), ("rouge_l", "ROUGE-L ↑", "{:.2f}"),
-           ("language", "in the script's language ↑", "{:.0%}"), ("scaffolding", "showing scaffolding ↓", "{:.0%}"),
-           ("cut", "raw replies cut by the filter", "{:.0%}"), ("identity", "identity probes in character ↑", "{:.0%}"),
-           ("confusion", "in another's role ↓", "{:.0%}"), ("breaks", "breaking character ↓", "{:.0%}"),
-           ("length", "mean length (chars)", "{:.1f}"), ("script_length", "script's mean length", "{:.1f}")]
+# The rows of ``rolebot eval``'s own table.
+METRICS = EVAL_ROWS
 
 
 def main() -> int:

@@ -5,18 +5,17 @@ OpenAI-compatible backend against a local SSE server."""
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from aiohttp import web
 
 from bot.config import GenerationSettings, parse_config
 from bot.engine import IncrementalDecoder, make_engine
 from bot.engine.base import hygiene_for
 from bot.engine.remote import OpenAIEngine
+from emulators.completions import FakeServer, serving
 from training.hygiene import clean
 from training.prompts import Exchange, Sample
 from training.registry import Registry, Version
@@ -399,56 +398,10 @@ def test_dequantised_serving_layers_compute_what_the_4bit_layers_do():
 # The OpenAI-compatible backend against a local server speaking /v1/completions as SSE.
 
 
-class FakeServer:
-    """Serves `reply` in pieces (with a stop string in the middle) and records each request."""
-
-    def __init__(self, pieces: list[str], delay: float = 0.0):
-        self.pieces = pieces
-        self.delay = delay
-        self.requests: list[dict] = []
-        self.served = {"v0001"}
-        self.fail = False
-
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        body["authorization"] = request.headers.get("Authorization")
-        self.requests.append(body)
-        if self.fail:
-            return web.json_response({"error": {"message": "model crashed", "type": "server_error"}}, status=500)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for piece in self.pieces:
-            chunk = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": body["model"],
-                     "choices": [{"index": 0, "text": piece, "finish_reason": None, "logprobs": None}]}
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            await asyncio.sleep(self.delay)
-        await response.write(b"data: [DONE]\n\n")
-        return response
-
-    async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": m, "object": "model", "created": 0,
-                                                               "owned_by": "vllm"} for m in sorted(self.served)]})
-
-    async def load_lora(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.served.add(body["lora_name"])
-        return web.Response(text=f"Success: LoRA adapter '{body['lora_name']}' added successfully.")
-
-
 @pytest_asyncio.fixture
 async def server():
-    fake = FakeServer(["皇上", "吉祥", "，万福", "金安#", "##", "不该出现"])
-    app = web.Application()
-    app.router.add_post("/v1/completions", fake.completions)
-    app.router.add_get("/v1/models", fake.models)
-    app.router.add_post("/v1/load_lora_adapter", fake.load_lora)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    fake.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    yield fake
-    await runner.cleanup()
+    async with serving(FakeServer(["皇上", "吉祥", "，万福", "金安#", "##", "不该出现"])) as fake:
+        yield fake
 
 
 def openai_engine(server, tmp_path, monkeypatch, version) -> OpenAIEngine:

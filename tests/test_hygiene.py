@@ -4,15 +4,12 @@ server streams; and the measures eval takes of it."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-
 import pytest
 import pytest_asyncio
-from aiohttp import web
 
 from bot.config import parse_config
 from bot.engine import make_engine
+from emulators.completions import FakeServer, serving
 from training.hygiene import Hygiene, ReplyFilter, cjk_share, clean, has_scaffolding, in_language, script_language
 from training.prompts import Sample
 
@@ -116,28 +113,8 @@ def test_languages_and_scaffolding_as_eval_measures_them():
 
 @pytest_asyncio.fixture
 async def server():
-    pieces = ["甄嬛", "：臣妾", "遵旨。", "\n皇", "帝：退下", "吧。"]
-
-    async def completions(request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for piece in pieces:
-            chunk = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": body["model"],
-                     "choices": [{"index": 0, "text": piece, "finish_reason": None, "logprobs": None}]}
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            await asyncio.sleep(0)
-        await response.write(b"data: [DONE]\n\n")
-        return response
-
-    app = web.Application()
-    app.router.add_post("/v1/completions", completions)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    await runner.cleanup()
+    async with serving(FakeServer(["甄嬛", "：臣妾", "遵旨。", "\n皇", "帝：退下", "吧。"])) as fake:
+        yield fake.url
 
 
 async def test_the_openai_backend_cleans_what_the_server_streams(server, tmp_path):
