@@ -137,3 +137,40 @@ def test_explicit_values_are_left_alone(machine, tmp_path):
     config = load_config(str(tmp_path / "config.toml"))
     assert (config.model.base, config.model.prompt_format) == (f"builtin:{QWEN}", "alpaca")
     assert config.choices == []
+
+
+@pytest.mark.slow
+async def test_the_chinese_default_converts_and_answers_in_chinese_without_scaffolding(tmp_path):
+    """The real default base: the six pieces converted into a checkpoint (end of turn and pad
+    right), served by the real engine in its chat format with the sample persona; its greedy
+    replies to a newcomer's first lines are Chinese, in character, and free of scaffolding."""
+    if not builtin.installed(QWEN):
+        pytest.skip("the Chinese builtin model's packages are not installed")
+    from transformers import AutoTokenizer
+
+    from bot.engine import make_engine
+    from training.hygiene import cjk_share, has_scaffolding
+
+    path = builtin.resolve(f"builtin:{QWEN}")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    generation = json.loads((builtin.Path(path) / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [tokenizer.eos_token_id, tokenizer.pad_token_id]
+
+    (tmp_path / "config.toml").write_text(
+        f'[model]\nbase = "builtin:{QWEN}"\n[generation]\nmax_new_tokens = 32\ntemperature = 0.0\n'
+        "[console]\nenabled = false\n", encoding="utf-8")
+    config = load_config(str(tmp_path / "config.toml"))
+    assert config.model.prompt_format == "chat"
+    engine = make_engine(config, None)
+    await engine.start()
+    try:
+        from training.prompts import Sample
+
+        for line in ("皇上吉祥", "你是谁？", "今日御花园的花开得如何？"):
+            stream = engine.generate(engine.render(Sample(instruction=line)))
+            reply = await stream.text()
+            assert reply and cjk_share(reply) >= 0.8, (line, reply)
+            assert not has_scaffolding(reply, ("用户",)), (line, reply)
+    finally:
+        await engine.close()
