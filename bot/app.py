@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
@@ -197,8 +199,21 @@ def in_child_process(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     import concurrent.futures
     import multiprocessing
 
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         return pool.submit(fn, *args, **kwargs).result()
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child: exit as soon as the process that started it is gone. A bot stopped
+    (SIGTERM, Ctrl-C, kill -9) during its first training would otherwise leave the training
+    running on, an orphan holding the CPU for as long as the run takes."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="rolebot-parent-watch", daemon=True).start()
 
 
 def first_run_settings(config: Config) -> TrainSettings:
