@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from bot.config import load_config
+from training.hygiene import Hygiene
 from training.retrain_job import RetrainJob, RetrainResult, read_job, read_result, write_job, write_result
 
 
@@ -18,6 +19,8 @@ def test_a_job_reads_back_as_it_was_written(tmp_path):
         train=dataclasses.replace(config.training, max_steps=2), style=config.prompt_style(),
         adapters=config.adapter_root, character="甄嬛", parent="v0002", replay_ratio=1.0,
         preference="kto", tolerance=0.02, result=tmp_path / "result.json",
+        hygiene=Hygiene(stops=("###",), names=("甄嬛", "嬛嬛"), speakers=("用户", "皇帝"), persona="你是甄嬛。"),
+        hygiene_probes=8, hygiene_tolerance=0.05,
     )
     write_job(job, tmp_path / "job.json")
     assert read_job(tmp_path / "job.json") == job

@@ -51,7 +51,7 @@ def list_versions(args: argparse.Namespace) -> int:
         return 0
     active = registry.active()
     print(f"{'':2}{'version':<8} {'created':<16} {'parent':<7} {'steps':>5} {'loss':>7} {'val NLL':>8} {'samples/s':>9} "
-          f"{'canon':>5}  {'fidelity (last rolebot eval, held-out)':<52}  data")
+          f"{'canon':>5}  {'fidelity (last rolebot eval, held-out)':<70}  data")
     for v in versions:
         meta = v.meta
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(meta.get("created_at", 0)))
@@ -59,7 +59,7 @@ def list_versions(args: argparse.Namespace) -> int:
         trained_k = meta.get("config", {}).get("prompt", {}).get("canon_k", 0)
         print(f"{mark}{v.name:<8} {created:<16} {meta.get('parent_version') or '-':<7} {meta.get('steps', 0):>5} "
               f"{_num(meta.get('final_loss'))} {_num(meta.get('val_nll'), 8)} {_num(meta.get('samples_per_s'), 9)} "
-              f"{trained_k:>5}  {fidelity(meta.get('eval') or {}):<52}  {meta.get('dataset', {}).get('file', '')}")
+              f"{trained_k:>5}  {fidelity(meta.get('eval') or {}):<70}  {meta.get('dataset', {}).get('file', '')}")
     print("* = active; canon: exchanges each training prompt held ([canon] k when [canon] train is on)")
     return 0
 
@@ -70,8 +70,9 @@ def fidelity(scores: dict) -> str:
     if not plain:
         return "-"
     with_canon = f"{canon['nll']:.4f}" if canon else "-"
+    heard = f", in language {plain['language']:.0%}" if "language" in plain else ""
     return (f"NLL {plain['nll']:.4f}, +canon {with_canon}, chrF {plain['chrf']:.1f}, "
-            f"confusion {plain.get('confusion', 0):.0%}")
+            f"confusion {plain.get('confusion', 0):.0%}{heard}")
 
 
 def _num(value, width: int = 7) -> str:
