@@ -13,7 +13,7 @@ import pytest_asyncio
 import yarl
 
 from bot.app import App
-from bot.platforms.web_auth import COOKIE, Authenticator, is_loopback, load_keys, load_secret, parse_keys
+from bot.platforms.web_auth import COOKIE, Authenticator, is_loopback, key_hash, load_keys, load_secret, parse_keys
 from served import rows, serving
 from training.errors import UserError
 
@@ -193,9 +193,12 @@ async def test_the_session_secret_is_private_and_survives_a_restart(site):
 
 def test_key_files_are_checked_line_by_line(tmp_path: Path):
     keys = parse_keys("# comment\n\nsk-0123456789abcdef alice  # trailing\nsk-fedcba9876543210 acme/*\n", "keys.txt")
-    assert {k: v.identity for k, v in keys.items()} == {"sk-0123456789abcdef": "alice", "sk-fedcba9876543210": "acme/*"}
-    assert keys["sk-fedcba9876543210"].user("bob") == "acme/bob" and keys["sk-fedcba9876543210"].user(None) == "acme/anonymous"
-    assert keys["sk-0123456789abcdef"].user("bob") == "alice"
+    # Held by the keys' hashes (tests/test_credentials.py: no key stays in memory).
+    assert {k: v.identity for k, v in keys.items()} == {key_hash("sk-0123456789abcdef"): "alice",
+                                                        key_hash("sk-fedcba9876543210"): "acme/*"}
+    acme, alice = keys[key_hash("sk-fedcba9876543210")], keys[key_hash("sk-0123456789abcdef")]
+    assert acme.user("bob") == "acme/bob" and acme.user(None) == "acme/anonymous"
+    assert alice.user("bob") == "alice"
     bad = {
         "short alice": "line 1: the key is 5 characters",
         "sk-0123456789abcdef": "line 1: expected 'KEY IDENTITY'",

@@ -14,6 +14,10 @@ The API is open only when ``[web] host`` is a loopback address and no key is con
 every caller already runs on this machine. A session cookie is ``<id>.<HMAC-SHA256 of the id>``
 with a secret kept in the data folder (created on first start, mode 0600); a browser cannot
 make one for an id it was not given.
+
+A key file's entry is ``KEY IDENTITY`` or ``sha256:<hex SHA-256 of the key> IDENTITY`` (what
+``rolebot keys add`` writes); either way only the hash is held in memory, and a request's key is
+hashed and compared with every known hash in constant time. The hash itself is no key.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ SESSION_PREFIX = "web-"
 ADMIN_IDENTITY = "admin"
 COOKIE_MAX_AGE = 400 * 24 * 3600  # the longest browsers keep a cookie
 MIN_KEY_CHARS = 16
+HASHED = "sha256:"  # a key file's entry that holds the key's hash, not the key
+HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 # An identity in a key file: a user id, or NAME/* for a key that acts for many end users.
 IDENTITY = re.compile(r"^[A-Za-z0-9_.@:+-]{1,128}(/\*)?$")
 
@@ -54,6 +60,7 @@ class Identity:
 class ApiKey:
     identity: str  # "alice", or "acme/*"
     where: str  # "keys.txt line 3", for messages
+    hashed: bool = True  # listed as sha256:<hex> (False: the key itself, hashed when read)
 
     @property
     def many(self) -> bool:
@@ -66,30 +73,62 @@ class ApiKey:
         return f"{self.identity[:-2]}/{claimed or 'anonymous'}"
 
 
+def key_hash(key: str) -> str:
+    """What a key file may hold instead of the key, and all that memory holds of any key: the
+    hex SHA-256 of the key's UTF-8 bytes (``printf %s KEY | sha256sum``)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def identity_problem(identity: str) -> str | None:
+    """Why ``identity`` cannot be a key's identity, or None."""
+    if not IDENTITY.match(identity) or identity.startswith(SESSION_PREFIX) or identity in (ADMIN_IDENTITY, "anonymous"):
+        return (f"identity {identity!r} must be letters, digits and _.@:+- (at most 128), "
+                f"optionally ending in /* for a key that acts for many users; it may not be "
+                f"'{ADMIN_IDENTITY}', 'anonymous' or start with '{SESSION_PREFIX}'")
+    return None
+
+
+def parse_entry(line: str, where: str) -> tuple[str, ApiKey] | None:
+    """One line of a key file, its comment already cut: None if blank, else (the key's hash,
+    the entry). ``KEY IDENTITY``, ``KEY=IDENTITY``, or ``sha256:<hex of the key> IDENTITY``."""
+    line = line.strip()
+    if not line:
+        return None
+    parts = line.replace("=", " ", 1).split()
+    if len(parts) != 2:
+        raise UserError(f"{where}: expected 'KEY IDENTITY' or 'sha256:<hex> IDENTITY' (e.g. 'sk-3f9a… alice' or "
+                        f"'sk-… acme/*'; rolebot keys add makes one), got {len(parts)} fields")
+    key, identity = parts
+    if key.lower().startswith(HASHED):
+        digest = key[len(HASHED):].lower()
+        if not HEX_DIGEST.match(digest):
+            raise UserError(f"{where}: a hashed key is '{HASHED}' and the 64 hex digits of the key's SHA-256 "
+                            f"(printf %s KEY | sha256sum), got {len(digest)} characters")
+        hashed = True
+    else:
+        if len(key) < MIN_KEY_CHARS:
+            raise UserError(f"{where}: the key is {len(key)} characters; use at least {MIN_KEY_CHARS} "
+                            "(rolebot keys add makes a strong one)")
+        digest, hashed = key_hash(key), False
+    if problem := identity_problem(identity):
+        raise UserError(f"{where}: {problem}")
+    return digest, ApiKey(identity, where, hashed)
+
+
 def parse_keys(text: str, source: str, *, separators: str = "\n") -> dict[str, ApiKey]:
-    """``KEY IDENTITY`` (or ``KEY=IDENTITY``) entries; ``#`` starts a comment. Errors name the line."""
+    """Entries by the hash of their key (see ``parse_entry``); ``#`` starts a comment. Errors
+    name the line. No key is kept: a plain entry is hashed as it is read."""
     keys: dict[str, ApiKey] = {}
     entries = text.splitlines() if separators == "\n" else re.split(r"[\n,]", text)
     for number, raw in enumerate(entries, 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
         where = f"{source} line {number}" if separators == "\n" else f"{source} entry {number}"
-        parts = line.replace("=", " ", 1).split()
-        if len(parts) != 2:
-            raise UserError(f"{where}: expected 'KEY IDENTITY' (e.g. 'sk-3f9a… alice' or 'sk-… acme/*'), "
-                            f"got {len(parts)} fields")
-        key, identity = parts
-        if len(key) < MIN_KEY_CHARS:
-            raise UserError(f"{where}: the key is {len(key)} characters; use at least {MIN_KEY_CHARS} "
-                            "(e.g. python -c 'import secrets; print(\"sk-\" + secrets.token_urlsafe(32))')")
-        if not IDENTITY.match(identity) or identity.startswith(SESSION_PREFIX) or identity in (ADMIN_IDENTITY, "anonymous"):
-            raise UserError(f"{where}: identity {identity!r} must be letters, digits and _.@:+- (at most 128), "
-                            f"optionally ending in /* for a key that acts for many users; it may not be "
-                            f"'{ADMIN_IDENTITY}', 'anonymous' or start with '{SESSION_PREFIX}'")
-        if key in keys:
-            raise UserError(f"{where}: this key is already listed ({keys[key].where}); each key maps to one identity")
-        keys[key] = ApiKey(identity, where)
+        parsed = parse_entry(raw.split("#", 1)[0], where)
+        if parsed is None:
+            continue
+        digest, entry = parsed
+        if digest in keys:
+            raise UserError(f"{where}: this key is already listed ({keys[digest].where}); each key maps to one identity")
+        keys[digest] = entry
     return keys
 
 
@@ -104,10 +143,10 @@ def load_keys(path: Path | None, env_name: str) -> dict[str, ApiKey]:
         keys.update(parse_keys(text, str(path)))
     value = os.environ.get(env_name, "") if env_name else ""
     if value.strip():
-        for key, entry in parse_keys(value, f"${env_name}", separators=",").items():
-            if key in keys:
-                raise UserError(f"{entry.where}: this key is already listed ({keys[key].where})")
-            keys[key] = entry
+        for digest, entry in parse_keys(value, f"${env_name}", separators=",").items():
+            if digest in keys:
+                raise UserError(f"{entry.where}: this key is already listed ({keys[digest].where})")
+            keys[digest] = entry
     return keys
 
 
@@ -205,9 +244,11 @@ class Authenticator:
                            f"{self._hint}), or use the chat page")
 
     def _find_key(self, token: str) -> ApiKey | None:
-        # Compare against every key in constant time, so the answer's timing says nothing.
+        # Only hashes are held: compare the token's with every one in constant time, so the
+        # answer's timing says nothing.
+        digest = key_hash(token).encode()
         found = None
-        for key, entry in self._keys.items():
-            if hmac.compare_digest(token.encode(), key.encode()):
+        for known, entry in self._keys.items():
+            if hmac.compare_digest(digest, known.encode()):
                 found = entry
         return found
