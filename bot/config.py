@@ -110,6 +110,7 @@ class WebSettings:
     api_keys_file: str = opt("", "file of API keys, one 'KEY IDENTITY' or 'sha256:<hex of the key's SHA-256> IDENTITY' per line (rolebot keys add writes the hashed form; only hashes are kept in memory); IDENTITY is a user id, or 'NAME/*' for a key that acts for many end users (their user field becomes NAME/user); read when the bot starts")
     api_keys_env: str = opt("ROLEBOT_API_KEYS", "env var with more API keys in the same form, separated by newlines or commas")
     session_secret: str = opt("web_session.key", "file holding the secret that signs chat page session cookies (relative to the config file; created on first start)")
+    session_days: int = opt(30, "a chat page session lasts this many days after its last use: its cookie is re-issued at most once a day while the page is used, so an active browser stays signed in; rolebot sessions revoke ends sessions at once (kept in a .revoked file beside session_secret)", min=1, max=400)
     allowed_hosts: list[str] = opt([], "names besides loopback ones that browsers may reach this server by (the Host header; 'name' or 'name:port', '*' for any): a loopback bind answers no other name, so a DNS-rebinding page cannot read it; set the public name when a reverse proxy passes its own Host on")
 
 

@@ -4,16 +4,19 @@ managed with ``rolebot keys``; page sessions expire unless used and can be revok
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import os
 import re
 import stat
+import time
 from pathlib import Path
 
 import pytest
 
 from bot.cli import main
-from bot.platforms.web_auth import Authenticator, Unauthorized, load_keys, parse_keys
+from bot.platforms.web_auth import Authenticator, Revocations, Unauthorized, load_keys, parse_keys
 from training.errors import UserError
 
 ALICE, BOB, ACME, BETA = ("sk-alice-0123456789abcdef", "sk-bob-0123456789abcdefgh",
@@ -156,3 +159,108 @@ def test_keys_commands_fail_in_one_line(tmp_path: Path, capsys):
     assert authenticator(load_keys(bare / "k.txt", "")).identify(f"Bearer {carol}", None, None).user == "carol"
     assert stat.S_IMODE((bare / "k.txt").stat().st_mode) == 0o600
     assert not os.path.exists(bare / "keys.txt")
+
+
+# Page sessions
+
+
+DAY = 86400.0
+SECRET = b"s" * 64
+
+
+class Clock:
+    def __init__(self, now: float = 1_800_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sessions(root: Path, clock: Clock, days: int = 30) -> Authenticator:
+    """What a bot with this data folder builds when it starts."""
+    revocations = Revocations.open(root / "web_session.revoked", lifetime_s=days * DAY, clock=clock)
+    return Authenticator(secret=SECRET, keys={}, admin_token=None, admins=[], open_api=False,
+                         session_days=days, revocations=revocations, clock=clock)
+
+
+def test_a_session_lasts_session_days_after_its_last_use(tmp_path: Path):
+    clock = Clock()
+    auth = sessions(tmp_path, clock)
+    cookie = auth.new_session()
+    user = auth.session_user(cookie)
+    assert user and user.startswith("web-") and auth.max_age == 30 * 86400
+    assert auth.refreshed(cookie) is None  # used within the day: not re-issued on every request
+    clock.now += 29 * DAY
+    assert auth.session_user(cookie) == user
+    fresh = auth.refreshed(cookie)  # an active browser gets a new cookie for the same id
+    assert fresh != cookie and auth.session_user(fresh) == user
+    clock.now += 2 * DAY
+    assert auth.session_user(cookie) is None  # 31 days since it was issued
+    with pytest.raises(Unauthorized, match="expired"):
+        auth.identify(None, cookie, None)
+    assert auth.session_user(fresh) == user and auth.identify(None, fresh, None).user == user
+    # A cookie stamped in the future is made up (only a leaked secret could sign one).
+    ahead = Authenticator(secret=SECRET, keys={}, admin_token=None, admins=[], open_api=False,
+                          clock=lambda: clock.now + 2 * DAY).new_session()
+    assert auth.session_user(ahead) is None
+
+
+def test_revoked_sessions_are_refused_by_a_running_bot_and_after_a_restart(tmp_path: Path, capsys):
+    config = config_file(tmp_path, "")
+    clock = Clock(time.time())
+    running = sessions(tmp_path, clock)
+    alice, bob = running.new_session(), running.new_session()
+    alice_id, bob_id = running.session_user(alice), running.session_user(bob)
+    clock.now += 1
+
+    assert main(["--config", config, "sessions", "revoke", alice_id]) == 0
+    assert alice_id in capsys.readouterr().out
+    assert running.session_user(alice) is None and running.session_user(bob) == bob_id  # no restart needed
+    with pytest.raises(Unauthorized, match="revoked"):
+        running.identify(None, alice, None)
+    assert running.refreshed(alice) is None  # a revoked cookie is never re-issued
+    later = sessions(tmp_path, clock)  # the bot restarted
+    assert later.session_user(alice) is None and later.session_user(bob) == bob_id
+    assert main(["--config", config, "sessions", "list"]) == 0
+    assert alice_id in capsys.readouterr().out
+
+    clock.now += 1
+    assert main(["--config", config, "sessions", "revoke", "--all"]) == 0
+    capsys.readouterr()
+    for auth in (running, sessions(tmp_path, clock)):
+        assert auth.session_user(bob) is None
+    clock.now += 0.01
+    new = running.new_session()  # sessions made after the revocation work
+    assert running.session_user(new) and sessions(tmp_path, clock).session_user(new)
+
+    assert main(["--config", config, "sessions", "list"]) == 0
+    assert "every session issued until" in capsys.readouterr().out  # alice's own entry is covered now
+    for argv, message in ((["sessions", "revoke", "alice"], "not a page session"),
+                          (["sessions", "revoke"], "WEB_USER_ID or --all"),
+                          (["sessions", "revoke", "--all", alice_id], "WEB_USER_ID or --all")):
+        assert main(["--config", config, *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_a_cookie_from_before_the_upgrade_keeps_its_id_for_one_lifetime(tmp_path: Path):
+    """Cookies were ``web-<id>.<signature>`` with no time in them: a browser keeps its
+    conversation, gets a stamped cookie on its next request, and the old form expires
+    session_days after the first start that knew about lifetimes."""
+    user = "web-0123456789abcdefghijkl"
+    old = f"{user}.{base64.urlsafe_b64encode(hmac.new(SECRET, user.encode(), 'sha256').digest()).rstrip(b'=').decode()}"
+    clock = Clock()
+    auth = sessions(tmp_path, clock)
+    assert auth.session_user(old) == user
+    stamped = auth.refreshed(old)
+    assert stamped and stamped.count(".") == 2 and auth.session_user(stamped) == user
+    clock.now += 31 * DAY
+    assert sessions(tmp_path, clock).session_user(old) is None  # a restart does not start its clock again
+    assert auth.session_user(stamped) is None
+    # Any revocation covers old cookies too.
+    other = tmp_path / "other"
+    other.mkdir()
+    auth = sessions(other, Clock(time.time()))
+    assert auth.session_user(old) == user
+    assert main(["--config", config_file(other, ""), "sessions", "revoke", user]) == 0
+    assert auth.session_user(old) is None
