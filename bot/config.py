@@ -112,6 +112,7 @@ class WebSettings:
     session_secret: str = opt("web_session.key", "file holding the secret that signs chat page session cookies (relative to the config file; created on first start)")
     session_days: int = opt(30, "a chat page session lasts this many days after its last use: its cookie is re-issued at most once a day while the page is used, so an active browser stays signed in; rolebot sessions revoke ends sessions at once (kept in a .revoked file beside session_secret)", min=1, max=400)
     allowed_hosts: list[str] = opt([], "names besides loopback ones that browsers may reach this server by (the Host header; 'name' or 'name:port', '*' for any): a loopback bind answers no other name, so a DNS-rebinding page cannot read it; set the public name when a reverse proxy passes its own Host on")
+    secure_cookies: bool = opt(False, "mark the chat page's session cookie Secure, so browsers send it over HTTPS only: set it when the page is served over HTTPS (e.g. by a TLS proxy in front); a request that came over TLS, or says X-Forwarded-Proto: https, gets a Secure cookie anyway")
 
 
 @dataclass

@@ -374,7 +374,8 @@ def test_credentials_are_redacted_from_every_log_line_and_traceback():
     assert "basic rules: the bearer of news keeps its words" in text  # ordinary words stay
 
 
-# Item 8: page sessions last [web] session_days after their last use and can be revoked.
+# Item 8: page sessions last [web] session_days after their last use, can be revoked, and are
+# Secure behind a TLS proxy.
 
 DAYS_30 = str(30 * 86400)
 
@@ -401,16 +402,23 @@ async def with_cookie(url: str, cookie: str, method: str = "GET", path: str = "/
 
 
 @ASYNC
-async def test_the_session_cookie_lasts_30_days(site):
+async def test_the_session_cookie_lasts_30_days_and_is_secure_behind_tls(site):
     _, url = site
     cookie = await new_browser(url)
     assert cookie["max-age"] == DAYS_30 and cookie["httponly"] and cookie["samesite"] == "Strict"  # was 400 days
+    assert not cookie["secure"]  # plain http on loopback: a Secure cookie would never come back
+    # A TLS proxy in front says so; Secure then (only ever a stricter cookie, whoever sends it).
+    for proto in ("https", "https, http", "HTTPS"):
+        assert (await new_browser(url, {"X-Forwarded-Proto": proto}))["secure"], proto
+    assert not (await new_browser(url, {"X-Forwarded-Proto": "http"}))["secure"]
 
 
 @ASYNC
-async def test_session_days_is_a_setting(tmp_path, model_url):
-    async with serving(tmp_path, config(model_url, str(tmp_path / "no-local-model"), "session_days = 7")) as (app, url):
-        assert (await new_browser(url))["max-age"] == str(7 * 86400)
+async def test_secure_cookies_and_session_days_are_settings(tmp_path, model_url):
+    text = config(model_url, str(tmp_path / "no-local-model"), "secure_cookies = true\nsession_days = 7")
+    async with serving(tmp_path, text) as (app, url):
+        cookie = await new_browser(url)
+        assert cookie["secure"] and cookie["max-age"] == str(7 * 86400)
 
 
 @ASYNC

@@ -125,6 +125,7 @@ def from_config(config: Config, service: Service, options: Options) -> WebChat |
         admin_token_env=config.service.admin_token_env,
         auth=auth,
         guard=Guard(loopback_bind=is_loopback(host), allowed_hosts=config.web.allowed_hosts),
+        secure_cookies=config.web.secure_cookies,
     )
 
 
@@ -134,8 +135,10 @@ class WebChat:
     name = "web"
 
     def __init__(self, service: Service, *, host: str, port: int, admin_token: str | None,
-                 auth: Authenticator, admin_token_env: str = "ROLEBOT_ADMIN_TOKEN", guard: Guard | None = None):
+                 auth: Authenticator, admin_token_env: str = "ROLEBOT_ADMIN_TOKEN", guard: Guard | None = None,
+                 secure_cookies: bool = False):
         self.service = service
+        self.secure_cookies = secure_cookies
         self.auth = auth
         self.guard = guard or Guard(loopback_bind=is_loopback(host))
         self.host = host
@@ -202,8 +205,18 @@ class WebChat:
         # on_response_prepare, where _reissue_session adds one.
         morsel = SimpleCookie({COOKIE: cookie})[COOKIE]
         morsel.update({"max-age": str(self.auth.max_age), "path": "/", "httponly": True, "samesite": "Strict",
-                       "secure": request.secure})
+                       "secure": self._secure(request)})
         response.headers.add("Set-Cookie", morsel.OutputString())
+
+    def _secure(self, request: web.Request) -> bool:
+        """Whether the session cookie is marked Secure (sent back over HTTPS only): with [web]
+        secure_cookies, over TLS to this server, or when a TLS proxy in front says
+        ``X-Forwarded-Proto: https``. Believing that header from anyone is safe: it can only make
+        the cookie stricter (a browser on plain http then does not send it back, which breaks only
+        the session of whoever sent the header), never drop Secure where it belongs."""
+        forwarded = request.headers.get("X-Forwarded-Proto", "")
+        return (self.secure_cookies or request.secure
+                or any(proto.strip().lower() == "https" for proto in forwarded.split(",")))
 
     async def _reissue_session(self, request: web.Request, response: web.StreamResponse) -> None:
         """Before any answer's headers go out (a stream's too): a session cookie issued more than
