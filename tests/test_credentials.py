@@ -215,6 +215,7 @@ def test_revoked_sessions_are_refused_by_a_running_bot_and_after_a_restart(tmp_p
 
     assert main(["--config", config, "sessions", "revoke", alice_id]) == 0
     assert alice_id in capsys.readouterr().out
+    assert stat.S_IMODE((tmp_path / "web_session.revoked").stat().st_mode) == 0o600
     assert running.session_user(alice) is None and running.session_user(bob) == bob_id  # no restart needed
     with pytest.raises(Unauthorized, match="revoked"):
         running.identify(None, alice, None)

@@ -451,12 +451,17 @@ async def test_a_used_session_is_reissued_and_an_unused_one_expires(site):
 
 
 @ASYNC
-async def test_rolebot_sessions_revoke_signs_browsers_out_at_once_and_across_restarts(tmp_path, model_url):
+async def test_rolebot_sessions_revoke_signs_browsers_out_at_once_and_across_restarts(tmp_path, model_url, capsys):
     text = config(model_url, str(tmp_path / "no-local-model"))
     config_path = str(tmp_path / "config.toml")
     async with serving(tmp_path, text) as (app, url):
         alice, bob = (await new_browser(url)).value, (await new_browser(url)).value
         assert (await with_cookie(url, alice))[0] == 200 and (await with_cookie(url, bob))[0] == 200
+        status, _, _ = await with_cookie(url, alice, "POST", "/v1/chat/completions",
+                                         json={"messages": [{"role": "user", "content": "你好"}]})
+        assert status == 200
+        assert main(["--config", config_path, "sessions", "list"]) == 0  # where the id to revoke is found
+        assert f"{alice.split('.')[0]}  last active" in capsys.readouterr().out
         assert main(["--config", config_path, "sessions", "revoke", alice.split(".")[0]]) == 0
         status, body, _ = await with_cookie(url, alice)  # the running bot, no restart
         assert status == 401 and "revoked" in body["error"]["message"]
