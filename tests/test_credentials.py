@@ -265,3 +265,18 @@ def test_a_cookie_from_before_the_upgrade_keeps_its_id_for_one_lifetime(tmp_path
     assert auth.session_user(old) == user
     assert main(["--config", config_file(other, ""), "sessions", "revoke", user]) == 0
     assert auth.session_user(old) is None
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to give files away")
+def test_run_with_sudo_the_commands_leave_the_files_to_the_bots_user(tmp_path: Path, capsys):
+    """The bot reads these files as its own user; a rewrite by root must not take them away."""
+    config = config_file(tmp_path)
+    keys, revoked = tmp_path / "keys.txt", tmp_path / "web_session.revoked"
+    keys.write_text(f"{BOB} bob\n{ACME} acme/*\n", encoding="utf-8")
+    Revocations.open(revoked, lifetime_s=DAY)
+    for path in (keys, revoked):
+        os.chown(path, 4321, 4321)
+    assert main(["--config", config, "keys", "remove", "bob"]) == 0
+    assert main(["--config", config, "sessions", "revoke", "--all"]) == 0
+    for path in (keys, revoked):
+        assert (path.stat().st_uid, path.stat().st_gid) == (4321, 4321), path

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from bot.config import load_config
-from bot.platforms.web_auth import HASHED, key_hash, load_keys, parse_entry, parse_keys
+from bot.platforms.web_auth import HASHED, key_hash, load_keys, parse_entry, parse_keys, same_owner
 from training.errors import UserError
 
 DESCRIPTION = """\
@@ -170,6 +170,7 @@ def _replace(path: Path, text: str) -> None:
                 out.flush()
                 os.fsync(out.fileno())
             os.chmod(temporary, mode)
+            same_owner(temporary, path)
             os.replace(temporary, path)
         except BaseException:
             os.unlink(temporary)

@@ -322,6 +322,7 @@ class Revocations:
                     except FileExistsError:
                         pass
                 else:
+                    same_owner(temporary, self.path)
                     os.replace(temporary, self.path)
             finally:
                 if os.path.exists(temporary):
@@ -329,6 +330,21 @@ class Revocations:
         except OSError as exc:
             raise UserError(f"session revocations {self.path}: {exc.strerror or exc}; make its folder writable "
                             "or point [web] session_secret elsewhere") from None
+
+
+def same_owner(temporary: str | Path, path: Path) -> None:
+    """Give a file about to replace ``path`` the owner ``path`` has, where this process may (run
+    as root, e.g. with sudo): a bot running as that owner must go on reading it."""
+    try:
+        old, new = os.stat(path), os.stat(temporary)
+    except FileNotFoundError:
+        return
+    if (old.st_uid, old.st_gid) != (new.st_uid, new.st_gid):
+        try:
+            os.chown(temporary, old.st_uid, old.st_gid)
+        except PermissionError:
+            log.warning("%s belongs to uid %d; written as uid %d, the bot may not read it: run rolebot as the "
+                        "bot's user", path, old.st_uid, new.st_uid)
 
 
 def is_loopback(host: str) -> bool:
