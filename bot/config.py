@@ -107,10 +107,12 @@ class WebSettings:
     enabled: bool = opt(True, "serve the local web chat and its HTTP API")
     host: str = opt("127.0.0.1", "address to bind")
     port: int = opt(8080, "port to bind", min=0, max=65535)
-    api_keys_file: str = opt("", "file of API keys, one 'KEY IDENTITY' per line; IDENTITY is a user id, or 'NAME/*' for a key that acts for many end users (their user field becomes NAME/user)")
+    api_keys_file: str = opt("", "file of API keys, one 'KEY IDENTITY' or 'sha256:<hex of the key's SHA-256> IDENTITY' per line (rolebot keys add writes the hashed form; only hashes are kept in memory); IDENTITY is a user id, or 'NAME/*' for a key that acts for many end users (their user field becomes NAME/user); read when the bot starts")
     api_keys_env: str = opt("ROLEBOT_API_KEYS", "env var with more API keys in the same form, separated by newlines or commas")
     session_secret: str = opt("web_session.key", "file holding the secret that signs chat page session cookies (relative to the config file; created on first start)")
+    session_days: int = opt(30, "a chat page session lasts this many days after its last use: its cookie is re-issued at most once a day while the page is used, so an active browser stays signed in; rolebot sessions revoke ends sessions at once (kept in a .revoked file beside session_secret)", min=1, max=400)
     allowed_hosts: list[str] = opt([], "names besides loopback ones that browsers may reach this server by (the Host header; 'name' or 'name:port', '*' for any): a loopback bind answers no other name, so a DNS-rebinding page cannot read it; set the public name when a reverse proxy passes its own Host on")
+    secure_cookies: bool = opt(False, "mark the chat page's session cookie Secure, so browsers send it over HTTPS only: set it when the page is served over HTTPS (e.g. by a TLS proxy in front); a request that came over TLS, or says X-Forwarded-Proto: https, gets a Secure cookie anyway")
 
 
 @dataclass

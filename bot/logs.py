@@ -7,8 +7,9 @@ and each such request added an ERROR and ten lines of traceback. ``MalformedRequ
 aiohttp's server logger) turns them into one WARNING line, at most one a minute, counting the
 rest; ``Redact`` (on that logger and on every handler ``rolebot`` logs through) replaces
 credentials in every message and traceback: the secrets the front-ends registered with
-``keep_secret`` (the admin token, API keys, bot tokens) and whatever looks like one (the value of
-an Authorization, Cookie or API-key header, a Bearer token, a session cookie).
+``keep_secret`` (the admin token, bot tokens) and whatever looks like one (the value of an
+Authorization, Cookie or API-key header, a Bearer token, a session cookie: API keys are held only
+as hashes, so these patterns are what redact them).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import pytest_asyncio
 import yarl
 
 from bot.app import App
-from bot.platforms.web_auth import COOKIE, Authenticator, is_loopback, load_keys, load_secret, parse_keys
+from bot.platforms.web_auth import COOKIE, Authenticator, is_loopback, key_hash, load_keys, load_secret, parse_keys
 from served import rows, serving
 from training.errors import UserError
 
@@ -137,12 +137,13 @@ async def test_the_page_gives_a_signed_httponly_cookie_and_a_forged_one_is_refus
             assert response.status == 200
             answer = await response.json()
     user = speaker(app, answer)
-    assert user == cookie.rpartition(".")[0] and user.startswith("web-")  # the cookie's id, not "alice"
+    assert user == cookie.split(".")[0] and user.startswith("web-")  # the cookie's id, not "alice"
     assert "网页来客" in rows(app, "SELECT prompt FROM messages WHERE id = ?", int(answer["id"]))[0][0]
 
     forged = [
         "web-someoneelse.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",  # a made-up signature
-        user + "x." + cookie.rpartition(".")[2],  # another id with this cookie's signature
+        user + "x." + cookie.split(".", 1)[1],  # another id with this cookie's time and signature
+        f"{user}.{int(cookie.split('.')[1]) + 10**9}.{cookie.split('.')[2]}",  # a later time, the same signature
         "alice",  # no signature at all
     ]
     for value in forged:
@@ -183,7 +184,7 @@ async def test_the_session_secret_is_private_and_survives_a_restart(site):
     first = Authenticator(secret=load_secret(path), keys={}, admin_token=None, admins=[], open_api=False)
     again = Authenticator(secret=load_secret(path), keys={}, admin_token=None, admins=[], open_api=False)
     cookie = first.new_session()
-    assert again.session_user(cookie) == cookie.rpartition(".")[0]
+    assert again.session_user(cookie) == cookie.split(".")[0]
     other = Authenticator(secret=load_secret(root / "other.key"), keys={}, admin_token=None, admins=[], open_api=False)
     assert other.session_user(cookie) is None
 
@@ -193,9 +194,12 @@ async def test_the_session_secret_is_private_and_survives_a_restart(site):
 
 def test_key_files_are_checked_line_by_line(tmp_path: Path):
     keys = parse_keys("# comment\n\nsk-0123456789abcdef alice  # trailing\nsk-fedcba9876543210 acme/*\n", "keys.txt")
-    assert {k: v.identity for k, v in keys.items()} == {"sk-0123456789abcdef": "alice", "sk-fedcba9876543210": "acme/*"}
-    assert keys["sk-fedcba9876543210"].user("bob") == "acme/bob" and keys["sk-fedcba9876543210"].user(None) == "acme/anonymous"
-    assert keys["sk-0123456789abcdef"].user("bob") == "alice"
+    # Held by the keys' hashes (tests/test_credentials.py: no key stays in memory).
+    assert {k: v.identity for k, v in keys.items()} == {key_hash("sk-0123456789abcdef"): "alice",
+                                                        key_hash("sk-fedcba9876543210"): "acme/*"}
+    acme, alice = keys[key_hash("sk-fedcba9876543210")], keys[key_hash("sk-0123456789abcdef")]
+    assert acme.user("bob") == "acme/bob" and acme.user(None) == "acme/anonymous"
+    assert alice.user("bob") == "alice"
     bad = {
         "short alice": "line 1: the key is 5 characters",
         "sk-0123456789abcdef": "line 1: expected 'KEY IDENTITY'",

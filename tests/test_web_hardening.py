@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -16,6 +17,8 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from bot.cli import main
+from bot.platforms.web_auth import COOKIE, Authenticator, load_secret
 from served import rows, serving
 
 ASYNC = pytest.mark.asyncio(loop_scope="module")
@@ -369,3 +372,106 @@ def test_credentials_are_redacted_from_every_log_line_and_traceback():
         assert secret not in text, text
     assert text.count("[redacted]") >= 4 and "Traceback" in text and "ValueError" in text
     assert "basic rules: the bearer of news keeps its words" in text  # ordinary words stay
+
+
+# Item 8: page sessions last [web] session_days after their last use, can be revoked, and are
+# Secure behind a TLS proxy.
+
+DAYS_30 = str(30 * 86400)
+
+
+def page_cookie(response: aiohttp.ClientResponse):
+    """The session cookie a response sets (a Morsel), or None."""
+    return response.cookies.get(COOKIE)
+
+
+async def new_browser(url: str, headers: dict | None = None):
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        async with http.get(url + "/", headers=headers or {}) as response:
+            assert response.status == 200
+            return page_cookie(response)
+
+
+async def with_cookie(url: str, cookie: str, method: str = "GET", path: str = "/api/conversation", **kwargs):
+    """(status, body or None, the cookie the answer sets or None) of a request carrying ``cookie``."""
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        async with http.request(method, url + path, headers={"Cookie": f"{COOKIE}={cookie}"}, **kwargs) as response:
+            body = await response.read()
+            data = json.loads(body) if response.content_type == "application/json" else None
+            return response.status, data, page_cookie(response)
+
+
+@ASYNC
+async def test_the_session_cookie_lasts_30_days_and_is_secure_behind_tls(site):
+    _, url = site
+    cookie = await new_browser(url)
+    assert cookie["max-age"] == DAYS_30 and cookie["httponly"] and cookie["samesite"] == "Strict"  # was 400 days
+    assert not cookie["secure"]  # plain http on loopback: a Secure cookie would never come back
+    # A TLS proxy in front says so; Secure then (only ever a stricter cookie, whoever sends it).
+    for proto in ("https", "https, http", "HTTPS"):
+        assert (await new_browser(url, {"X-Forwarded-Proto": proto}))["secure"], proto
+    assert not (await new_browser(url, {"X-Forwarded-Proto": "http"}))["secure"]
+
+
+@ASYNC
+async def test_secure_cookies_and_session_days_are_settings(tmp_path, model_url):
+    text = config(model_url, str(tmp_path / "no-local-model"), "secure_cookies = true\nsession_days = 7")
+    async with serving(tmp_path, text) as (app, url):
+        cookie = await new_browser(url)
+        assert cookie["secure"] and cookie["max-age"] == str(7 * 86400)
+
+
+@ASYNC
+async def test_a_used_session_is_reissued_and_an_unused_one_expires(site):
+    app, url = site
+    secret = load_secret(app.config.path(app.config.web.session_secret))
+
+    def issued(days_ago: float) -> str:
+        when = time.time() - days_ago * 86400
+        return Authenticator(secret=secret, keys={}, admin_token=None, admins=[], open_api=False,
+                             clock=lambda: when).new_session()
+
+    used = issued(2)
+    status, _, fresh = await with_cookie(url, used)
+    assert status == 200 and fresh is not None and fresh.value != used
+    assert fresh.value.split(".")[0] == used.split(".")[0]  # the same browser, the same conversation
+    assert fresh["max-age"] == DAYS_30 and fresh["httponly"] and fresh["samesite"] == "Strict"
+    # A streamed reply's answer carries it too (set before the stream's headers go out).
+    status, _, streamed = await with_cookie(url, used, "POST", "/v1/chat/completions",
+                                            json={"messages": [{"role": "user", "content": "你好"}], "stream": True})
+    assert status == 200 and streamed is not None and streamed.value.split(".")[0] == used.split(".")[0]
+    status, _, again = await with_cookie(url, fresh.value)
+    assert status == 200 and again is None  # used today: not re-issued on every request
+
+    stale = issued(31)
+    status, body, none = await with_cookie(url, stale)
+    assert status == 401 and "expired" in body["error"]["message"] and none is None
+    status, _, replaced = await with_cookie(url, stale, path="/")
+    assert status == 200 and replaced.value.split(".")[0] != stale.split(".")[0]  # a new session
+
+
+@ASYNC
+async def test_rolebot_sessions_revoke_signs_browsers_out_at_once_and_across_restarts(tmp_path, model_url, capsys):
+    text = config(model_url, str(tmp_path / "no-local-model"))
+    config_path = str(tmp_path / "config.toml")
+    async with serving(tmp_path, text) as (app, url):
+        alice, bob = (await new_browser(url)).value, (await new_browser(url)).value
+        assert (await with_cookie(url, alice))[0] == 200 and (await with_cookie(url, bob))[0] == 200
+        status, _, _ = await with_cookie(url, alice, "POST", "/v1/chat/completions",
+                                         json={"messages": [{"role": "user", "content": "你好"}]})
+        assert status == 200
+        assert main(["--config", config_path, "sessions", "list"]) == 0  # where the id to revoke is found
+        assert f"{alice.split('.')[0]}  last active" in capsys.readouterr().out
+        assert main(["--config", config_path, "sessions", "revoke", alice.split(".")[0]]) == 0
+        status, body, _ = await with_cookie(url, alice)  # the running bot, no restart
+        assert status == 401 and "revoked" in body["error"]["message"]
+        assert (await with_cookie(url, bob))[0] == 200
+        status, _, replaced = await with_cookie(url, alice, path="/")
+        assert replaced.value.split(".")[0] != alice.split(".")[0]  # the page starts a new session
+    async with serving(tmp_path, text) as (app, url):
+        assert (await with_cookie(url, alice))[0] == 401 and (await with_cookie(url, bob))[0] == 200
+        assert main(["--config", config_path, "sessions", "revoke", "--all"]) == 0
+        assert (await with_cookie(url, bob))[0] == 401
+    async with serving(tmp_path, text) as (app, url):
+        assert (await with_cookie(url, bob))[0] == 401
+        assert (await with_cookie(url, (await new_browser(url)).value))[0] == 200

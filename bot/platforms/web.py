@@ -19,7 +19,9 @@ admin API behind a bearer token.
 reply); ``/stop`` stops one. Before any handler reads a request, ``web_guard`` refuses a ``Host`` that is
 not this server's (421), another site's request (403) and a body not sent as JSON (415). Who the caller
 is comes from ``web_auth``: the session cookie, an API key, the admin token, or (only on a loopback
-server with no keys) the ``user`` field. Only the last user message of a
+server with no keys) the ``user`` field. An answer to a request whose session cookie was issued more
+than a day ago carries a new one for the same id (``[web] session_days`` after the last use, then
+it expires). Only the last user message of a
 chat request is new: the conversation the model sees is the one the store holds for that user,
 so earlier messages in the request are not used. A client that disconnects cancels its reply.
 """
@@ -35,6 +37,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
+from http.cookies import SimpleCookie
 from importlib import resources
 from typing import Any
 
@@ -44,7 +47,8 @@ from aiohttp import web
 from bot.config import Config, secret
 from bot.logs import ServerLogs, keep_secret
 from bot.platforms import Options
-from bot.platforms.web_auth import COOKIE, COOKIE_MAX_AGE, Authenticator, Identity, Unauthorized, is_loopback, load_keys, load_secret
+from bot.platforms.web_auth import (COOKIE, Authenticator, Identity, Revocations, Unauthorized, is_loopback, load_keys,
+                                    load_secret, revocations_path)
 from bot.platforms.web_guard import Guard
 from bot.service import Answer, IncomingMessage, NotSetUp, Overrides, Reply, Service, UnknownMessage, clean_label
 from bot.status import as_json
@@ -98,16 +102,21 @@ def from_config(config: Config, service: Service, options: Options) -> WebChat |
     keys_file = config.path(config.web.api_keys_file) if config.web.api_keys_file else None
     keys = load_keys(keys_file, config.web.api_keys_env)
     admin_token = secret(config.service.admin_token_env)
-    for credential in (admin_token, *keys):  # never in a log line
-        keep_secret(credential)
+    # Never in a log line. API keys are held only as hashes: the Bearer and Authorization
+    # patterns of bot.logs redact them.
+    keep_secret(admin_token)
     open_api = is_loopback(host) and not keys
     if not open_api and not keys:
         log.warning("[web] host %s is not a loopback address and no API keys are set: the HTTP API refuses "
                     "requests without a key (401); the chat page works with its session cookies. Set keys "
                     "with [web] api_keys_file or $%s", host, config.web.api_keys_env)
-    auth = Authenticator(secret=load_secret(config.path(config.web.session_secret)), keys=keys,
+    secret_file = config.path(config.web.session_secret)
+    session_s = config.web.session_days * 24 * 3600
+    auth = Authenticator(secret=load_secret(secret_file), keys=keys,
                          admin_token=admin_token, admins=config.service.admins_web, open_api=open_api,
-                         keys_hint=f"[web] api_keys_file or ${config.web.api_keys_env}")
+                         keys_hint=f"[web] api_keys_file or ${config.web.api_keys_env}",
+                         session_days=config.web.session_days,
+                         revocations=Revocations.open(revocations_path(secret_file), lifetime_s=session_s))
     return WebChat(
         service,
         host=host,
@@ -116,6 +125,7 @@ def from_config(config: Config, service: Service, options: Options) -> WebChat |
         admin_token_env=config.service.admin_token_env,
         auth=auth,
         guard=Guard(loopback_bind=is_loopback(host), allowed_hosts=config.web.allowed_hosts),
+        secure_cookies=config.web.secure_cookies,
     )
 
 
@@ -125,8 +135,10 @@ class WebChat:
     name = "web"
 
     def __init__(self, service: Service, *, host: str, port: int, admin_token: str | None,
-                 auth: Authenticator, admin_token_env: str = "ROLEBOT_ADMIN_TOKEN", guard: Guard | None = None):
+                 auth: Authenticator, admin_token_env: str = "ROLEBOT_ADMIN_TOKEN", guard: Guard | None = None,
+                 secure_cookies: bool = False):
         self.service = service
+        self.secure_cookies = secure_cookies
         self.auth = auth
         self.guard = guard or Guard(loopback_bind=is_loopback(host))
         self.host = host
@@ -143,6 +155,7 @@ class WebChat:
 
     def application(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors, guarded(self.guard)])
+        app.on_response_prepare.append(self._reissue_session)
         app.router.add_get("/", self.page)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
@@ -184,9 +197,34 @@ class WebChat:
                                 content_type="text/html", charset="utf-8")
         if self.auth.session_user(request.cookies.get(COOKIE)) is None:
             # The visitor's identity: an id only this server can sign, which scripts cannot read.
-            response.set_cookie(COOKIE, self.auth.new_session(), max_age=COOKIE_MAX_AGE, path="/",
-                                httponly=True, samesite="Strict", secure=request.secure)
+            self._set_session(request, response, self.auth.new_session())
         return response
+
+    def _set_session(self, request: web.Request, response: web.StreamResponse, cookie: str) -> None:
+        # As a header, not response.set_cookie: aiohttp turns its cookies into headers before
+        # on_response_prepare, where _reissue_session adds one.
+        morsel = SimpleCookie({COOKIE: cookie})[COOKIE]
+        morsel.update({"max-age": str(self.auth.max_age), "path": "/", "httponly": True, "samesite": "Strict",
+                       "secure": self._secure(request)})
+        response.headers.add("Set-Cookie", morsel.OutputString())
+
+    def _secure(self, request: web.Request) -> bool:
+        """Whether the session cookie is marked Secure (sent back over HTTPS only): with [web]
+        secure_cookies, over TLS to this server, or when a TLS proxy in front says
+        ``X-Forwarded-Proto: https``. Believing that header from anyone is safe: it can only make
+        the cookie stricter (a browser on plain http then does not send it back, which breaks only
+        the session of whoever sent the header), never drop Secure where it belongs."""
+        forwarded = request.headers.get("X-Forwarded-Proto", "")
+        return (self.secure_cookies or request.secure
+                or any(proto.strip().lower() == "https" for proto in forwarded.split(",")))
+
+    async def _reissue_session(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Before any answer's headers go out (a stream's too): a session cookie issued more than
+        a day ago comes back new, so a browser in use stays signed in (``Authenticator.refreshed``)."""
+        if response.status >= 400 or any(v.startswith(f"{COOKIE}=") for v in response.headers.getall("Set-Cookie", ())):
+            return
+        if cookie := self.auth.refreshed(request.cookies.get(COOKIE)):
+            self._set_session(request, response, cookie)
 
     def identify(self, request: web.Request, claimed: str | None) -> Identity:
         """Raises ``Unauthorized``; ``claimed`` is the body's ``user`` field, if any."""
