@@ -68,7 +68,7 @@ class ReplyFilter:
         # A label at the reply's start is dropped: the character's own (``甄嬛：``) or, where the
         # model opened with another speaker's, that one too (the user hears no label).
         names = [re.escape(n) for n in sorted({*hygiene.names, *hygiene.speakers} - {""}, key=len, reverse=True)]
-        self.own_label = re.compile(r"^\s*(?:" + "|".join(names) + r")[ \t]*(?:[（(][^）)\n]{0,24}[）)])?[ \t]*[:：]\s*") if names else None
+        self.leading_label = re.compile(r"^\s*(?:" + "|".join(names) + r")[ \t]*(?:[（(][^）)\n]{0,24}[）)])?[ \t]*[:：]\s*") if names else None
         others = sorted({s for s in hygiene.speakers if s and s not in hygiene.names}, key=len, reverse=True)
         # A known speaker's label after a finished sentence, on the same line: ``…告退。皇帝：``.
         self.inline_label = re.compile(r"(?<=[。！？!?…」”])[ \t]*(?:" + "|".join(map(re.escape, others)) + r")[ \t]*[:：]") if others else None
@@ -132,17 +132,17 @@ class ReplyFilter:
             stripped = stripped[match.end():]
         elif any(word.startswith(stripped.lower().lstrip("# \t")) for word in LEADING_WORDS) and len(stripped) < 16:
             return False  # wait for more
-        if self.own_label is not None:
-            match = self.own_label.match(stripped)
+        if self.leading_label is not None:
+            match = self.leading_label.match(stripped)
             if match:
                 stripped = stripped[match.end():]
-            elif self._may_become_own_label(stripped):
+            elif self._may_become_label(stripped):
                 return False
         self.text = stripped
         self.started = True
         return True
 
-    def _may_become_own_label(self, text: str) -> bool:
+    def _may_become_label(self, text: str) -> bool:
         for name in (*self.hygiene.names, *self.hygiene.speakers):
             if name and (name.startswith(text) or (text.startswith(name) and _LABEL_REST.fullmatch(text[len(name):]))):
                 return True
