@@ -1,0 +1,394 @@
+"""A cast on one base model: every character's LoRA adapter loaded at once, chosen per request.
+
+Multi-LoRA servers (vLLM ``--enable-lora``, LoRAX, Punica's SGMV/BGMV kernels) keep one copy of
+the base and apply each row's adapter in the same step. peft's own mixed-adapter batches
+(``adapter_names=``) split the batch by *row*; transformers' continuous batching runs each step
+as one flat row of every request's tokens (prefill chunks and decoding tokens side by side), so
+a per-row split cannot tell the requests apart. Here the split is per *token*:
+
+- every character's version is a named PEFT adapter on the one model ("c0", "c1", …);
+- before each step, the host writes a mask per adapter slot over the step's tokens (which
+  request each token belongs to, which slot that request carries) into a fixed device buffer,
+  so a captured CUDA graph reads the new masks at the same address;
+- each LoRA layer computes ``base(x) + Σ_slot mask_slot · B_slot(A_slot(x)) · scale_slot``.
+
+A token's own adapter is added with a mask of 1 and every other adapter with exact zeros, so a
+reply computes the same values in a mixed batch as in a batch of its character alone. The extra
+cost per step is one LoRA product per loaded slot (r × (in + out) per token for each, against the
+base's in × out), measured in README (bench/serve.py --cast).
+
+Prompt blocks shared between requests (prefix sharing) are keyed by the tokens they hold; their
+keys and values depend on the adapter, so the first block's hash is salted with the slot and its
+version: one character never reads another's cached blocks, and a character's new version never
+reads its old one's, while every other character's cache stays warm.
+
+Hot swap is per character: a new version of the loaded shape is copied into that slot's tensors
+once that character's replies in flight have finished (its new requests wait; everyone else's go
+on). A version of another shape (rank, targets), or a character's first adapter, loads as a new
+PEFT adapter, which rebuilds the manager once every reply has finished, as the single engine does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from bot.config import Config, GenerationSettings
+from bot.engine.base import EngineStatus, hygiene_for, prompt_budget
+from bot.engine.local import LocalEngine, Tuning, _cached_tokens
+from bot.engine.stream import ReplyStream
+from bot.engine.swap import CopyWeights, plan_swap
+from training.hygiene import Hygiene
+from training.prompts import Sample
+from training.registry import Version
+
+log = logging.getLogger(__name__)
+
+SALT = 1_000_003  # the first block's hash of slot s at version generation g starts from (s + 1) * SALT + g
+
+
+class Router:
+    """Which adapter slot each token of a step belongs to, as one mask per slot on the device."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.names: list[str | None] = [None] * slots  # the PEFT adapter of each slot; None: the base
+        self.generation = [0] * slots  # bumped by every swap of the slot: its cached blocks go stale
+        self.slot_of: dict[str, int] = {}  # request id -> slot, while the request is in the manager
+        self.masks = None  # [slots, tokens, 1] on the model's device, in the compute dtype
+        self._host = None
+        self.salt: int | None = None  # set while a request's prompt blocks are hashed
+
+    def allocate(self, tokens: int, device, dtype) -> None:
+        import torch
+
+        self.masks = torch.zeros((self.slots, tokens, 1), dtype=dtype, device=device)
+        self._host = torch.zeros((self.slots, tokens, 1), dtype=dtype)
+
+    def salt_of(self, request_id: str) -> int | None:
+        slot = self.slot_of.get(request_id, -1)
+        return None if slot < 0 or self.names[slot] is None else (slot + 1) * SALT + self.generation[slot]
+
+    def prepare(self, requests_in_batch) -> None:
+        """Before a step (on the generation thread): the masks of its tokens, in batch order."""
+        host = self._host
+        host.zero_()
+        position = 0
+        limit = host.shape[1]
+        for future in requests_in_batch:
+            count = future.query_length
+            slot = self.slot_of.get(future.state.request_id, -1)
+            if slot >= 0 and self.names[slot] is not None:
+                host[slot, position:min(position + count, limit)] = 1
+            position += count
+        self.masks.copy_(host)
+
+
+def route(model, router: Router) -> int:
+    """Make every LoRA layer of ``model`` apply its slots' adapters per token; returns how many
+    layers. Idempotent: a layer routed already is left as it is (a newly loaded adapter adds
+    its tensors to the same layers; new target modules get new layers, routed here)."""
+    import types
+
+    from peft.tuners.lora import LoraLayer
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and hasattr(module, "base_layer"):
+            if getattr(module, "_rolebot_router", None) is not router:
+                module._rolebot_router = router
+                module.forward = types.MethodType(_routed_forward, module)
+            count += 1
+    return count
+
+
+def _routed_forward(self, x, *args, **kwargs):
+    """A LoRA layer's forward with each token's own adapter (``Router``)."""
+    result = self.base_layer(x, *args, **kwargs)
+    router = self._rolebot_router
+    tokens = x.shape[-2]
+    for slot, name in enumerate(router.names):
+        if name is None or name not in self.lora_A:
+            continue
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        delta = lora_b(lora_a(x.to(lora_a.weight.dtype))) * self.scaling[name]
+        result = result + (delta * router.masks[slot, :tokens]).to(result.dtype)
+    return result
+
+
+def _salt_prefix_hashes(cache, router: Router) -> None:
+    """Make the cache's prefix-sharing hashes start from each request's slot salt."""
+    blocks = cache._block_manager
+    compute_hash = blocks.compute_hash
+    search = cache.search_prefix_match
+    mark = cache.mark_shareable_blocks_as_complete
+
+    def salted_hash(parent_hash, tokens, group_id):
+        return compute_hash(router.salt if parent_hash is None else parent_hash, tokens, group_id)
+
+    def salted_search(request_id, prompt_ids):
+        router.salt = router.salt_of(request_id)
+        try:
+            return search(request_id, prompt_ids)
+        finally:
+            router.salt = None
+
+    def salted_mark(state, num_complete_blocks):
+        router.salt = router.salt_of(state.request_id)
+        try:
+            return mark(state, num_complete_blocks)
+        finally:
+            router.salt = None
+
+    blocks.compute_hash = salted_hash
+    cache.search_prefix_match = salted_search
+    cache.mark_shareable_blocks_as_complete = salted_mark
+
+
+@dataclass(eq=False)
+class Voice:
+    """One cast member's view of the shared engine: the ``Engine`` interface the service uses,
+    with the member's prompts, reply hygiene and adapter version."""
+
+    engine: CastEngine
+    slot: int
+    config: Config
+    adapter_version: str | None
+    hygiene: Hygiene = field(init=False)
+    swapping: bool = False
+    _drained: asyncio.Future | None = None
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def __post_init__(self) -> None:
+        self.hygiene = hygiene_for(self.config)
+        self.style = self.config.prompt_style()
+        self.special = self.style.fmt != "chat"
+        self.max_prompt_tokens = prompt_budget(self.config)
+
+    @property
+    def name(self) -> str:
+        return self.config.character.name
+
+    @property
+    def backend(self) -> str:
+        return self.engine.backend
+
+    async def start(self) -> None:  # the shared engine starts and closes once, with the app
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def count_tokens(self, text: str) -> int:
+        return self.engine.count_tokens(text)
+
+    def render(self, sample: Sample, *, history_first: bool | None = None, prefix: bool = False) -> str:
+        with self.engine._tokenizer_lock:
+            return self.style.render(sample, self.engine.tokenizer, history_first=history_first, prefix=prefix)
+
+    def generate(self, prompt: str, sampling: GenerationSettings | None = None) -> ReplyStream:
+        return self.engine._submit(prompt, sampling, self)
+
+    def prefill(self, prompt: str) -> bool:
+        return self.engine._prefill(prompt, self)
+
+    async def swap_adapter(self, version: Version | None) -> None:
+        await self.engine.swap_voice(self, version)
+
+    def status(self) -> EngineStatus:
+        status = self.engine.status()
+        mine = sum(1 for reply in self.engine._live.values() if reply.slot == self.slot)
+        from dataclasses import replace
+
+        return replace(status, adapter_version=self.adapter_version,
+                       batching=f"{status.batching}; {len(self.engine.voices)} characters' adapters on one base, "
+                                f"{mine} of this character's replies generating")
+
+    def busy(self) -> bool:
+        """Replies or prefills of this character still in the manager."""
+        slot = self.slot
+        return (any(r.slot == slot for r in self.engine._live.values())
+                or any(self.engine._router.slot_of.get(rid) == slot for rid in self.engine._warming))
+
+
+class CastEngine(LocalEngine):
+    """The local engine hosting a cast: one base, an adapter slot per character (``Voice``)."""
+
+    def __init__(self, config: Config, versions: dict[str, Version | None], tuning: Tuning | None = None):
+        super().__init__(config, None, tuning)
+        names = list(versions)
+        self._router = Router(len(names))
+        self.voices = {name: Voice(self, slot, config.for_character(name), versions[name].name if versions[name] else None)
+                       for slot, name in enumerate(names)}
+        self._versions = dict(versions)  # what each character starts with
+        self._loads = 0
+
+    # -- loading -------------------------------------------------------------------------
+
+    def _load(self, load_serving_model):
+        from training.modeling import attach_adapter
+
+        model, tokenizer = load_serving_model(self.config, None)
+        for voice in self.voices.values():
+            version = self._versions[voice.name]
+            if version is not None:
+                model = attach_adapter(model, str(version.path), name=self._new_name(voice))
+        self._adapter_name = None
+        if self._router.names and any(self._router.names):
+            route(model, self._router)
+            model.eval()
+        return model, tokenizer
+
+    def _new_name(self, voice: Voice) -> str:
+        self._loads += 1
+        name = f"c{voice.slot}_{self._loads}"
+        self._router.names[voice.slot] = name
+        self._router.generation[voice.slot] += 1
+        return name
+
+    def _prepare_manager(self, manager) -> None:
+        processor = manager.batch_processor
+        io = processor.inputs_and_outputs
+        tokens = io.input_ids.numel() if hasattr(io, "input_ids") else io.io_pairs[0].host_io.input_ids.numel()
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        dtype = next(p.dtype for p in inner.parameters() if p.dtype.is_floating_point)
+        self._router.allocate(tokens, inner.device, dtype)
+        processors = manager.logit_processor
+        prepare = processors.prepare_tensor_args
+        router = self._router
+
+        def prepare_with_masks(requests_in_batch, arg_storage):
+            router.prepare(requests_in_batch)
+            return prepare(requests_in_batch, arg_storage)
+
+        processors.prepare_tensor_args = prepare_with_masks
+        if processor.cache.use_prefix_sharing:
+            _salt_prefix_hashes(processor.cache, router)
+
+    def _may_run_ahead(self) -> bool:
+        return False  # the masks of step n+1 would overwrite those step n still reads
+
+    def _routed(self, rid: str, slot: int) -> None:
+        self._router.slot_of[rid] = slot
+
+    def _released(self, rid: str) -> None:
+        slot = self._router.slot_of.pop(rid, -1)
+        if slot >= 0:
+            voice = list(self.voices.values())[slot]
+            if voice._drained is not None and not voice._drained.done() and not voice.busy():
+                voice._drained.set_result(None)
+
+    # -- per-character hot swap ------------------------------------------------------------
+
+    async def swap_voice(self, voice: Voice, version: Version | None) -> None:
+        """Serve ``version`` (None: the base) for ``voice``'s requests from now on; the other
+        characters' replies in flight are not touched."""
+        async with voice._lock:
+            if self._manager is None:
+                raise RuntimeError("the engine is closing")
+            slot = voice.slot
+            current = self._router.names[slot]
+            if version is None:
+                plan = None
+            else:
+                plan = await asyncio.to_thread(plan_swap, self.model, current, version)
+            if plan is not None and not isinstance(plan, CopyWeights):
+                await self._load_voice(voice, version)
+                return
+            previous = voice.adapter_version
+            voice.swapping = True
+            voice.adapter_version = version.name if version else None
+            try:
+                if voice.busy():
+                    voice._drained = self._loop.create_future()
+                    await voice._drained
+                started = time.perf_counter()
+                await asyncio.to_thread(self._apply_voice, voice, plan)
+            except BaseException:
+                log.exception("engine: swapping %s to %s failed; keeping %s", voice.name, voice.adapter_version, previous)
+                voice.adapter_version = previous
+                raise
+            finally:
+                voice._drained = None
+                voice.swapping = False
+                self._admit_held(voice)
+            self.counters.swaps += 1
+            self.counters.last_swap_ms = round((time.perf_counter() - started) * 1000, 1)
+            log.info("engine: %s now speaks with %s (%.0f ms)", voice.name, voice.adapter_version or "the base model",
+                     self.counters.last_swap_ms)
+
+    def _apply_voice(self, voice: Voice, plan: CopyWeights | None) -> None:
+        import torch
+
+        with self._manager.step_lock:
+            if plan is None:
+                self._router.names[voice.slot] = None  # the base alone: no adapter for this slot
+            else:
+                with torch.no_grad():
+                    for param, value in plan.pairs:
+                        param.copy_(value)
+            self._router.generation[voice.slot] += 1  # its blocks cached under the old version go stale
+            if self.model.device.type == "cuda":
+                torch.cuda.synchronize()
+
+    async def _load_voice(self, voice: Voice, version: Version) -> None:
+        """A new adapter shape for ``voice`` (or its first adapter): load it beside the others,
+        then rebuild the manager with every reply finished, as the single engine's LoadAdapter."""
+        from training.modeling import attach_adapter
+
+        previous_version = voice.adapter_version
+        old = self._router.names[voice.slot]
+        self._swapping = True
+        voice.adapter_version = version.name
+        try:
+            if self._live or self._warming:
+                self._drained = self._loop.create_future()
+                await self._drained
+            started = time.perf_counter()
+
+            def load() -> None:
+                manager = self._manager
+                with manager.step_lock:
+                    self.model = attach_adapter(self.model, str(version.path), name=self._new_name(voice))
+                    if old is not None:
+                        self.model.delete_adapter(old)
+                    route(self.model, self._router)
+                    self.model.eval()
+                self.counters.cached_before += _cached_tokens(manager)
+                manager.stop(True, 30)
+                self._manager = self._new_manager()
+
+            await asyncio.to_thread(load)
+        except BaseException:
+            log.exception("engine: loading %s for %s failed; keeping %s", version.name, voice.name, previous_version)
+            voice.adapter_version = previous_version
+            raise
+        finally:
+            self._drained = None
+            self._swapping = False
+            self._admit_held(None)
+        self.counters.swaps += 1
+        self.counters.last_swap_ms = round((time.perf_counter() - started) * 1000, 1)
+        log.info("engine: %s now speaks with %s (loaded, %.0f ms)", voice.name, version.name, self.counters.last_swap_ms)
+
+    def _admit_held(self, voice: Voice | None) -> None:
+        """Admit the replies held for ``voice``'s swap (None: all of them)."""
+        keep = []
+        for reply in list(self._held):
+            if voice is None or reply.slot == voice.slot:
+                if reply.slot >= 0:
+                    reply.stream.adapter_version = list(self.voices.values())[reply.slot].adapter_version
+                if self._manager is not None:
+                    self._admit(reply)
+            else:
+                keep.append(reply)
+        self._held.clear()
+        self._held.extend(keep)
+
+    async def swap_adapter(self, version: Version | None) -> None:
+        raise RuntimeError("a cast engine swaps per character: use its voices' swap_adapter")
+
+    def _batching(self) -> str:
+        return f"{super()._batching()}, {len(self.voices)} characters' adapters on one base (per-token LoRA)"
