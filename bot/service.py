@@ -746,12 +746,17 @@ class Service:
                 return Answer(f"Forgotten: {gone.messages} of your messages, {gone.replies} replies "
                               f"to them and {gone.ratings} ratings.")
             if name == "status":
+                if self.cast is not None and len(self.cast) > 1:
+                    return Answer("\n\n".join([as_text(await s.status()) for s in self.cast]))
                 return Answer(as_text(await self.status()))
-            if name == "retrain":
-                run = await self.retrain(f"{msg.platform}:{msg.user_id}", self._notify(msg))
-                return Answer(f"Retrain run {run.id} started; you will hear when it ends.")
-            if name == "rollback":
-                return Answer(f"Rolled back: now serving adapter {await self.rollback()}.")
+            if name in ("retrain", "rollback"):
+                # /retrain 华妃: a cast member by name or alias; no name: this chat's character
+                target = self.cast.require(args.strip() or None) if self.cast is not None else self
+                of = f" of {target.character}" if self.cast is not None and len(self.cast) > 1 else ""
+                if name == "rollback":
+                    return Answer(f"Rolled back{of}: now serving adapter {await target.rollback()}.")
+                run = await target.retrain(f"{msg.platform}:{msg.user_id}", self._notify(msg))
+                return Answer(f"Retrain run {run.id}{of} started; you will hear when it ends.")
         except UserError as exc:
             return Answer(str(exc))
         known = USER_COMMANDS + (ADMIN_COMMANDS if admin else ())

@@ -219,3 +219,36 @@ async def test_one_characters_swap_leaves_the_others_replies_in_flight(cast, ada
     await emperor.swap_adapter(adapters["皇帝"][0])
     again = await _text(emperor.generate(emperor.render(Sample(instruction=PROMPTS[0])), GREEDY))
     assert after != again
+
+
+# -- the bot: who answers where ------------------------------------------------------------------
+
+async def test_the_api_routes_by_model_and_each_character_keeps_its_own_conversation(project, adapters):
+    import aiohttp
+
+    from served import rows, serving
+
+    async with serving(project, CAST + '\n[web]\nport = 0\n') as (app, url):
+        assert [s.character for s in app.cast] == ["甄嬛", "皇帝"]
+        assert (app.cast.get("皇上").engine.adapter_version, app.cast.default.engine.adapter_version) == ("v0002", "v0001")
+        async with aiohttp.ClientSession() as http:
+            models = await (await http.get(f"{url}/v1/models")).json()
+            assert [m["id"] for m in models["data"]] == ["甄嬛", "皇帝"]
+            chat = {"messages": [{"role": "user", "content": "朕的江山如何？"}], "user": "alice"}
+            answer = await http.post(f"{url}/v1/chat/completions", json={**chat, "model": "皇上"})
+            body = await answer.json()
+            assert answer.status == 200 and body["model"] == "皇帝" and body["choices"][0]["message"]["content"]
+            unknown = await http.post(f"{url}/v1/chat/completions", json={**chat, "model": "华妃"})
+            error = (await unknown.json())["error"]
+            assert unknown.status == 404 and error["code"] == "model_not_found" and "甄嬛, 皇帝" in error["message"]
+            emperor = await (await http.get(f"{url}/api/conversation", params={"user": "alice", "character": "皇帝"})).json()
+            assert emperor["character"] == "皇帝" and emperor["cast"] == ["甄嬛", "皇帝"]
+            assert [t["text"] for t in emperor["turns"] if t["id"] is not None] == ["朕的江山如何？"]
+            default = await (await http.get(f"{url}/api/conversation", params={"user": "alice"})).json()
+            assert default["character"] == "甄嬛" and not [t for t in default["turns"] if t["id"] is not None]
+            admin = await http.post(f"{url}/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "/status"}], "user": "alice"})
+            assert admin.status == 200
+        logged = [tuple(r) for r in rows(
+            app, "SELECT c.character, m.role FROM messages AS m JOIN conversations AS c ON c.id = m.conversation_id")]
+        assert ("皇帝", "user") in logged and ("皇帝", "assistant") in logged and not any(c == "" for c, _ in logged)
