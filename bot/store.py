@@ -151,6 +151,14 @@ MIGRATIONS: list[tuple[str, ...]] = [
         """CREATE UNIQUE INDEX conversations_current
             ON conversations (platform, chat_id, character) WHERE ended_at IS NULL""",
         "ALTER TABLE training_runs ADD COLUMN character TEXT NOT NULL DEFAULT ''",
+        # The character a chat picked (Telegram's /character), kept across restarts.
+        """CREATE TABLE chat_characters (
+            platform   TEXT NOT NULL,
+            chat_id    TEXT NOT NULL,
+            character  TEXT NOT NULL,
+            chosen_at  REAL NOT NULL,
+            PRIMARY KEY (platform, chat_id)
+        )""",
     ),
 ]
 
@@ -364,6 +372,20 @@ class Store:
             )
             conversation_id = await _current_conversation_id(conn, platform, chat_id, now, character)
             return await _conversation(conn, conversation_id)
+
+    async def chat_character(self, platform: str, chat_id: str) -> str | None:
+        """The character this chat picked (``set_chat_character``), None if it never did."""
+        row = await self._fetchone("SELECT character FROM chat_characters WHERE platform = ? AND chat_id = ?",
+                                   (platform, chat_id))
+        return row[0] if row else None
+
+    async def set_chat_character(self, platform: str, chat_id: str, character: str) -> None:
+        """From now on ``character`` answers in this chat (by name, as [[cast]] gives it)."""
+        async with self._transaction() as conn:
+            await conn.execute(
+                "INSERT INTO chat_characters (platform, chat_id, character, chosen_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (platform, chat_id) DO UPDATE SET character = excluded.character, "
+                "chosen_at = excluded.chosen_at", (platform, chat_id, character, time.time()))
 
     async def conversation_character(self, conversation_id: int) -> str | None:
         row = await self._fetchone("SELECT character FROM conversations WHERE id = ?", (conversation_id,))

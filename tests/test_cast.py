@@ -252,3 +252,13 @@ async def test_the_api_routes_by_model_and_each_character_keeps_its_own_conversa
         logged = [tuple(r) for r in rows(
             app, "SELECT c.character, m.role FROM messages AS m JOIN conversations AS c ON c.id = m.conversation_id")]
         assert ("皇帝", "user") in logged and ("皇帝", "assistant") in logged and not any(c == "" for c, _ in logged)
+
+
+async def test_a_chats_choice_of_character_survives_a_restart(tmp_path):
+    async with Store.open(tmp_path / "bot.db") as store:
+        assert await store.chat_character("telegram", "42") is None
+        await store.set_chat_character("telegram", "42", "皇帝")
+        await store.set_chat_character("telegram", "42", "甄嬛")
+        await store.set_chat_character("telegram", "7", "皇帝")
+    async with Store.open(tmp_path / "bot.db") as store:
+        assert (await store.chat_character("telegram", "42"), await store.chat_character("telegram", "7")) == ("甄嬛", "皇帝")
