@@ -98,10 +98,12 @@ class App:
             await engine.start()
             lock = asyncio.Lock()  # one training process at a time, whichever character it trains
             services: dict[str, Service] = {}
+            retrainers = []
             for name, view in views.items():
                 adapters, voice = registries[name], engines[name]
                 adapters.engine = voice  # from now on every activation hot-swaps
-                retrainer = await start_retraining(view, store, adapters, stack, lock=lock) if retraining else None
+                retrainer = await start_retraining(view, store, adapters, stack, lock=lock, schedule=False) if retraining else None
+                retrainers.append(retrainer)
                 canon = ServedCanon.load(view, adapters.registry)
                 if canon is not None:  # a reply ends where another speaker of the script would begin
                     voice.hygiene = replace(voice.hygiene, speakers=voice.hygiene.speakers
@@ -109,6 +111,12 @@ class App:
                 services[name] = Service(view, store, voice, adapters=adapters, retrainer=retrainer, canon=canon)
             cast = Cast(services)
             service = services[chosen]
+            if retraining and config.scheduler.enabled:
+                from bot.scheduler import RetrainSchedule
+
+                schedule = RetrainSchedule(config.scheduler, retrainers)
+                schedule.start()
+                stack.callback(schedule.stop)
             if train and adapter == ACTIVE and (untrained := [n for n, v in versions.items() if v is None and n != chosen]):
                 task = asyncio.create_task(train_in_background(config, untrained, registries, lock))
                 stack.push_async_callback(_cancel, task)
@@ -194,7 +202,7 @@ async def train_in_background(config: Config, names: list[str], registries: dict
 
 
 async def start_retraining(config: Config, store: Store, adapters: Adapters, stack: AsyncExitStack,
-                           lock: asyncio.Lock | None = None):
+                           lock: asyncio.Lock | None = None, schedule: bool = True):
     """The retrainer (/retrain, /rollback) and, if [scheduler] enabled, its schedule. At
     shutdown the schedule stops and a retrain in progress is cancelled (its run recorded as
     failed, its training process killed) before the engine and the store close."""
@@ -212,10 +220,10 @@ async def start_retraining(config: Config, store: Store, adapters: Adapters, sta
             await asyncio.gather(retrainer.task, return_exceptions=True)
 
     stack.push_async_callback(cancel_run)
-    if config.scheduler.enabled:
-        schedule = RetrainSchedule(config.scheduler, retrainer)
-        schedule.start()
-        stack.callback(schedule.stop)
+    if schedule and config.scheduler.enabled:
+        scheduled = RetrainSchedule(config.scheduler, retrainer)
+        scheduled.start()
+        stack.callback(scheduled.stop)
     return retrainer
 
 

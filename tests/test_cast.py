@@ -262,3 +262,51 @@ async def test_a_chats_choice_of_character_survives_a_restart(tmp_path):
         await store.set_chat_character("telegram", "7", "皇帝")
     async with Store.open(tmp_path / "bot.db") as store:
         assert (await store.chat_character("telegram", "42"), await store.chat_character("telegram", "7")) == ("甄嬛", "皇帝")
+
+
+# -- the loop per character -----------------------------------------------------------------------
+
+async def _rated(store: Store, config, count: int) -> None:
+    """``count`` 👍-rated replies of ``config.character`` in its own conversations, as the bot logs them."""
+    from bot.datasets import dataset_files
+    from training.dataset import load_samples
+
+    style = config.prompt_style()
+    pairs = load_samples(dataset_files(config, quiet=True).train)
+    for i in range(count):
+        pair = pairs[i % len(pairs)]
+        asked = await store.add_user_message("web", f"chat{i}", f"user{i}", pair.instruction, character=config.store_key)
+        reply = await store.start_reply(asked.id, adapter_version=None, prompt=style.prompt(Sample(pair.instruction), None),
+                                        sampling={})
+        await store.finish_reply(reply.id, pair.output, ReplyCost(completion_tokens=8))
+        await store.rate(reply.id, "web", f"rater{i}", 1)
+
+
+@pytest.mark.slow
+async def test_a_characters_ratings_retrain_that_character_alone(tmp_path):
+    """Ratings of 皇帝's replies retrain 皇帝 on them (not on 甄嬛's), promote his new version,
+    and leave 甄嬛's adapters as they were; runs and pending ratings are per character, and one
+    training process runs at a time."""
+    from bot.retrain import Retrainer
+    from test_retrain import TINY
+
+    cast = CAST[:CAST.index("[model]")]  # the characters; the rest as the retrain tests have it
+    (tmp_path / "config.toml").write_text(cast + TINY, encoding="utf-8")
+    config = load_config(str(tmp_path / "config.toml"))
+    zhen, emperor = config, config.for_character("皇帝")
+    async with Store.open(config.database) as store:
+        await _rated(store, emperor, 6)
+        await _rated(store, zhen, 2)
+        lock = asyncio.Lock()
+        his, hers = Retrainer(emperor, store, lock=lock), Retrainer(zhen, store, lock=lock)
+        assert (await his.new_ratings(), await hers.new_ratings()) == (6, 2)
+        await his.request(trigger="admin", requested_by="test")
+        with pytest.raises(UserError, match="already running"):
+            await hers.request(trigger="admin")
+        done = await his.wait()
+        assert done.status == "succeeded", done.reason
+        assert done.character == "皇帝" and done.metrics["liked"] == 5  # 6 rated, the latest held out for the gate
+        assert Registry(config.adapter_root, "皇帝").active().name == "v0001"
+        assert Registry(config.adapter_root, "甄嬛").versions() == []
+        assert await his.new_ratings() == 0 and await hers.new_ratings() == 2
+        assert await store.last_run(character="") is None
