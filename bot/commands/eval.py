@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     names = (config.character.name, *config.character.aliases)
     rows = compare(model, tokenizer, samples, style, names, max_len=config.model.max_seq_length,
                    max_new_tokens=config.generation.max_new_tokens, limit=max(1, args.limit), canon=index,
-                   stops=tuple(config.generation.stop))
+                   stops=tuple(config.generation.stop),
+                   cast=tuple(n for m in config.members if m.name != config.character.name for n in m.names))
     order = ("base", "base+canon", "adapter", "adapter+canon")
     scores = {name: rows[name].as_dict() for name in order if name in rows}
     canon_note = f"; canon: {k} exchanges from {index.path}" if index else "; canon off ([canon] k = 0)"
