@@ -18,7 +18,7 @@ from bot.platforms.telegram import TelegramFrontend
 from bot.service import Service
 from bot.store import Store
 from emulators.telegram_api import TelegramEmulator
-from test_telegram import CONFIG, TOKEN, TOKEN_ENV, USER, Bot, eventually, polling
+from test_telegram import CONFIG, TOKEN, TOKEN_ENV, USER, Bot, polling
 
 CHAT = 4242  # a second private chat, one that never chooses
 EMPEROR = [("甄嬛", "character:甄嬛"), ("皇帝 ✓", "character:皇帝")]  # /character's buttons, 皇帝 answering
