@@ -14,7 +14,7 @@ import pytest
 
 from bot.app import App
 from bot.config import load_config
-from bot.platforms.telegram import TelegramFrontend
+from bot.platforms.telegram import TelegramFrontend, cast_keyboard, chosen_name
 from bot.service import Service
 from bot.store import Store
 from emulators.telegram_api import TelegramEmulator
@@ -177,3 +177,13 @@ async def test_a_cast_of_one_has_nothing_to_choose(tmp_path, caplog):
         finally:
             await frontend.stop()
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_character_buttons_fit_telegrams_64_bytes_and_never_read_as_another_button():
+    names = ["甄嬛", "皇帝", "爱新觉罗·胤禛" * 3, "rate:1", "retry"]
+    markup = cast_keyboard(names, "皇帝").to_dict()["inline_keyboard"]
+    assert [len(row) for row in markup] == [3, 2]
+    data = [button["callback_data"] for row in markup for button in row]
+    assert all(len(d.encode()) <= 64 and d.startswith("character:") for d in data)
+    assert [chosen_name(d, names) for d in data] == names  # a long name by its digest
+    assert chosen_name(data[2], ["甄嬛", "皇帝"]) is None and chosen_name("rate:1", names) is None
