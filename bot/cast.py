@@ -11,9 +11,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from bot.config import UnknownCharacter
 from bot.service import Service
+
+if TYPE_CHECKING:
+    from bot.store import Message
 
 
 @dataclass
@@ -73,6 +77,27 @@ class Cast:
                 if match and (best is None or (match.start(), -len(word)) < (best[0], -best[1])):
                     best = (match.start(), len(word), service)
         return best[2] if best else None
+
+    async def answering(self, platform: str, chat_id: str) -> Service:
+        """The character who answers in a chat: the one it chose (``choose``), else the default;
+        a choice of a character since removed from the cast falls back to the default."""
+        name = await self.default.store.chat_character(platform, str(chat_id))
+        return self.services.get(name) or self.default
+
+    async def choose(self, platform: str, chat_id: str, name: str) -> Service:
+        """From now on the character called ``name`` (a name or an alias) answers in this chat,
+        across restarts; an unknown name raises ``UnknownCharacter``."""
+        service = self.get(name) if name.strip() else None
+        if service is None:
+            raise UnknownCharacter(f"no character {name.strip()!r} in the cast — known: {', '.join(self.names)}")
+        await self.default.store.set_chat_character(platform, str(chat_id), service.character)
+        return service
+
+    async def speaker(self, reply: Message) -> Service | None:
+        """The character in whose conversation ``reply`` (a row of the store) was written; None
+        if that character is no longer in the cast."""
+        key = await self.default.store.conversation_character(reply.conversation_id)
+        return self.default if key == "" else self.services.get(key)
 
     async def close(self, grace_s: float) -> None:
         import asyncio
