@@ -195,7 +195,8 @@ async def train_in_background(config: Config, names: list[str], registries: dict
             if adapters.active() is not None:
                 continue
             try:
-                trained = await in_thread(train_first_adapter, view, adapters.registry)
+                # niced like a retrain: the bot is serving the others meanwhile
+                trained = await in_thread(train_first_adapter, view, adapters.registry, config.retrain.nice)
                 await adapters.activate(trained.name)
             except Exception:
                 log.exception("the first training of %s failed; it speaks with the base model until a retrain", name)
@@ -242,8 +243,9 @@ async def serving_version(config: Config, adapters: Adapters, *, train: bool) ->
     return version
 
 
-def train_first_adapter(config: Config, registry: Registry) -> Version:
-    """Prepare the script and train the first version with the SFT core, as `rolebot train`."""
+def train_first_adapter(config: Config, registry: Registry, nice: int = 0) -> Version:
+    """Prepare the script and train the first version with the SFT core, as `rolebot train`
+    (in a child process at CPU priority ``nice``)."""
     from bot.datasets import dataset_files
     from training.sft import TrainJob, train
 
@@ -253,20 +255,21 @@ def train_first_adapter(config: Config, registry: Registry) -> Version:
         amount += ", the quick CPU recipe: [training] first_run_steps"
         if settings.max_minutes:
             amount += f", at most {settings.max_minutes:g} minutes"
+    after = "the others are served meanwhile" if nice else "serving starts after"
     print(f"rolebot: {config.character.name} has no adapter yet — preparing the script and "
-          f"training the first version on {concrete(config.model.base)} ({amount}); serving starts after.",
+          f"training the first version on {concrete(config.model.base)} ({amount}); {after}.",
           file=sys.stderr, flush=True)
     files = dataset_files(config)
     result = in_child_process(train, TrainJob(
         data=files.train, val=files.val, model=config.model, lora=config.lora, train=settings,
         style=config.prompt_style(training=True), registry=registry, trigger="first-run", canon=files.canon,
-    ), activate=False)  # the caller activates it, through bot.adapters
+    ), activate=False, nice=nice)  # the caller activates it, through bot.adapters
     print(f"rolebot: trained {result.version.name} (loss {result.final_loss:.4f}); starting the bot",
           file=sys.stderr, flush=True)
     return result.version
 
 
-def in_child_process(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def in_child_process(fn: Callable[..., Any], *args: Any, nice: int = 0, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` in a fresh Python process; its result or its exception comes back.
 
     Unsloth patches transformers' model classes for the whole process when it loads a model.
@@ -277,14 +280,17 @@ def in_child_process(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     import multiprocessing
 
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+                                                initializer=_die_with_parent, initargs=(os.getpid(), nice)) as pool:
         return pool.submit(fn, *args, **kwargs).result()
 
 
-def _die_with_parent(parent: int) -> None:
+def _die_with_parent(parent: int, nice: int = 0) -> None:
     """In the child: exit as soon as the process that started it is gone. A bot stopped
     (SIGTERM, Ctrl-C, kill -9) during its first training would otherwise leave the training
     running on, an orphan holding the CPU for as long as the run takes."""
+    if nice:
+        os.nice(nice)
+
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)

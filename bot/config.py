@@ -173,8 +173,9 @@ def cast_persona(name: str) -> str:
 @dataclass
 class Config:
     character: CharacterSettings = field(default_factory=CharacterSettings)
-    # [[cast]]: the characters the bot plays, each with [character]'s keys; empty: [character]
-    # alone, a cast of one. ``character`` is then the cast's first (``for_character`` the others).
+    # The characters the bot plays: [character] (if the file has it) and the [[cast]] tables, each
+    # with [character]'s keys; empty: [character] alone, a cast of one. ``character`` is the
+    # cast's first (``for_character`` gives the others).
     cast: list[CharacterSettings] = field(default_factory=list)
     model: ModelSettings = field(default_factory=ModelSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -350,10 +351,8 @@ def parse_config(text: str, path: Path) -> Config:
             raise UserError(f"{where(name, None)}: {name} must be a [{name}] table")
         setattr(config, name, _build(types[name], table, name, where))
     if config.cast:
-        if "character" in data:
-            raise UserError(f"{where('character', None)}: [character] and [[cast]] both given — a cast lists every "
-                            "character in [[cast]] tables (the first is the one a chat gets by default); move "
-                            "[character]'s keys into a [[cast]] table")
+        if "character" in data:  # [character] is the first of the cast, the [[cast]] tables the others
+            config.cast = _distinct([config.character, *config.cast], where)
         if len(config.cast) > 1 and config.training.data:
             raise UserError(f"{where('training', 'data')}: [training] data names one character's pairs, and the cast has "
                             f"{len(config.cast)} characters — leave it empty (each character's script is prepared into "
@@ -368,7 +367,6 @@ def _build_cast(tables, where) -> list[CharacterSettings]:
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise UserError(f"{where('cast', None)}: cast must be [[cast]] tables, one per character")
     cast: list[CharacterSettings] = []
-    owner: dict[str, str] = {}  # a name or alias -> the character it names
     for number, table in enumerate(tables, 1):
         label = f"{where.nth('cast', number)}: [[cast]] #{number}"
         if "name" not in table:
@@ -376,7 +374,18 @@ def _build_cast(tables, where) -> list[CharacterSettings]:
         table = {"aliases": [], **table}
         if "persona" not in table and isinstance(table["name"], str):
             table["persona"] = cast_persona(table["name"].strip())
-        member = _build(CharacterSettings, table, "cast", lambda section, key, n=number: where.nth(section, n, key))
+        cast.append(_build(CharacterSettings, table, "cast", lambda section, key, n=number: where.nth(section, n, key)))
+    return _distinct(cast, where, offset=0)
+
+
+def _distinct(cast: list[CharacterSettings], where, offset: int = 1) -> list[CharacterSettings]:
+    """``cast`` if every name and alias calls one character; ``offset``: members before the
+    [[cast]] tables ([character])."""
+    owner: dict[str, str] = {}  # a name or alias -> the character it names
+    for index, member in enumerate(cast):
+        number = index + 1 - offset
+        label = (f"{where.nth('cast', number)}: [[cast]] #{number}" if number >= 1
+                 else f"{where('character', None)}: [character]")
         for word in member.names:
             if word in owner:
                 what = "name" if word == member.name else "alias"
@@ -385,7 +394,6 @@ def _build_cast(tables, where) -> list[CharacterSettings]:
                 raise UserError(f"{label}: {what} {word!r} {clash} — each name and alias must call one "
                                 "character, or a message naming it could not tell who answers")
             owner[word] = member.name
-        cast.append(member)
     return cast
 
 

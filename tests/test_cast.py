@@ -56,7 +56,9 @@ dir = "adapters"
     # a [[cast]] has no aliases unless it gives them ([character]'s default ones are 甄嬛's)
     ('[[cast]]\nname = "甄嬛"\n[[cast]]\nname = "嬛嬛"\n', None),
     ('[[cast]]\naliases = ["x"]\n', "bad.toml:1: [[cast]] #1: name is missing"),
-    ('[character]\nname = "甄嬛"\n[[cast]]\nname = "皇帝"\n', "bad.toml:1: [character] and [[cast]] both given"),
+    ('[character]\nname = "皇帝"\n[[cast]]\nname = "皇帝"\n', "bad.toml:3: [[cast]] #1: name '皇帝' twice in the cast"),
+    ('[character]\nname = "甄嬛"\n[[cast]]\nname = "皇帝"\naliases = ["莞贵人"]\n',
+     "bad.toml:3: [[cast]] #1: alias '莞贵人' already names '甄嬛'"),
     ('[[cast]]\nname = "甄嬛"\nmood = 3\n', "bad.toml:3: [cast] mood: unknown key"),
     ('cast = 3\n', "cast must be [[cast]] tables"),
     ('[[cast]]\nname = "甄嬛"\n[[cast]]\nname = "皇帝"\n[training]\ndata = "x.json"\n',
@@ -97,6 +99,11 @@ def test_a_cast_resolves_names_and_aliases(tmp_path):
     assert config.member(None).name == "甄嬛"
     with pytest.raises(UserError, match="no character '华妃' in the cast — known: 甄嬛, 皇帝"):
         config.member("华妃")
+    # [character] beside [[cast]] tables is the cast's first
+    path.write_text('[character]\nname = "甄嬛"\n[[cast]]\nname = "皇帝"\n', encoding="utf-8")
+    both = load_config(str(path))
+    assert [m.name for m in both.members] == ["甄嬛", "皇帝"] and both.character.aliases[:1] == ["嬛嬛"]
+    assert both.for_character("皇帝").character.aliases == []
     # a member with no persona gets one in its own name, not 甄嬛's
     path.write_text(CAST.replace('persona = "你是大清皇帝，威严而多疑。"\n', ""), encoding="utf-8")
     assert load_config(str(path)).for_character("皇帝").character.persona.startswith("你是皇帝")
@@ -310,3 +317,33 @@ async def test_a_characters_ratings_retrain_that_character_alone(tmp_path):
         assert Registry(config.adapter_root, "甄嬛").versions() == []
         assert await his.new_ratings() == 0 and await hers.new_ratings() == 2
         assert await store.last_run(character="") is None
+
+
+@pytest.mark.slow
+async def test_serve_trains_the_characters_without_an_adapter_in_the_background(tmp_path, builtin_path):
+    """甄嬛 has an adapter, 皇帝 none: the bot serves at once (皇帝 on the base model), trains 皇帝's
+    first version in the background and hot-swaps it in; 甄嬛 keeps hers."""
+    from bot.app import App
+    from served import QUIET
+
+    text = CAST + QUIET + "\n[web]\nenabled = false\n[training]\nfirst_run_steps = 2\nbatch_size = 1\n" \
+        "grad_accum = 1\nwarmup_steps = 0\npack_length = 512\n"
+    (tmp_path / "config.toml").write_text(text, encoding="utf-8")
+    config = load_config(str(tmp_path / "config.toml"))
+    hers = _adapter(Registry(config.adapter_root, "甄嬛"), builtin_path, 7)
+    Registry(config.adapter_root, "甄嬛").activate(hers.name)
+    app = await App.start(config, train=True)
+    try:
+        emperor = app.cast.get("皇帝")
+        assert app.cast.default.engine.adapter_version == hers.name
+        for _ in range(600):  # until the background training has swapped his version in
+            if emperor.engine.adapter_version is not None:
+                break
+            await asyncio.sleep(0.5)
+        assert emperor.engine.adapter_version == "v0001"
+        assert Registry(config.adapter_root, "皇帝").active().meta["trigger"] == "first-run"
+        assert app.cast.default.engine.adapter_version == hers.name
+        stream = emperor.engine.generate(emperor.engine.render(Sample(instruction="皇上吉祥")), GREEDY)
+        assert await _text(stream) is not None and stream.stats.adapter_version == "v0001"
+    finally:
+        await app.stop()
