@@ -10,12 +10,13 @@ a per-row split cannot tell the requests apart. Here the split is per *token*:
 - before each step, the host writes a mask per adapter slot over the step's tokens (which
   request each token belongs to, which slot that request carries) into a fixed device buffer,
   so a captured CUDA graph reads the new masks at the same address;
-- each LoRA layer computes ``base(x) + Σ_slot mask_slot · B_slot(A_slot(x)) · scale_slot``.
+- each LoRA layer keeps every slot's A and scaled B stacked, and computes
+  ``base(x) + ((x Aᵀ) ⊙ mask) Bᵀ``: one pair of matmuls per layer whatever the cast's size.
 
-A token's own adapter is added with a mask of 1 and every other adapter with exact zeros, so a
-reply computes the same values in a mixed batch as in a batch of its character alone. The extra
-cost per step is one LoRA product per loaded slot (r × (in + out) per token for each, against the
-base's in × out), measured in README (bench/serve.py --cast).
+A token's own adapter's columns are kept with a mask of 1 and every other adapter's are exact
+zeros, so a reply computes the same values in a mixed batch as in a batch of its character
+alone. The extra cost per step is the stacked LoRA product (slots × r × (in + out) per token,
+against the base's in × out), measured in README (bench/serve.py --cast).
 
 Prompt blocks shared between requests (prefix sharing) are keyed by the tokens they hold; their
 keys and values depend on the adapter, so the first block's hash is salted with the slot and its
@@ -50,72 +51,118 @@ SALT = 1_000_003  # the first block's hash of slot s at version generation g sta
 
 
 class Router:
-    """Which adapter slot each token of a step belongs to, as one mask per slot on the device."""
+    """Which adapter slot each token of a step belongs to, as a column mask on the device.
+
+    Each LoRA layer keeps every slot's A stacked into one ``[slots × rank, in]`` matrix and
+    every slot's scaled B into one ``[out, slots × rank]`` (ranks below the largest padded with
+    zeros), so its adapters cost one pair of matmuls per step whatever the cast's size. Before
+    each step the host writes each token's slot; one comparison on the device turns that into
+    the ``[tokens, slots × rank]`` mask that keeps each token's own adapter's columns.
+    """
 
     def __init__(self, slots: int):
         self.slots = slots
         self.names: list[str | None] = [None] * slots  # the PEFT adapter of each slot; None: the base
         self.generation = [0] * slots  # bumped by every swap of the slot: its cached blocks go stale
         self.slot_of: dict[str, int] = {}  # request id -> slot, while the request is in the manager
-        self.masks = None  # [slots, tokens, 1] on the model's device, in the compute dtype
-        self._host = None
+        self.rank = 1  # the largest rank of the loaded adapters: each slot's width in the stacks
+        self.dtype = None  # the stacks' dtype: the model's compute dtype
+        self.mask = None  # [tokens, slots × rank] on the model's device
         self.salt: int | None = None  # set while a request's prompt blocks are hashed
+        self._host = self._slots = self._columns = self._equal = None
 
-    def allocate(self, tokens: int, device, dtype) -> None:
+    def allocate(self, tokens: int, device) -> None:
         import torch
 
-        self.masks = torch.zeros((self.slots, tokens, 1), dtype=dtype, device=device)
-        self._host = torch.zeros((self.slots, tokens, 1), dtype=dtype)
+        width = self.slots * self.rank
+        self.mask = torch.zeros((tokens, width), dtype=self.dtype, device=device)
+        self._equal = torch.zeros((tokens, width), dtype=torch.bool, device=device)
+        self._columns = torch.arange(self.slots, device=device).repeat_interleave(self.rank)[None, :]
+        self._slots = torch.full((tokens, 1), -1, dtype=torch.long, device=device)
+        self._host = torch.full((tokens, 1), -1, dtype=torch.long)
 
     def salt_of(self, request_id: str) -> int | None:
         slot = self.slot_of.get(request_id, -1)
         return None if slot < 0 or self.names[slot] is None else (slot + 1) * SALT + self.generation[slot]
 
     def prepare(self, requests_in_batch) -> None:
-        """Before a step (on the generation thread): the masks of its tokens, in batch order."""
+        """Before a step (on the generation thread): the mask of its tokens, in batch order."""
+        import torch
+
         host = self._host
-        host.zero_()
+        host.fill_(-1)
         position = 0
-        limit = host.shape[1]
+        limit = host.shape[0]
         for future in requests_in_batch:
             count = future.query_length
             slot = self.slot_of.get(future.state.request_id, -1)
             if slot >= 0 and self.names[slot] is not None:
-                host[slot, position:min(position + count, limit)] = 1
+                host[position:min(position + count, limit)] = slot
             position += count
-        self.masks.copy_(host)
+        self._slots.copy_(host)
+        torch.eq(self._slots, self._columns, out=self._equal)
+        self.mask.copy_(self._equal)
 
 
 def route(model, router: Router) -> int:
-    """Make every LoRA layer of ``model`` apply its slots' adapters per token; returns how many
-    layers. Idempotent: a layer routed already is left as it is (a newly loaded adapter adds
-    its tensors to the same layers; new target modules get new layers, routed here)."""
+    """Make every LoRA layer of ``model`` apply each token's own adapter (``Router``): build the
+    layer's stacks of every slot's adapter and route its forward through them; returns how many
+    layers. Run again after an adapter is loaded or deleted (it rebuilds the stacks)."""
     import types
 
+    import torch
     from peft.tuners.lora import LoraLayer
 
-    count = 0
-    for module in model.modules():
-        if isinstance(module, LoraLayer) and hasattr(module, "base_layer"):
-            if getattr(module, "_rolebot_router", None) is not router:
-                module._rolebot_router = router
-                module.forward = types.MethodType(_routed_forward, module)
-            count += 1
-    return count
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and hasattr(m, "base_layer")]
+    loaded = [n for n in router.names if n is not None]
+    router.rank = max([m.r[n] for m in layers for n in loaded if n in m.r] or [1])
+    router.dtype = next(p.dtype for name, p in model.named_parameters()
+                        if p.is_floating_point() and "lora_" not in name)
+    width = router.slots * router.rank
+    for layer in layers:
+        base = layer.base_layer
+        device = next(iter(layer.lora_A.values())).weight.device
+        with torch.no_grad():
+            layer._rolebot_a = torch.zeros((width, base.in_features), dtype=router.dtype, device=device)
+            layer._rolebot_b = torch.zeros((base.out_features, width), dtype=router.dtype, device=device)
+        layer._rolebot_router = router
+        for slot in range(router.slots):
+            refresh(layer, slot)
+        layer.forward = types.MethodType(_routed_forward, layer)
+    return len(layers)
+
+
+def refresh(layer, slot: int) -> None:
+    """Copy ``slot``'s adapter (A, and B times its scaling) into the layer's stacks, in place
+    (the addresses stay, so captured CUDA graphs read the new values); zeros for no adapter."""
+    import torch
+
+    router = layer._rolebot_router
+    name, rank = router.names[slot], router.rank
+    columns = slice(slot * rank, (slot + 1) * rank)
+    with torch.no_grad():
+        layer._rolebot_a[columns].zero_()
+        layer._rolebot_b[:, columns].zero_()
+        if name is not None and name in layer.lora_A:
+            r = layer.r[name]
+            layer._rolebot_a[slot * rank:slot * rank + r].copy_(layer.lora_A[name].weight)
+            layer._rolebot_b[:, slot * rank:slot * rank + r].copy_(layer.lora_B[name].weight * layer.scaling[name])
 
 
 def _routed_forward(self, x, *args, **kwargs):
-    """A LoRA layer's forward with each token's own adapter (``Router``)."""
+    """A LoRA layer's forward with each token's own adapter: base(x) + ((x Aᵀ) ⊙ mask) Bᵀ."""
+    import torch.nn.functional as F
+
     result = self.base_layer(x, *args, **kwargs)
-    router = self._rolebot_router
-    tokens = x.shape[-2]
-    for slot, name in enumerate(router.names):
-        if name is None or name not in self.lora_A:
-            continue
-        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-        delta = lora_b(lora_a(x.to(lora_a.weight.dtype))) * self.scaling[name]
-        result = result + (delta * router.masks[slot, :tokens]).to(result.dtype)
-    return result
+    mask = self._rolebot_router.mask[:x.shape[-2]]
+    hidden = F.linear(x.to(self._rolebot_a.dtype), self._rolebot_a) * mask
+    return result + F.linear(hidden, self._rolebot_b).to(result.dtype)
+
+
+def _lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer) and hasattr(m, "_rolebot_router")]
 
 
 def _salt_prefix_hashes(cache, router: Router) -> None:
@@ -253,8 +300,9 @@ class CastEngine(LocalEngine):
         io = processor.inputs_and_outputs
         tokens = io.input_ids.numel() if hasattr(io, "input_ids") else io.io_pairs[0].host_io.input_ids.numel()
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        dtype = next(p.dtype for p in inner.parameters() if p.dtype.is_floating_point)
-        self._router.allocate(tokens, inner.device, dtype)
+        if self._router.dtype is None:  # no adapter loaded yet: nothing reads the mask
+            self._router.dtype = next(p.dtype for p in inner.parameters() if p.dtype.is_floating_point)
+        self._router.allocate(tokens, inner.device)
         processors = manager.logit_processor
         prepare = processors.prepare_tensor_args
         router = self._router
@@ -329,6 +377,8 @@ class CastEngine(LocalEngine):
                 with torch.no_grad():
                     for param, value in plan.pairs:
                         param.copy_(value)
+            for layer in _lora_layers(self.model):
+                refresh(layer, voice.slot)
             self._router.generation[voice.slot] += 1  # its blocks cached under the old version go stale
             if self.model.device.type == "cuda":
                 torch.cuda.synchronize()
