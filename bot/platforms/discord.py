@@ -171,8 +171,8 @@ class DiscordFrontend:
     def addressed(self, message: discord.Message, me: discord.ClientUser) -> bool:
         """Whether a message is for the character: a DM (if allowed), a mention (a reply to the
         bot mentions it too), or any message in a configured channel."""
-        if message.author.bot:
-            return False  # other bots, and the bot's own messages, which Discord echoes back
+        if message.author.bot or message.webhook_id is not None:
+            return False  # other bots, and the bot's own messages (its webhooks'), which Discord echoes back
         if message.guild is None:
             return self.settings.allow_dms
         channel = message.channel
