@@ -300,7 +300,9 @@ class DiscordFrontend:
             return
         if out.notice:
             await channel.send(out.notice, allowed_mentions=NO_PINGS)
-        await self.rewrite(channel, out, voice=await self.voices.of(service, self.client.get_channel(event.channel_id) or channel))
+        # The cached channel, not the partial one: whether the bot may post through a webhook there.
+        voice = await self.voices.of(service, self.client.get_channel(event.channel_id) or channel)
+        await self.rewrite(channel, out, voice=voice)
 
     # Ratings
 

@@ -176,7 +176,8 @@ class Voices:
                     hook = mine[0] if mine else await channel.create_webhook(
                         name=WEBHOOK_NAME, reason="rolebot posts each character's replies under their name")
                 except discord.HTTPException as exc:
-                    log.warning("Discord: no webhook in channel %s (%s); replies show the name in bold", channel.id, exc)
+                    log.warning("Discord: no webhook in channel %s (%s); replies show the name in bold",
+                                channel.id, exc)
                     return None
                 self._webhooks[channel.id] = hook
             return hook
