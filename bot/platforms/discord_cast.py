@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,7 +101,7 @@ class WebhookPart:
         await self.webhook.delete_message(self.id, thread=self.thread)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Voice:
     """How one character's messages are posted in one channel: as the bot (``name`` empty: a
     cast of one), through the channel's webhook under the name, or with the name in bold."""
@@ -109,7 +110,8 @@ class Voice:
     webhook: discord.Webhook | None = None
     avatar_url: str | None = None
     thread: Any = MISSING  # the thread a webhook posts into
-    forget: Any = field(default=None, compare=False)  # drops a webhook Discord no longer has
+    # The channel's webhook anew, after Discord said this one is gone; None: there is none now.
+    renew: Callable[[discord.Webhook], Awaitable[discord.Webhook | None]] | None = field(default=None, repr=False)
 
     def dress(self, text: str) -> str:
         """``text`` as posted: with the name in bold where no webhook shows it."""
@@ -120,15 +122,19 @@ class Voice:
         """Post ``text`` (a reply to ``reply_to`` where the bot posts itself: a webhook cannot reply)."""
         if self.webhook is not None:
             try:
-                return await self.webhook.send(text, username=self.name, avatar_url=self.avatar_url or MISSING,
-                                               wait=True, allowed_mentions=NO_PINGS, thread=self.thread)
-            except discord.NotFound as exc:
-                if exc.code == UNKNOWN_WEBHOOK and self.forget is not None:
-                    self.forget()  # deleted in the server's settings: the next message makes another
-                raise
+                return await self._post(text)
+            except discord.NotFound as exc:  # deleted in the server's settings: another one, made now
+                if exc.code != UNKNOWN_WEBHOOK or self.renew is None or (hook := await self.renew(self.webhook)) is None:
+                    raise
+                self.webhook = hook
+                return await self._post(text)
         if reply_to is not None:
             return await reply_to.reply(text, mention_author=False, allowed_mentions=NO_PINGS)
         return await channel.send(text, allowed_mentions=NO_PINGS)
+
+    async def _post(self, text: str) -> discord.WebhookMessage:
+        return await self.webhook.send(text, username=self.name, avatar_url=self.avatar_url or MISSING,
+                                       wait=True, allowed_mentions=NO_PINGS, thread=self.thread)
 
     def message(self, channel: discord.abc.Messageable, message_id: int):
         """A message this voice posted before, to edit or delete the way Discord allows."""
@@ -159,7 +165,14 @@ class Voices:
         hook = await self._webhook(home) if isinstance(home, discord.TextChannel) else None
         if hook is None:
             return Voice(character.name)
-        return Voice(character.name, hook, avatar_url, thread, lambda: self._webhooks.pop(home.id, None))
+        return Voice(character.name, hook, avatar_url, thread, lambda gone: self._renew(home, gone))
+
+    async def _renew(self, channel: discord.TextChannel, gone: discord.Webhook) -> discord.Webhook | None:
+        """The channel's webhook after ``gone`` was deleted: made once, however many replies
+        found it gone (one that comes second finds the new one cached)."""
+        if (cached := self._webhooks.get(channel.id)) is not None and cached.id == gone.id:
+            del self._webhooks[channel.id]
+        return await self._webhook(channel)
 
     async def _webhook(self, channel: discord.TextChannel) -> discord.Webhook | None:
         """The channel's rolebot webhook; None where the bot may not manage webhooks (asked each

@@ -54,6 +54,7 @@ INVALID_SESSION, HELLO, HEARTBEAT_ACK = 9, 10, 11
 
 # Intent bits; the privileged ones must also be switched on in the developer portal.
 GUILD_MEMBERS = 1 << 1
+GUILD_WEBHOOKS = 1 << 5
 GUILD_PRESENCES = 1 << 8
 GUILD_MESSAGES = 1 << 9
 GUILD_MESSAGE_REACTIONS = 1 << 10
@@ -70,6 +71,7 @@ EVENT_INTENTS = {
     "MESSAGE_REACTION_REMOVE": (GUILD_MESSAGE_REACTIONS, DIRECT_MESSAGE_REACTIONS),
     "MESSAGE_REACTION_REMOVE_ALL": (GUILD_MESSAGE_REACTIONS, DIRECT_MESSAGE_REACTIONS),
     "MESSAGE_DELETE": (GUILD_MESSAGES, DIRECT_MESSAGES),
+    "WEBHOOKS_UPDATE": (GUILD_WEBHOOKS, GUILD_WEBHOOKS),
 }
 
 # Permission bits for the roles of the emulated guild.
@@ -456,6 +458,11 @@ class DiscordEmulator:
         self._channels[channel_id] = channel
         await self._dispatch("CHANNEL_CREATE", channel)
         return channel_id
+
+    async def delete_webhook(self, webhook_id: int) -> None:
+        """A server admin deletes a webhook (its messages stay, as on Discord): WEBHOOKS_UPDATE."""
+        hook = self.webhooks.pop(webhook_id)
+        await self._dispatch("WEBHOOKS_UPDATE", {"guild_id": hook["guild_id"], "channel_id": hook["channel_id"]})
 
     def fail_next(
         self, method: str, path_regex: str, status: int = 429, retry_after: float = 1.0, *, times: int = 1
