@@ -244,14 +244,18 @@ async def test_without_manage_webhooks_the_reply_opens_with_the_name_and_a_dm_ke
         project, engines, tmp_path, no_errors):
     async with DiscordEmulator(bot_token=TOKEN) as dc:  # the bot's role may not manage webhooks
         with dc.patch_discord():
-            async with running(dc, project, engines, tmp_path, bold=True) as bot:
-                said = await dc.user_sends("皇上，臣妾有事启奏", user_id=USER, mention_bot=True)
+            listed = f'channels = ["{dc.channel_id}"]'  # the list form: the default character's channels
+            async with running(dc, project, engines, tmp_path, listed, bold=True) as bot:
+                said = await dc.user_sends("皇上，臣妾有事启奏", user_id=USER)
                 row, sent = await bot.reply_to(said)
                 assert row["character"] == "皇帝" and sent.content == split(f"**皇帝**：{row['text']}")[-1]
                 assert sent.webhook_id is None and sent.reply_to == int(said["id"])  # a reply, as the bot
-                assert not [r for r in dc.requests if "webhooks" in r.path]
                 await dc.user_reacts(sent.id, "👍", user_id=USER)  # the bot's own message: rated as before
                 await dc.wait_for(lambda: bot.ratings() == [(row["id"], str(USER), 1)])
+                said = await dc.user_sends("今天天气如何？", user_id=OTHER)
+                row, sent = await bot.reply_to(said)
+                assert row["character"] == "" and sent.content.startswith("**甄嬛**：")
+                assert not [r for r in dc.requests if "webhooks" in r.path]
 
                 # In a DM, the character named last goes on answering, also after a restart.
                 said = await dc.user_sends("皇上吉祥", user_id=USER, dm=True)
