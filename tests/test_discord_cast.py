@@ -29,6 +29,7 @@ CAST = f"""
 [[cast]]
 name = "甄嬛"
 aliases = ["嬛嬛", "莞贵人"]
+avatar = "zhenhuan.png"
 
 [[cast]]
 name = "皇帝"
@@ -175,7 +176,7 @@ def no_errors(caplog):
 @pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="module")
 async def test_each_channel_has_its_character_and_a_name_calls_another_through_the_webhook(
-        project, engines, tmp_path, no_errors):
+        project, engines, tmp_path, no_errors, caplog):
     async with DiscordEmulator(bot_token=TOKEN, bot_permissions=BOT_PERMISSIONS | MANAGE_WEBHOOKS) as dc:
         court = await dc.add_channel("court")
         with dc.patch_discord():
@@ -193,6 +194,7 @@ async def test_each_channel_has_its_character_and_a_name_calls_another_through_t
                 said = await dc.user_sends("嬛嬛，你怎么看？", user_id=USER, channel_id=court)
                 her_row, hers = await bot.reply_to(said)
                 assert her_row["character"] == "" and (hers.username, hers.avatar_url) == ("甄嬛", None)
+                assert caplog.text.count("甄嬛's avatar zhenhuan.png is a file") == 1  # not sent: said once
                 assert hers.webhook_id == sent.webhook_id  # one webhook per channel, made once, reused
 
                 # A mention with a name in another channel: that character; without one: the default.

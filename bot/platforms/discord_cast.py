@@ -152,6 +152,7 @@ class Voices:
     def __init__(self) -> None:
         self._webhooks: dict[int, discord.Webhook] = {}
         self._locks: dict[int, asyncio.Lock] = {}
+        self._told: set[str] = set()  # characters whose avatar file was said to go unsent
 
     async def of(self, service: Service, channel: Any) -> Voice:
         """How ``service``'s character posts in ``channel``."""
@@ -165,6 +166,11 @@ class Voices:
         hook = await self._webhook(home) if isinstance(home, discord.TextChannel) else None
         if hook is None:
             return Voice(character.name)
+        if avatar and avatar_url is None and character.name not in self._told:
+            self._told.add(character.name)
+            log.info("Discord: %s's avatar %s is a file; a webhook post takes a picture's URL, so %s's "
+                     "replies show no picture of theirs ([[cast]] avatar = \"https://…\")",
+                     character.name, avatar, character.name)
         return Voice(character.name, hook, avatar_url, thread, lambda gone: self._renew(home, gone))
 
     async def _renew(self, channel: discord.TextChannel, gone: discord.Webhook) -> discord.Webhook | None:
