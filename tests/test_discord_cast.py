@@ -229,6 +229,17 @@ async def test_each_channel_has_its_character_and_a_name_calls_another_through_t
                 assert bot.rows("SELECT character FROM conversations WHERE id = ?", second["conversation_id"])[0][0] == ""
                 assert hers.username == "甄嬛" and hers.edits[-1].payload.get("username") is None  # edited, not posted
 
+                # /retry in the emperor's channel: for her, whom the user's last message there went to.
+                await dc.user_sends("/retry", user_id=USER, channel_id=court)
+
+                def third():
+                    rows = bot.rows("SELECT * FROM messages WHERE reply_to = ? ORDER BY id", her_row["reply_to"])
+                    return (len(rows) == 3 and rows[2]["status"] != "generating"
+                            and hers.content == split(rows[2]["text"].strip())[-1]
+                            and len(dc.reactions.get(hers.id, {})) == 3 and rows[2])
+                await dc.wait_for(third, 120)
+                assert len(bot.rows("SELECT * FROM messages WHERE reply_to = ?", row["reply_to"])) == 1  # his: one
+
                 # A server admin deletes the webhook: the next reply makes another.
                 await dc.delete_webhook(sent.webhook_id)
                 said = await dc.user_sends("朕乏了", user_id=OTHER, channel_id=court)

@@ -35,7 +35,7 @@ from discord import app_commands
 from bot.config import Config, DiscordSettings, secret
 from bot.logs import keep_secret
 from bot.platforms import Options
-from bot.platforms.discord_cast import AS_BOT, NO_PINGS, Voice, Voices, many, owner, who_answers
+from bot.platforms.discord_cast import AS_BOT, NO_PINGS, Addressees, Voice, Voices, many, owner
 from bot.platforms.text import RATINGS, RETRY, STOP, Showing, paced_edits, take_over
 from bot.platforms.text import split as text_split
 from bot.service import Answer, IncomingMessage, Reply, Service, UnknownMessage
@@ -91,6 +91,7 @@ class DiscordFrontend:
         self._answering: set[asyncio.Task] = set()  # handlers still posting
         self._showing = Showing()  # the replies streaming now, for ⏹ and for 🔄 in place
         self.voices = Voices()  # a cast's webhooks, per connection
+        self.addressees = Addressees(service, settings)  # who of a cast each message goes to
 
     def _cast(self) -> list[Service]:
         return list(self.service.cast) if self.service.cast is not None else [self.service]
@@ -190,7 +191,7 @@ class DiscordFrontend:
         task = asyncio.current_task()
         self._answering.add(task)
         try:
-            speaker = await who_answers(self.service, self.settings, message.channel, text)
+            speaker = await self.addressees.of(message.channel, message.author.id, text)
             voice = await self.voices.of(speaker, message.channel)
             async with message.channel.typing():
                 if not incoming.text.startswith("/"):  # a conversation opens with [character] greeting
@@ -361,7 +362,7 @@ class DiscordFrontend:
                                    f"/{name}", display_name=interaction.user.display_name)
         channel = interaction.channel or self.client.get_partial_messageable(
             interaction.channel_id, guild_id=interaction.guild_id)
-        service = await who_answers(self.service, self.settings, channel, "")  # the chat's character
+        service = await self.addressees.of(channel, interaction.user.id, f"/{name}")
         out = await service.handle(incoming)
         if isinstance(out, Reply):  # /retry: the last reply is rewritten where it stands
             await interaction.followup.send(f"{RETRY} Writing another reply in place of the last one.",

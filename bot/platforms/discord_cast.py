@@ -8,6 +8,10 @@ A cast of one answers everywhere as itself, posted as the bot. In a larger cast:
 |           | else the channel's ([discord] channels as a table), else the default (the first)    |
 | a DM      | the one the user named last in that DM (kept across restarts), else the default     |
 
+A command is for the chat's character (the channel's, the DM's), except ``/retry`` and
+``/stop``: those are for the one the user's last message in that chat went to, since that is the
+reply they mean (remembered while the bot runs; after a restart, the chat's character).
+
 Where the bot has Manage Webhooks, the reply is posted through the channel's webhook (one named
 ``rolebot`` per channel, made once and reused) with the character's name and ``avatar`` (a
 URL; an image file is not sent: the one webhook speaks for every character, so its own avatar
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +33,7 @@ import discord
 from discord.utils import MISSING
 
 from bot.config import DiscordSettings
-from bot.service import Service
+from bot.service import Service, parse_command
 from bot.store import Message
 
 log = logging.getLogger(__name__)
@@ -38,6 +43,8 @@ WEBHOOK_NAME = "rolebot"
 # Whatever the model writes, nobody is notified: no @everyone, roles, users or reply pings.
 NO_PINGS = discord.AllowedMentions.none()
 UNKNOWN_WEBHOOK = 10015  # Discord's code: the webhook was deleted
+ABOUT_THE_LAST_REPLY = ("retry", "stop")
+REMEMBERED = 10_000  # (chat, user) pairs whose last addressee is kept in memory
 
 
 def many(service: Service) -> bool:
@@ -75,6 +82,30 @@ async def who_answers(service: Service, settings: DiscordSettings, channel: Any,
             return named
         return cast.get(await service.store.chat_character(PLATFORM, chat)) or cast.default
     return named or cast.get(channel_character(settings, channel)) or cast.default
+
+
+class Addressees:
+    """Who each user's last message in each chat went to, for ``/retry`` and ``/stop``."""
+
+    def __init__(self, service: Service, settings: DiscordSettings) -> None:
+        self.service, self.settings = service, settings
+        self._last: OrderedDict[tuple[str, str], Service] = OrderedDict()
+
+    async def of(self, channel: Any, user_id: int | str, text: str) -> Service:
+        """The cast member who answers ``text`` from this user in ``channel``."""
+        if not many(self.service):
+            return self.service
+        key = (str(channel.id), str(user_id))
+        command = parse_command(text)
+        if command and command[0] in ABOUT_THE_LAST_REPLY and key in self._last:
+            return self._last[key]
+        speaker = await who_answers(self.service, self.settings, channel, "" if command else text)
+        if not command:
+            self._last[key] = speaker
+            self._last.move_to_end(key)
+            if len(self._last) > REMEMBERED:
+                self._last.popitem(last=False)
+        return speaker
 
 
 async def owner(service: Service, reply: Message) -> Service:
