@@ -129,7 +129,11 @@ class ConsoleSettings:
 @dataclass
 class DiscordSettings:
     token_env: str = opt("DISCORD_BOT_TOKEN", "env var holding the bot token (unset: Discord off)")
-    channels: list[str] = opt([], "channel ids where every message is answered")
+    channels: list[str] | dict[str, str] = opt(
+        [], "channels where every message is answered: a list of channel ids (the default character "
+        "answers there), or a table of channel id = the cast member who answers there, e.g. "
+        "{\"123456789012345678\" = \"华妃\"}; a message naming a cast member is answered by them anywhere",
+        expected="a list of channel ids, or a table of channel id = cast member")
     allow_dms: bool = opt(True, "answer direct messages")
     edit_interval: float = opt(1.0, "seconds between streamed edits", min=0.2, max=30.0)
 
@@ -358,7 +362,25 @@ def parse_config(text: str, path: Path) -> Config:
                             f"{len(config.cast)} characters — leave it empty (each character's script is prepared into "
                             "data/<name>.json) or give each [[cast]] its script")
         config.character = config.cast[0]
+    if isinstance(config.discord.channels, dict):
+        config.discord.channels = _channel_characters(config, config.discord.channels, where)
     return config
+
+
+def _channel_characters(config: Config, table: dict[str, str], where) -> dict[str, str]:
+    """[discord] channels as a table: each channel's cast member by name (an alias is resolved);
+    a channel id that is not a number, or a name that is not in the cast, stops the start."""
+    label = f"{where('discord', 'channels')}: [discord] channels"
+    characters = {}
+    for channel, name in table.items():
+        if not channel.strip().isdigit():
+            raise UserError(f"{label}: {channel!r} is not a channel id — Discord's ids are numbers "
+                            "(Developer Mode on, then right-click the channel → Copy Channel ID)")
+        try:
+            characters[channel.strip()] = config.member(name).name
+        except UnknownCharacter as exc:
+            raise UserError(f"{label}: \"{channel}\" = {name!r}: {exc}") from None
+    return characters
 
 
 def _build_cast(tables, where) -> list[CharacterSettings]:
@@ -426,7 +448,9 @@ def _check(value, hint, meta: dict, label: str):
         float: isinstance(value, (int, float)) and not isinstance(value, bool),
         str: isinstance(value, str),
     }.get(hint)
-    if ok is None:  # list[str]
+    if ok is None and isinstance(value, dict) and dict[str, str] in typing.get_args(hint):  # a table of strings
+        ok = all(isinstance(v, str) for v in value.values())
+    elif ok is None:  # list[str]
         ok = isinstance(value, list) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value)
         if ok:
             value = [str(v) for v in value]
@@ -444,6 +468,8 @@ def _check(value, hint, meta: dict, label: str):
 
 
 def _describe(hint, meta: dict) -> str:
+    if "expected" in meta:
+        return meta["expected"]
     if "choices" in meta:
         return "one of " + ", ".join(repr(c) for c in meta["choices"])
     name = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, "a list of strings")
