@@ -347,3 +347,20 @@ async def test_serve_trains_the_characters_without_an_adapter_in_the_background(
         assert await _text(stream) is not None and stream.stats.adapter_version == "v0001"
     finally:
         await app.stop()
+
+
+async def test_rolebot_status_shows_each_characters_version_and_pending_ratings(tmp_path, capsys):
+    (tmp_path / "config.toml").write_text(CAST, encoding="utf-8")
+    config = load_config(str(tmp_path / "config.toml"))
+    async with Store.open(config.database) as store:
+        await _rated(store, config.for_character("皇帝"), 3)
+        await _rated(store, config, 1)
+    assert await asyncio.to_thread(main, ["--config", str(tmp_path / "config.toml"), "status"]) == 0
+    out = capsys.readouterr().out
+    assert "甄嬛: serving the base model (no adapter); 0 versions" in out
+    assert "皇帝: serving the base model (no adapter)" in out
+    lines = out.splitlines()
+    assert lines[1].strip() == "ratings waiting for the next retrain: 1 (20 start a scheduled one)"
+    assert lines[4].strip() == "ratings waiting for the next retrain: 3 (20 start a scheduled one)"
+    assert await asyncio.to_thread(main, ["--config", str(tmp_path / "config.toml"), "status", "--character", "皇上"]) == 0
+    assert capsys.readouterr().out.startswith("皇帝: ")
