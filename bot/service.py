@@ -328,6 +328,11 @@ class Service:
         ordered = sorted(self._durations)
         return float(min(120, max(1, round(ordered[len(ordered) // 2]))))
 
+    def _in_flight(self) -> int:
+        """Replies in flight on the engine: a cast's characters share one engine, and one capacity."""
+        services = list(self.cast) if self.cast is not None else [self]
+        return sum(len(service._tasks) for service in services)
+
     def _say(self, template: str, **values: Any) -> str:
         return template.format(name=self.character, **values)
 
@@ -396,7 +401,7 @@ class Service:
     async def _start(self, msg: IncomingMessage, sampling: Overrides | None, *, text: str = "", cut: bool = False,
                      settings: GenerationSettings | None = None, user_row: db.Message | None = None,
                      replaces: db.Message | None = None) -> Outgoing:
-        if len(self._tasks) >= self.capacity:
+        if self._in_flight() >= self.capacity:
             return Answer(self._say(BUSY), "busy", retry_after=self.retry_after())
         started: asyncio.Future[Outgoing] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(self._reply(msg, text, cut, settings or self._settings(sampling), started,
