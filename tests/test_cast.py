@@ -23,6 +23,8 @@ from training.logs import open_snapshot
 from training.prompts import Sample
 from training.registry import Registry, Version
 
+from lora import random_version
+
 CAST = """
 [[cast]]
 name = "甄嬛"
@@ -143,21 +145,8 @@ def project(tmp_path_factory, builtin_path) -> Path:
     return root
 
 
-def _adapter(registry: Registry, builtin_path, seed: int, rank: int = 8) -> Version:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(builtin_path)
-    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    with registry.writing() as draft:
-        model.save_pretrained(draft.path)
-        return draft.commit({"base_model": "builtin:smollm2-135m"})
+def _adapter(registry: Registry, builtin_path, seed: int) -> Version:
+    return random_version(registry, builtin_path, seed)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from bot.engine import IncrementalDecoder, make_engine
 from bot.engine.base import hygiene_for
 from bot.engine.remote import OpenAIEngine
 from emulators.completions import FakeServer, serving
+from lora import random_version
 from training.hygiene import clean
 from training.prompts import Exchange, Sample
 from training.registry import Registry, Version
@@ -86,24 +87,8 @@ def project(tmp_path_factory, builtin_path) -> Path:
 def versions(project, builtin_path) -> list[Version]:
     """Three saved adapter versions with non-zero weights: v0001 and v0002 of one shape, v0003 of
     another rank (it cannot be copied into the loaded adapter and loads as a new one)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     registry = Registry(project / "adapters", "甄嬛")
-    made = []
-    for seed, rank in ((1, 8), (2, 8), (3, 4)):
-        base = AutoModelForCausalLM.from_pretrained(builtin_path)
-        model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_" in name:
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-        with registry.writing() as draft:
-            model.save_pretrained(draft.path)
-            made.append(draft.commit({"base_model": "builtin:smollm2-135m"}))
-    return made
+    return [random_version(registry, builtin_path, seed, rank) for seed, rank in ((1, 8), (2, 8), (3, 4))]
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

@@ -362,10 +362,7 @@ class CastEngine(LocalEngine):
                 voice._drained = None
                 voice.swapping = False
                 self._admit_held(voice)
-            self.counters.swaps += 1
-            self.counters.last_swap_ms = round((time.perf_counter() - started) * 1000, 1)
-            log.info("engine: %s now speaks with %s (%.0f ms)", voice.name, voice.adapter_version or "the base model",
-                     self.counters.last_swap_ms)
+            self._swapped(voice, started, "copied")
 
     def _apply_voice(self, voice: Voice, plan: CopyWeights | None) -> None:
         import torch
@@ -419,9 +416,13 @@ class CastEngine(LocalEngine):
             self._drained = None
             self._swapping = False
             self._admit_held(None)
+        self._swapped(voice, started, "loaded")
+
+    def _swapped(self, voice: Voice, started: float, how: str) -> None:
         self.counters.swaps += 1
         self.counters.last_swap_ms = round((time.perf_counter() - started) * 1000, 1)
-        log.info("engine: %s now speaks with %s (loaded, %.0f ms)", voice.name, version.name, self.counters.last_swap_ms)
+        log.info("engine: %s now speaks with %s (%s, %.0f ms)", voice.name, voice.adapter_version or "the base model",
+                 how, self.counters.last_swap_ms)
 
     def _admit_held(self, voice: Voice | None) -> None:
         """Admit the replies held for ``voice``'s swap (None: all of them)."""
