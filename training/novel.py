@@ -57,7 +57,7 @@ _LEAD = re.compile(r"^(?:只见|忽然|突然|这时|此时|随即|于是|然后
 _NOT_FIRST = set("嘴脸眼手心声头身这那只忽正转便又也却就都还然随说笑看听见想走站坐点摇抬低回拉握扶跪起一上下过去来不没把被让叫给"
                  "对向朝在从到与和跟等有是待将若如但可而因所此其各每几另半满全两三四五六七八九十")
 # …nor end with these (manner, body and motion words: 轻声, 躬身, 抬头, 回过…).
-_NOT_LAST = set("地笑声身头会着了过来去眼手嘴里住起下得完罢毕又也便才却只就忙还都含冷轻低柔微苦")
+_NOT_LAST = set("地笑声身头会着了过来去眼手嘴里外内中边旁住起下得完罢毕又也便才却只就忙还都含冷轻低柔微苦")
 _MANNER_WORD = re.compile(rf"{_MANNER}")
 PRONOUNS = ("她", "他", "我")
 # Titles that name no one in particular: left for the LLM pass, or for the user's aliases.
@@ -235,8 +235,8 @@ def _narration(paragraph: Paragraph, quotes: list[Quote]) -> str:
 
 def _lexicon(paragraphs: list[Paragraph], quotes: list[Quote], known: tuple[str, ...]) -> tuple[str, ...]:
     """Known names, then names learned from the text: what opens the first clause of the
-    sentences right around quotes (where a speaker is named), seen at least twice or right
-    before a speech verb (``苏培盛笑眯眯地道``)."""
+    sentences right around quotes (where a speaker is named), in the text at least twice or
+    right before a speech verb (``苏培盛笑眯眯地道``)."""
     by_paragraph: dict[int, list[Quote]] = {}
     for q in quotes:
         by_paragraph.setdefault(q.paragraph, []).append(q)
@@ -274,8 +274,9 @@ def _lexicon(paragraphs: list[Paragraph], quotes: list[Quote], known: tuple[str,
 
 
 def _could_be_name(text: str) -> bool:
+    # 门外有人: no name grows out of a word that is not one (门外).
     return (bool(re.fullmatch(rf"[{_CJK}]+", text)) and text[0] not in _NOT_FIRST
-            and text[-1] not in _NOT_LAST and not text.startswith(PRONOUNS)
+            and not _NOT_LAST.intersection(text[1:]) and not text.startswith(PRONOUNS)
             and "的" not in text and not _SAY_AT_END.search(text) and not _MANNER_WORD.fullmatch(text))
 
 

@@ -145,10 +145,11 @@ def chunks(novel: Novel, settings: Settings, names: tuple[str, ...]) -> list[Chu
         quotes = tuple(i for p in group for i in by_paragraph.get(p, []))
         if not any(not novel.quotes[i].speaker for i in quotes):
             continue
-        text = "\n".join(novel.paragraphs[p].text for p in group)
+        label = novel.paragraphs[group[0]].chapter_label
+        text = "\n".join([label] * bool(label) + [novel.paragraphs[p].text for p in group])
         prompt = extraction_prompt(text, names, novel.narrator)
         key = hashlib.sha256(f"{PROMPT_VERSION}\n{settings.endpoint.model}\n{prompt}".encode()).hexdigest()
-        out.append(Chunk(novel.paragraphs[group[0]].chapter_label, text, quotes, prompt, key))
+        out.append(Chunk(label, text, quotes, prompt, key))
     return out
 
 
@@ -282,6 +283,8 @@ class Checker:
             return "" if self.novel.narrator else UNNAMED
         if speaker in chunk.text or speaker == self.novel.narrator and "我" in chunk.text:
             return ""
+        if speaker in self.names and any(name in chunk.text for name in self.names):
+            return ""  # the character, named in the chunk by another of her names
         return STRANGER
 
     def speaker(self, speaker: str) -> str:
