@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -16,18 +17,18 @@ from bot.commands.augment import http_line, positive, seconds
 from bot.config import load_config, secret
 from training.errors import UserError
 from training.llm import Endpoint
-from training.novel import Novel
-from training.novel_llm import Estimate, Extractor, Report as LLMReport, Settings, estimate
+from training.novel import Novel, detect
+from training.novel_llm import Estimate, Extractor, Settings, estimate
+from training.novel_llm import Report as LLMReport
 from training.pairs import (FORMATS, SOURCES, Character, PrepareRequest, novel_notes, prepare, read_novel_for,
                             validation_path)
 from training.screenplay import read_script_text
-from training.novel import detect
 
 DESCRIPTION = """\
-Read screenplays in the 「角色（动作）：台词」 form, or novels with quoted dialogue, and write
-training pairs for one character: each line of the character that answers someone else's line in the same scene
-becomes {"instruction": their line, "input": "", "output": the character's line}, the
-tutorial's Alpaca data. Stage directions are removed; lines with an action
+Read screenplays in the 「角色（动作）：台词」 form, or novels with quoted dialogue, and
+write training pairs for one character: each line of the character that answers someone
+else's line in the same scene becomes {"instruction": their line, "input": "", "output":
+the character's line}, the tutorial's Alpaca data. Stage directions are removed; lines with an action
 (甄嬛（笑）：…), a colon inside the text, full- or half-width punctuation, CRLF, and
 UTF-8 (with or without BOM), GBK or UTF-16 files are all read.
 
@@ -176,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     pass_ = LLMPass(settings, (name, *aliases), args.price)
     try:
-        report = prepare(PrepareRequest(**{**request.__dict__, "extract": pass_}))
+        report = prepare(dataclasses.replace(request, extract=pass_))
     finally:
         if pass_.reports:
             print(pass_.render(), flush=True)
