@@ -33,7 +33,7 @@ from training.character import breaks_character
 from training.dataset import read_dataset
 from training.errors import UserError
 from training.atomic import write_json_atomic
-from training.llm import UNREADABLE, ChatClient, Endpoint
+from training.llm import ChatClient, Endpoint
 
 Mode = Literal["fewshot", "questions"]
 MODES: tuple[Mode, ...] = ("fewshot", "questions")

@@ -35,10 +35,9 @@ from pathlib import Path
 from training.augment import FENCE, comparison_key
 from training.errors import UserError
 from training.llm import ChatClient, Endpoint
-from training.novel import GENERIC, Novel, Quote
+from training.novel import GENERIC, Novel
 
 PROMPT_VERSION = 1
-NOT_JSON = "not JSON with a list of {speaker, line} objects"
 NOT_AN_ITEM = "an item without a speaker and a line"
 INVENTED = "line is not in the text"
 STRANGER = "speaker is not in the chunk"
