@@ -86,6 +86,11 @@ def test_a_novel_and_a_screenplay_are_told_apart_and_the_report_says_which(tmp_p
     assert f"{SAMPLE_SCRIPT}: read as a screenplay" in capsys.readouterr().out
 
 
+def test_a_screenplay_that_quotes_its_lines_is_still_a_screenplay():
+    assert detect("甄嬛：“臣妾告退。”\n皇后：“去吧。”\n").kind == "script"
+    assert detect("甄嬛笑道：“臣妾告退。”\n皇后道：“去吧。”\n").kind == "novel"
+
+
 def test_from_novel_reads_a_file_as_a_novel_whatever_it_looks_like(tmp_path, capsys):
     (tmp_path / "config.toml").write_text("", encoding="utf-8")
     script_like = tmp_path / "short.txt"

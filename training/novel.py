@@ -139,15 +139,21 @@ class Detection:
 def detect(text: str) -> Detection:
     """A novel has many quotes and few ``名字：`` lines; a screenplay the other way round."""
     lines = [line.strip() for line in text.splitlines()]
-    script = sum(is_script_line(line) and not _quoted_after_colon(line) for line in lines)
+    script = sum(is_script_line(line) and not _said_before_colon(line) for line in lines)
     quotes = sum(line.count("“") + line.count("「") + line.count('"') // 2 for line in lines)
     return Detection("novel" if quotes > 2 * script else "script", script, quotes)
 
 
-def _quoted_after_colon(line: str) -> bool:
-    """``甄嬛道：“…”`` is prose with a colon, not a screenplay line."""
+def _said_before_colon(line: str) -> bool:
+    """``甄嬛笑道：“…”`` and ``我低了头：“…”`` are prose with a colon; ``甄嬛：“…”`` is still a
+    screenplay's line (a short name, then the quote)."""
     colon = min((i for i in (line.find("："), line.find(":")) if i >= 0), default=-1)
-    return colon >= 0 and line[colon + 1:].lstrip()[:1] in _OPEN
+    if colon <= 0:
+        return False
+    before, after = line[:colon].strip(), line[colon + 1:].lstrip()
+    if _SAY_AT_END.search(before):
+        return True
+    return after[:1] in _OPEN and (len(before) > 4 or before.startswith(PRONOUNS))
 
 
 # --- reading --------------------------------------------------------------------------
