@@ -18,6 +18,7 @@ import pytest
 from bot.cli import main
 from emulators.chat import FakeLLM, Reply, llm  # noqa: F401 (llm is a fixture)
 from training.novel import SAMPLE_NOVEL, detect, read_novel
+from training.novel_llm import parse_items
 from training.screenplay import SAMPLE_SCRIPT, read_script_text
 
 CHECK_SET = Path(__file__).parent / "data" / "novel_check.jsonl"
@@ -232,6 +233,18 @@ def good_answer(prompt: str) -> Reply:
     if "雨夜" in prompt:
         return Reply(answer(("小福子", "皇上驾到——"), ("青竹", "小主，该歇了。")))
     return Reply(answer(("宫女", "娘娘请小主过去。"), ("青竹", "回小主，是皇后娘娘。"), ("甄嬛", "知道了。")))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('{"lines": [{"speaker": "青竹", "line": "是。", "addressee": ""}]}', [{"speaker": "青竹", "line": "是。", "addressee": ""}]),
+    ('```json\n[{"speaker": "青竹", "line": "是。"}]\n```', [{"speaker": "青竹", "line": "是。"}]),
+    # Cut off by the token limit: the complete items survive.
+    ('```json\n{"lines": [{"speaker": "青竹", "line": "是。"}, {"speaker": "甄', [{"speaker": "青竹", "line": "是。"}]),
+    ("青竹说：是。", None),
+    ('{"speaker": "青竹"}', None),
+])
+def test_answers_are_read_as_json_even_when_cut_short(text, expected):
+    assert parse_items(text) == expected
 
 
 def prepare_llm(novel: Path, llm: FakeLLM, *extra: str) -> int:

@@ -232,7 +232,8 @@ def _append(path: Path, entry: dict) -> None:
 
 def parse_items(text: str) -> list | None:
     """The list of items in an answer (a bare array or ``{"lines": [...]}``, fenced or not);
-    None when it holds no such JSON."""
+    None when it holds no such JSON. An answer cut off by the token limit keeps the items it
+    completed."""
     fenced = FENCE.search(text)
     body = fenced[1] if fenced else text
     decoder = json.JSONDecoder()
@@ -245,7 +246,23 @@ def parse_items(text: str) -> list | None:
             value = next((v for v in value.values() if isinstance(v, list)), None)
         if isinstance(value, list):
             return value
-    return None
+    return _complete_items(body, decoder)
+
+
+def _complete_items(body: str, decoder: json.JSONDecoder) -> list | None:
+    """The whole objects of an array that never closes: ``[{…}, {…}, {"speaker": "甄``."""
+    start = body.find("[")
+    if start < 0:
+        return None
+    items, at = [], start + 1
+    while (at := body.find("{", at)) >= 0:
+        try:
+            item, end = decoder.raw_decode(body, at)
+        except ValueError:
+            break
+        items.append(item)
+        at = end
+    return items or None
 
 
 class Checker:
@@ -280,6 +297,8 @@ class Checker:
             return UNNAMED
         if speaker == "我":
             return "" if self.novel.narrator else UNNAMED
+        if len(speaker) < 2 and speaker not in self.names:
+            return UNNAMED  # one character of a name matches anywhere
         if speaker in chunk.text or speaker == self.novel.narrator and "我" in chunk.text:
             return ""
         if speaker in self.names and any(name in chunk.text for name in self.names):
