@@ -26,7 +26,7 @@ from pathlib import Path
 
 from training.llm import Endpoint
 from training.novel import SAMPLE_NOVEL, Novel, read_novel, rule_counts
-from training.novel_llm import Extractor, Settings, estimate
+from training.novel_llm import Extractor, Settings, estimate, read_cache
 from training.screenplay import read_script_text
 
 CHECK_SET = Path(__file__).resolve().parents[1] / "tests" / "data" / "novel_check.jsonl"
@@ -63,10 +63,14 @@ def main() -> None:
     parser.add_argument("--model")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY")
     parser.add_argument("--chunk-chars", type=int, default=Settings.chunk_chars)
+    parser.add_argument("--overlap-chars", type=int, default=Settings.overlap_chars)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=1024)
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--cache", type=Path)
+    parser.add_argument("--malformed-retries", type=int, default=Settings.malformed_retries)
+    parser.add_argument("--max-chunks", type=int, default=0,
+                        help="send only the first N chunks (a slow CPU model); 0: all")
     args = parser.parse_args()
 
     names = (args.character, *(args.alias if args.alias is not None else ["嬛嬛", "莞贵人", "甄常在"]))
@@ -93,15 +97,21 @@ def main() -> None:
     endpoint = Endpoint(args.base_url, args.model or args.character, os.environ.get(args.api_key_env),
                         args.api_key_env, timeout=args.timeout, concurrency=args.concurrency, temperature=0.0,
                         max_tokens=args.max_tokens)
-    settings = Settings(endpoint, cache, chunk_chars=args.chunk_chars)
+    settings = Settings(endpoint, cache, chunk_chars=args.chunk_chars, overlap_chars=args.overlap_chars,
+                        malformed_retries=args.malformed_retries)
     plan = estimate(novel, settings, names)
     extractor = Extractor(novel, settings, names)
+    if args.max_chunks:
+        extractor.chunks = extractor.chunks[:args.max_chunks]  # the rest stay unknown, unasked
     start = time.perf_counter()
     after = asyncio.run(extractor.run())
     seconds = time.perf_counter() - start
     report = extractor.report
-    tokens = (f"{report.prompt_tokens + report.completion_tokens:,} (server)" if report.prompt_tokens else
-              f"≈{plan.prompt_tokens + plan.completion_tokens:,} (estimate)")
+    # What the answers cost when they were asked, cached ones included (the cache keeps it).
+    entries = read_cache(cache)
+    spent = sum(entries[c.key].get("prompt_tokens", 0) + entries[c.key].get("completion_tokens", 0)
+                for c in extractor.chunks if c.key in entries)
+    tokens = f"{spent:,} (server)" if spent else f"≈{plan.prompt_tokens + plan.completion_tokens:,} (estimate)"
     added_given, added_right = score(after, check, names, only="llm")
     print(row(f"LLM pass ({endpoint.model}), lines it added", f"+{report.added}", added_given, added_right,
               len(check), f"{seconds:.1f}", tokens))
@@ -110,7 +120,7 @@ def main() -> None:
     print(row("rule + LLM", f"{counts.attributed} / {counts.unknown}", given, right, len(check),
               f"{min(times) + seconds:.1f}", tokens))
     dropped = ", ".join(f"{reason}: {n}" for reason, n in report.dropped.most_common()) or "none"
-    print(f"LLM answers: {report.chunks} chunks, {report.parsed} parsed, {report.malformed} malformed, "
+    print(f"LLM answers: {report.chunks} of {plan.chunks} chunks sent, {report.parsed} parsed, {report.malformed} malformed, "
           f"{report.gave_up} given up; items {report.items} = {report.accepted} accepted + {report.agreed} agree + "
           f"{report.differed} disagree + {sum(report.dropped.values())} dropped ({dropped})")
 

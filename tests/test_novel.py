@@ -156,6 +156,12 @@ def test_turn_taking_and_the_addressee_give_bare_lines_a_speaker():
         ("甄常在，请伸手。", "温实初"), ("有劳温太医。", "甄常在")]
 
 
+def test_a_time_before_the_subject_is_not_a_stranger():
+    text = ("第一章\n温实初道：“微臣告退。”\n皇上道：“朕不送了。”\n"
+            "那天晚上，温实初又来了。诊完了脉，他收拾药箱，说了一句：“药要趁热喝。”\n")
+    assert speakers(text)[-1] == ("药要趁热喝。", "温实初")
+
+
 def test_a_line_calling_out_a_name_is_not_that_persons():
     text = "第一章\n皇上看了看天色。\n“皇上，时辰不早了。”皇上身后的人道。\n"
     assert speakers(text, names=("皇上",)) == [("皇上，时辰不早了。", "")]

@@ -60,6 +60,7 @@ _NOT_FIRST = set("嘴脸眼手心声头身这那只忽正转便又也却就都�
 _NOT_LAST = set("地笑声身头会着了过来去眼手嘴里外内中边旁住起下得完罢毕又也便才却只就忙还都含冷轻低柔微苦")
 _MANNER_WORD = re.compile(rf"{_MANNER}")
 PRONOUNS = ("她", "他", "我")
+_WHEN = re.compile(r"^(?:那|这|有)一?[天日年夜晚时刻回次阵会早]")
 # Titles that name no one in particular: left for the LLM pass, or for the user's aliases.
 GENERIC = frozenset({"娘娘", "小主", "主子", "公公", "姑娘", "姐姐", "妹妹", "哥哥", "弟弟", "众人", "大家",
                      "有人", "那人", "这人", "太监", "小太监", "老太监", "宫女", "丫头", "丫鬟", "奴才",
@@ -309,8 +310,12 @@ def subject(sentence: str, lexicon: tuple[str, ...], backward: bool = False) -> 
         if clause.startswith(PRONOUNS):
             return clause[0]
         generic = next((g for g in sorted(GENERIC, key=len, reverse=True) if clause.startswith(g)), "")
-        if generic or clause.startswith(("一个", "那", "这", "有")):
-            return generic or "?"
+        if generic:
+            return generic
+        if _WHEN.match(clause):
+            continue  # 那天晚上，温实初来…: a time, the subject comes after it
+        if clause.startswith(("一个", "那", "这", "有")):
+            return "?"
     return ""
 
 
