@@ -303,7 +303,9 @@ def test_answers_that_are_never_json_are_given_up_and_counted(novel, llm, tmp_pa
     out = capsys.readouterr().out
     assert "Chunks: 2 = 0 cached + 0 answered + 2 given up + 0 unanswered" in out
     assert "Requests: 6 requested = 6 received + 0 failed; answers: 0 parsed + 6 malformed" in out
-    assert not (tmp_path / "out" / "pairs.llm-cache.jsonl").exists()
+    # Given up for good: a re-run asks nothing (deleting the cache asks again).
+    assert len((tmp_path / "out" / "pairs.llm-cache.jsonl").read_text(encoding="utf-8").splitlines()) == 2
+    assert prepare_llm(novel, llm) == 0 and len(llm.requests) == 6
 
 
 def test_the_schema_is_asked_for_and_a_server_without_it_is_asked_again_plainly(novel, llm, capsys):

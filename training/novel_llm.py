@@ -15,8 +15,8 @@ every answer is checked before it counts:
   earlier chunk answered keeps that answer.
 
 Answers are cached by the chunk's hash (model, prompt) in a JSON-lines file beside the output,
-one line appended and flushed as each arrives: a run that is killed resumes where it stopped,
-and a re-run costs nothing. Transport failures are retried with back-off by the client
+one line appended and flushed as each arrives (a chunk given up is cached with its last
+answer): a run that is killed resumes where it stopped, and a re-run costs nothing. Transport failures are retried with back-off by the client
 (``training.llm``); chunks still unanswered fail the run with nothing written as final.
 """
 
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from training.augment import FENCE, comparison_key
 from training.errors import UserError
-from training.llm import ChatClient, Endpoint
+from training.llm import Answer, ChatClient, Endpoint
 from training.novel import GENERIC, Novel
 
 PROMPT_VERSION = 1
@@ -370,6 +370,7 @@ class Extractor:
     async def _ask(self, chunk: Chunk, client: ChatClient) -> list | None:
         """The chunk's items, cached as soon as they are read; None when none could be had."""
         report = self.report
+        last = None  # the last answer that came back unreadable
         for _ in range(1 + self.settings.malformed_retries):
             extra = {"response_format": {"type": "json_schema", "json_schema": SCHEMA}} if self._schema else {}
             answer = await client.ask(chunk.prompt, **extra)
@@ -388,15 +389,21 @@ class Extractor:
             items = parse_items(answer.text)
             if items is not None:
                 report.parsed += 1
-                _append(self.settings.cache, {"key": chunk.key, "chapter": chunk.chapter_label,
-                                              "model": self.settings.endpoint.model, "answer": answer.text,
-                                              "prompt_tokens": answer.prompt_tokens,
-                                              "completion_tokens": answer.completion_tokens})
+                self._cache(chunk, answer)
                 return items
             report.malformed += 1
+            last = answer
             self.on_update(report)
         report.gave_up += 1
+        if last is not None:
+            self._cache(chunk, last)  # given up for good: a re-run does not pay for it again
         return []
+
+    def _cache(self, chunk: Chunk, answer: Answer) -> None:
+        _append(self.settings.cache, {"key": chunk.key, "chapter": chunk.chapter_label,
+                                      "model": self.settings.endpoint.model, "answer": answer.text,
+                                      "prompt_tokens": answer.prompt_tokens,
+                                      "completion_tokens": answer.completion_tokens})
 
     def _take(self, chunk: Chunk, items: list) -> None:
         report = self.report
