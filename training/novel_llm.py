@@ -146,7 +146,9 @@ def chunks(novel: Novel, settings: Settings, names: tuple[str, ...]) -> list[Chu
             continue
         label = novel.paragraphs[group[0]].chapter_label
         text = "\n".join([label] * bool(label) + [novel.paragraphs[p].text for p in group])
-        prompt = extraction_prompt(text, names, novel.narrator)
+        # The character's names first, then the others the rule pass learned from the novel.
+        cast = tuple(dict.fromkeys((*names, *novel.names)))
+        prompt = extraction_prompt(text, cast, novel.narrator)
         key = hashlib.sha256(f"{PROMPT_VERSION}\n{settings.endpoint.model}\n{prompt}".encode()).hexdigest()
         out.append(Chunk(label, text, quotes, prompt, key))
     return out
