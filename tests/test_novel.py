@@ -308,6 +308,17 @@ def test_answers_that_are_never_json_are_given_up_and_counted(novel, llm, tmp_pa
     assert prepare_llm(novel, llm) == 0 and len(llm.requests) == 6
 
 
+def test_429_and_500_are_retried_with_back_off(novel, llm, tmp_path, capsys):
+    llm.script.extend([Reply(status=500), Reply(status=429, headers={"Retry-After": "1"})])
+    llm.answer = good_answer
+    assert prepare(novel.parent, novel, "--llm", "--base-url", llm.url, "--max-retries", "2", "--concurrency", "1") == 0
+    out = capsys.readouterr().out
+    assert "Requests: 2 requested = 2 received + 0 failed" in out
+    assert "HTTP attempts: 4 (200 ×2, 429 ×1, 500 ×1); the client retried 2" in out
+    assert llm.requests[2].at - llm.requests[1].at >= 0.95  # it waited as the 429 asked
+    assert "after the LLM pass: 9 of 10 attributed" in out
+
+
 def test_the_schema_is_asked_for_and_a_server_without_it_is_asked_again_plainly(novel, llm, capsys):
     llm.script.append(Reply(status=400))
     llm.answer = good_answer
