@@ -266,13 +266,15 @@ def test_every_answer_is_checked_and_only_valid_lines_land(novel, llm, tmp_path,
         ("她", "臣妾恭迎皇上。"),  # a pronoun names no one
         ("青竹", "小主，该歇了。"),  # the rule pass had it: agreement is counted
         ("皇上", "再等等。"),  # the rule pass had it too, as the narrator's: the rule's stays
+        ("甄嬛", "嬛嬛，朕说过的话，几时不算数？"),  # said to her (嬛嬛), so not by her
     )
     llm.script.extend([Reply(chapter_one), Reply("Sorry, I cannot help with that.")])  # then asked again
     llm.answer = good_answer
     assert prepare_llm(novel, llm, "--concurrency", "1") == 0
     out = capsys.readouterr().out
-    assert "Items: 9 = 3 accepted + 1 agree with the rule pass + 1 disagree (the rule's kept) + 4 dropped" in out
+    assert "Items: 10 = 3 accepted + 1 agree with the rule pass + 1 disagree (the rule's kept) + 5 dropped" in out
     assert "1  dropped: speaker is not in the chunk" in out and "1  dropped: line is not in the text" in out
+    assert "1  dropped: speaker is the one the line calls out" in out
     assert "2  dropped: speaker is not a name" in out  # 她, and chapter two's 宫女 (a title)
     assert "Chunks: 2 = 0 cached + 2 answered + 0 given up" in out
     assert "answers: 2 parsed + 1 malformed" in out
