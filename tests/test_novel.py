@@ -162,6 +162,20 @@ def test_a_time_before_the_subject_is_not_a_stranger():
     assert speakers(text)[-1] == ("药要趁热喝。", "温实初")
 
 
+def test_a_speech_over_several_paragraphs_is_one_speakers_line(tmp_path, capsys):
+    (tmp_path / "config.toml").write_text("", encoding="utf-8")
+    path = tmp_path / "speech.txt"
+    path.write_text("第一章\n青竹道：“小主，奴婢有一事要说。”\n"
+                    "我叹道：“你听着。入宫那年，我才十五岁，什么都不懂。\n"
+                    "“后来才明白，这宫里的话，只可信三分。\n"
+                    "“剩下七分，要自己看。”\n"
+                    "“奴婢记下了。”\n", encoding="utf-8")
+    assert [s for _, s in speakers(path.read_text(encoding="utf-8"))] == ["青竹", "甄嬛", "甄嬛", "甄嬛", "青竹"]
+    assert prepare(tmp_path, path) == 0
+    assert [p["output"] for p in pairs(tmp_path)] == [
+        "你听着。入宫那年，我才十五岁，什么都不懂。后来才明白，这宫里的话，只可信三分。剩下七分，要自己看。"]
+
+
 def test_a_line_calling_out_a_name_is_not_that_persons():
     text = "第一章\n皇上看了看天色。\n“皇上，时辰不早了。”皇上身后的人道。\n"
     assert speakers(text, names=("皇上",)) == [("皇上，时辰不早了。", "")]

@@ -65,6 +65,7 @@ _WHEN = re.compile(r"^(?:那|这|有)一?[天日年夜晚时刻回次阵会早]"
 GENERIC = frozenset({"娘娘", "小主", "主子", "公公", "姑娘", "姐姐", "妹妹", "哥哥", "弟弟", "众人", "大家",
                      "有人", "那人", "这人", "太监", "小太监", "老太监", "宫女", "丫头", "丫鬟", "奴才",
                      "奴婢", "夫人", "老爷", "少爷", "小姐", "大人", "先生", "二人", "两人", "对方"})
+_GENERIC_LONGEST = sorted(GENERIC, key=len, reverse=True)
 _OPEN = {"“": "”", "「": "」", "\"": "\""}
 
 
@@ -89,6 +90,8 @@ class Quote:
     speaker: str = ""
     how: str = ""
     mention: bool = False
+    unclosed: bool = False  # runs to the paragraph's end: the speech goes on in the next one
+    continues: bool = False  # opens a paragraph right after an unclosed quote: the same speech
 
     @property
     def spoken(self) -> bool:
@@ -162,7 +165,7 @@ def _said_before_colon(line: str) -> bool:
 def read_novel(text: str, file: str, names: Iterable[str] = (), narrator: str = "") -> Novel:
     """The novel's paragraphs and quotes, with the rule pass's speakers."""
     paragraphs = _paragraphs(text, file)
-    quotes = [q for index, p in enumerate(paragraphs) for q in _quotes(p, index)]
+    quotes = _continued([q for index, p in enumerate(paragraphs) for q in _quotes(p, index)])
     known = tuple(n for n in dict.fromkeys(names) if n)
     lexicon = _lexicon(paragraphs, quotes, known)
     return Novel(file, tuple(paragraphs), tuple(_attribute(paragraphs, quotes, lexicon, narrator)),
@@ -199,9 +202,24 @@ def _quotes(paragraph: Paragraph, index: int) -> list[Quote]:
         inner = text[i + 1:end]
         quote = Quote(paragraph.file, paragraph.line, paragraph.chapter, paragraph.chapter_label,
                       paragraph.scene, index, i, min(end + 1, len(text)), inner.strip())
-        found.append(replace(quote, mention=_is_mention(text, i, min(end + 1, len(text)))))
+        found.append(replace(quote, mention=_is_mention(text, i, min(end + 1, len(text))),
+                             unclosed=end >= len(text)))
         i = end + 1
     return found
+
+
+def _continued(quotes: list[Quote]) -> list[Quote]:
+    """Mark the quotes that carry on a speech left open at the end of the paragraph before
+    (the novelist's convention: each paragraph of a long speech opens with a quote mark, only
+    the last one closes it)."""
+    out: list[Quote] = []
+    for quote in quotes:
+        before = out[-1] if out else None
+        if (before and before.unclosed and quote.start == 0 and quote.paragraph == before.paragraph + 1
+                and quote.chapter == before.chapter):
+            quote = replace(quote, continues=True)
+        out.append(quote)
+    return out
 
 
 def _closing(text: str, start: int) -> int:
@@ -264,6 +282,7 @@ def _lexicon(paragraphs: list[Paragraph], quotes: list[Quote], known: tuple[str,
                     openings.append(_LEAD.sub("", clauses[0]))
     whole = "\n".join(p.text for p in paragraphs)
     seen: dict[str, int] = {}
+    places: dict[str, bool] = {}
     learned = Counter()
     for opening in openings:
         names = [opening[:n] for n in range(2, 5) if len(opening) >= n and _could_be_name(opening[:n])]
@@ -274,10 +293,22 @@ def _lexicon(paragraphs: list[Paragraph], quotes: list[Quote], known: tuple[str,
         # 苏培盛笑眯眯地道 also splits as 苏培|盛笑…: the prefix the whole text holds most
         # often wins, and among equals the longer one.
         best = max(names, key=lambda n: (seen[n], len(n)))
+        if best not in places:
+            places[best] = _place(best, whole, seen[best])
+        if places[best]:
+            continue
         if seen[best] >= 2 or _NAMED_SAY.fullmatch(opening[len(best):]):
             learned[best] += 1
     names = [*known, *(n for n in learned if n not in GENERIC and n not in known)]
     return tuple(sorted(dict.fromkeys(names), key=len, reverse=True))
+
+
+_PLACES = "轩宫殿院园阁楼府局司房门亭堂斋寺庙"
+
+
+def _place(name: str, whole: str, times: int) -> bool:
+    """碧梧 of 碧梧轩 is a place: the text mostly follows it with a building's word."""
+    return sum(whole.count(name + c) for c in _PLACES) * 2 >= times
 
 
 def _could_be_name(text: str) -> bool:
@@ -309,7 +340,7 @@ def subject(sentence: str, lexicon: tuple[str, ...], backward: bool = False) -> 
             return "?"
         if clause.startswith(PRONOUNS):
             return clause[0]
-        generic = next((g for g in sorted(GENERIC, key=len, reverse=True) if clause.startswith(g)), "")
+        generic = next((g for g in _GENERIC_LONGEST if clause.startswith(g)), "")
         if generic:
             return generic
         if _WHEN.match(clause):
@@ -361,8 +392,12 @@ class _Attributor:
 
     def __init__(self, lexicon: tuple[str, ...], narrator: str, gender: dict[str, str]):
         self.lexicon, self.narrator, self.gender = lexicon, narrator, gender
+        names = "|".join(map(re.escape, lexicon))  # longest first, so 甄常在 before 甄嬛
+        self._vocative = re.compile(rf"(?:^|[。！？…])\s*({names})[，,！!？?]") if lexicon else None
         self.subjects: list[str] = []  # the chapter's named sentence subjects, latest last
-        self.recent: dict[int, tuple[str, str]] = {}  # paragraph → (its last speaker, who it addressed)
+        # The chapter's turns: [first paragraph, last paragraph, speaker ("#": narration, "":
+        # unknown), who the speaker called out]; a speech over paragraphs is one turn.
+        self.turns: list[list] = []
 
     def run(self, paragraphs: list[Paragraph], quotes: list[Quote]) -> list[Quote]:
         by_paragraph: dict[int, list[Quote]] = {}
@@ -372,37 +407,44 @@ class _Attributor:
         chapter = None
         for index, paragraph in enumerate(paragraphs):
             if paragraph.chapter != chapter:
-                chapter, self.subjects, self.recent = paragraph.chapter, [], {}
+                chapter, self.subjects, self.turns = paragraph.chapter, [], []
             mine = by_paragraph.get(index, [])
             text = _narration(paragraph, mine)
-            self.recent[index] = ("#", "")
+            if mine and mine[0].continues and self.turns:
+                self.turns[-1][1] = index  # the speech before goes on: still its turn
+            else:
+                self.turns.append([index, index, "#", ""])
             for quote, (who, how) in zip(mine, self._paragraph(text, mine)):
-                if quote.spoken and not who and _bare(text, quote):
+                if quote.continues and not who:
+                    who, how = (self.turns[-1][2], "continued") if self.turns[-1][2] != "#" else ("", "")
+                elif quote.spoken and not who and _bare(text, quote):
                     who, how = self._by_turns(index)
                 if who and who == self._addressee(quote.text):
                     who, how = "", ""  # “皇上，时辰不早了” is not the emperor's line
                 out.append(replace(quote, speaker=who, how=how if who else ""))
-                if quote.spoken:
-                    self.recent[index] = (who, self._addressee(quote.text))
-        return out
+                if quote.spoken and not (quote.continues and not who):
+                    self.turns[-1][2:] = [who, self._addressee(quote.text)]
+        return _one_speaker_a_speech(out)
 
     def _by_turns(self, index: int) -> tuple[str, str]:
-        """A bare line answers the line before it: it is the addressee's, when that line
-        named one, else the speaker's of two paragraphs back in an A, B, A… exchange."""
-        a, _ = self.recent.get(index - 2, ("#", ""))
-        b, addressed = self.recent.get(index - 1, ("#", ""))
+        """A bare line answers the turn before it: it is the addressee's, when that turn
+        named one, else the speaker's of the turn before that in an A, B, A… exchange."""
+        if len(self.turns) < 2 or self.turns[-2][1] != index - 1:
+            return "", ""
+        b, addressed = self.turns[-2][2], self.turns[-2][3]
         if b and b != "#" and addressed and addressed != b:
             return addressed, "addressed"
+        if len(self.turns) < 3 or self.turns[-3][1] != self.turns[-2][0] - 1:
+            return "", ""
+        a = self.turns[-3][2]
         if a and b and "#" not in (a, b) and a != b:
             return a, "turns"
         return "", ""
 
     def _addressee(self, line: str) -> str:
         """The name a line calls out (``甄常在，本宫听说…``), as the lexicon has it."""
-        for name in self.lexicon:
-            if re.search(rf"(?:^|[。！？…])\s*{re.escape(name)}[，,！!？?]", line):
-                return name
-        return ""
+        found = self._vocative.search(line) if self._vocative else None
+        return found[1] if found else ""
 
     def _resolve(self, who: str, how: str) -> tuple[str, str]:
         if who == "我":
@@ -459,6 +501,22 @@ class _Attributor:
         return found
 
 
+def _one_speaker_a_speech(quotes: list[Quote]) -> list[Quote]:
+    """A speech over several paragraphs is its first attributed paragraph's speaker's."""
+    out = list(quotes)
+    start = 0
+    for end in range(1, len(out) + 1):
+        if end < len(out) and out[end].continues:
+            continue
+        speech = range(start, end)
+        who = next(((out[i].speaker, out[i].how) for i in speech if out[i].speaker), None)
+        if who and len(speech) > 1:
+            for i in speech:
+                out[i] = replace(out[i], speaker=who[0], how=out[i].how if out[i].speaker == who[0] else "continued")
+        start = end
+    return out
+
+
 def _bare(text: str, quote: Quote) -> bool:
     """The paragraph is only this quote (what is left of it is punctuation)."""
     rest = text[:quote.start] + text[quote.end:]
@@ -473,16 +531,16 @@ def _ends_in_colon(sentence: str) -> bool:
 
 def turns_of(novel: Novel) -> list[Turn]:
     """The novel's spoken lines as screenplay turns: chapters are episodes, speakers as
-    attributed ("unattributed" when unknown), quotes of one speaker in one paragraph joined
-    into one line."""
+    attributed ("unattributed" when unknown), quotes of one speaker in one paragraph (or one
+    speech over several) joined into one line."""
     turns: list[Turn] = []
     previous: Quote | None = None
     for quote in novel.lines:
         kind = "dialogue" if quote.speaker else "unattributed"
         turn = Turn(quote.file, quote.line, quote.chapter, quote.scene, quote.chapter_label, kind,
                     quote.speaker, "", quote.text)
-        if (previous and turns and previous.paragraph == quote.paragraph and quote.speaker
-                and previous.speaker == quote.speaker):
+        joined = previous and (previous.paragraph == quote.paragraph or quote.continues)
+        if joined and turns and quote.speaker and previous.speaker == quote.speaker:
             turns[-1] = replace(turns[-1], text=turns[-1].text + quote.text)
         else:
             turns.append(turn)

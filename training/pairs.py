@@ -309,7 +309,8 @@ def novel_notes(novel: Novel, request: PrepareRequest) -> list[str]:
 
 
 HOW = {"before": "named before", "after": "named after", "beat": "action beat", "pronoun": "她/他",
-       "narrator": "我", "turns": "turn-taking", "addressed": "answers who was addressed", "llm": "LLM"}
+       "narrator": "我", "turns": "turn-taking", "addressed": "answers who was addressed",
+       "continued": "a speech going on", "llm": "LLM"}
 
 
 @dataclass(frozen=True)
