@@ -81,7 +81,7 @@ def test_a_novel_and_a_screenplay_are_told_apart_and_the_report_says_which(tmp_p
     (tmp_path / "config.toml").write_text("", encoding="utf-8")
     assert prepare(tmp_path, SAMPLE_NOVEL) == 0
     out = capsys.readouterr().out
-    assert f"{SAMPLE_NOVEL}: read as a novel (237 quoted passages, 0 「名字：台词」 lines" in out
+    assert f"{SAMPLE_NOVEL}: read as a novel (301 quoted passages, 0 「名字：台词」 lines" in out
     assert "first-person narration: 我 is 甄嬛" in out
     assert prepare(tmp_path, SAMPLE_SCRIPT) == 0
     assert f"{SAMPLE_SCRIPT}: read as a screenplay" in capsys.readouterr().out
@@ -223,10 +223,10 @@ def test_chapters_are_episodes_for_val_episodes(tmp_path, capsys):
     (tmp_path / "config.toml").write_text("", encoding="utf-8")
     assert prepare(tmp_path, SAMPLE_NOVEL, "--val-episodes", "1") == 0
     out = capsys.readouterr().out
-    assert "validation: chapter(s) 6" in out
+    assert "validation: chapter(s) 9" in out
     val = json.loads((tmp_path / "out" / "pairs.val.json").read_text(encoding="utf-8"))
-    assert {p["chapter"] for p in val} == {"第六章　秋声"}
-    assert "第六章　秋声" not in {p["chapter"] for p in pairs(tmp_path)}
+    assert {p["chapter"] for p in val} == {"第九章　归春"}
+    assert "第九章　归春" not in {p["chapter"] for p in pairs(tmp_path)}
     canon = [json.loads(line) for line in (tmp_path / "out" / "pairs.canon.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(canon) == len(pairs(tmp_path)) and canon[0]["scene_label"] == "第一章　梧桐"
 

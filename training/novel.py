@@ -54,7 +54,7 @@ _NAMED_SAY = re.compile(rf"(?P<rest>{_MANNER}(?:笑|叹|问|答|喝|骂|嚷|喊|
 _LEAD = re.compile(r"^(?:只见|忽然|突然|这时|此时|随即|于是|然后|半晌|过了一会儿|良久|原来|可是|但是|然而|"
                    r"不料|谁知|果然|终于|这才|仍旧|依旧|便|又|却|才|也|就|正|而)+")
 # A name does not start with these (they open clauses of verbs, adverbs and numbers).
-_NOT_FIRST = set("嘴脸眼手心声头身这那只忽正转便又也却就都还然随说笑看听见想走站坐点摇抬低回拉握扶跪起一上下过去来不没把被让叫给"
+_NOT_FIRST = set("嘴脸眼手心声头身出进这那只忽正转便又也却就都还然随说笑看听见想走站坐点摇抬低回拉握扶跪起一上下过去来不没把被让叫给"
                  "对向朝在从到与和跟等有是待将若如但可而因所此其各每几另半满全两三四五六七八九十")
 # …nor end with these (manner, body and motion words: 轻声, 躬身, 抬头, 回过…).
 _NOT_LAST = set("地笑声身头会着了过来去眼手嘴里外内中边旁住起下得完罢毕又也便才却只就忙还都含冷轻低柔微苦")
