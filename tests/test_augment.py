@@ -4,7 +4,6 @@ real ``rolebot serve`` on the builtin model."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -12,17 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from bot.cli import main
+from emulators.chat import FakeLLM, Reply, llm  # noqa: F401 (llm is a fixture)
 from training.augment import Pair, Retriever, Seen, parse_answer, parse_pairs
 from training.dataset import load_samples
 
@@ -37,95 +32,6 @@ REAL = [
     {"instruction": "今日天气晴好，小主可要去御花园走走？", "input": "", "output": "也好，总闷在屋里，人也要闷坏了。"},
     {"instruction": "皇上驾到——", "input": "", "output": "臣妾恭迎皇上，皇上万福金安。"},
 ]
-
-
-# A scripted OpenAI-compatible server
-
-
-@dataclass
-class Reply:
-    """One scripted answer: a chat completion with ``content``, an error ``status``, or a raw
-    ``body``; sent after ``delay`` seconds."""
-
-    content: str = ""
-    status: int = 200
-    body: str | None = None
-    delay: float = 0.0
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class Request:
-    at: float
-    authorization: str
-    body: dict
-
-    @property
-    def prompt(self) -> str:
-        return self.body["messages"][-1]["content"]
-
-
-class FakeLLM:
-    """Answers POST /v1/chat/completions from ``script`` in order, then with ``answer(prompt)``."""
-
-    def __init__(self) -> None:
-        self.script: deque[Reply] = deque()
-        self.answer: Callable[[str], Reply] = lambda prompt: Reply("[]")
-        self.requests: list[Request] = []
-        self.answered = 0
-        self.inflight = self.max_inflight = 0
-        self.url = ""
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        self.requests.append(Request(time.monotonic(), request.headers.get("Authorization", ""), body))
-        reply = self.script.popleft() if self.script else self.answer(body["messages"][-1]["content"])
-        self.inflight += 1
-        self.max_inflight = max(self.max_inflight, self.inflight)
-        try:
-            await asyncio.sleep(reply.delay)
-        finally:
-            self.inflight -= 1
-        self.answered += 1
-        if reply.body is not None:
-            return web.Response(text=reply.body, content_type="application/json")
-        if reply.status != 200:
-            error = {"error": {"message": f"scripted {reply.status}", "type": "server_error", "code": None}}
-            return web.json_response(error, status=reply.status, headers=reply.headers)
-        return web.json_response({
-            "id": f"c{len(self.requests)}", "object": "chat.completion", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.content}, "finish_reason": "stop"}],
-        })
-
-
-@pytest.fixture
-def llm():
-    """The fake server on its own event loop in a thread, so the command's asyncio.run works."""
-    fake = FakeLLM()
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", fake.chat)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-
-    async def start() -> None:
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        fake.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-
-    asyncio.run_coroutine_threadsafe(start(), loop).result(10)
-    yield fake
-    async def stop() -> None:
-        await runner.cleanup()
-        # A reply still sleeping past the client's timeout is of no use to anyone now.
-        for task in asyncio.all_tasks():
-            if task is not asyncio.current_task():
-                task.cancel()
-
-    asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
 
 
 @pytest.fixture

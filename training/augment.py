@@ -22,20 +22,18 @@ import math
 import random
 import re
 import unicodedata
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import openai
-
 from training.bm25 import BM25
 from training.character import breaks_character
 from training.dataset import read_dataset
 from training.errors import UserError
 from training.atomic import write_json_atomic
+from training.llm import ChatClient, Endpoint
 
 Mode = Literal["fewshot", "questions"]
 MODES: tuple[Mode, ...] = ("fewshot", "questions")
@@ -46,7 +44,6 @@ NEAR_DUPLICATE = 0.8  # character 3-gram Jaccard similarity from which two repli
 # are all dropped cannot spend requests without end.
 REQUEST_BUDGET = 2
 BEYOND_N = "beyond --n"
-UNREADABLE = "unreadable response (not a chat completion)"
 SAMPLE_QUESTIONS = Path(__file__).parent / "samples" / "questions.txt"
 
 
@@ -74,19 +71,6 @@ class Job:
     max_chars: int = 400  # 0: no limit
     malformed_retries: int = 2
     persona: str = ""
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    base_url: str
-    model: str
-    api_key: str | None = field(default=None, repr=False)
-    api_key_env: str = "OPENAI_API_KEY"  # named in error messages only
-    timeout: float = 120.0
-    max_retries: int = 3
-    concurrency: int = 4
-    temperature: float = 0.9
-    max_tokens: int = 1024
 
 
 @dataclass
@@ -428,24 +412,21 @@ class Augmenter:
             self.seen.add(pair.output, "real")
         for record in self.kept:
             self.seen.add(record["output"], "generated")
-        self.run_id = uuid.uuid4().hex[:8]
-        self._calls = 0
-        self._openai: openai.AsyncOpenAI | None = None
-        self._fatal: UserError | None = None
+        self._chat: ChatClient | None = None
 
     async def run(self) -> Report:
         """Ask, read, filter and keep until done; then write the output. Interrupted or failed,
         it writes what it kept to the partial file first."""
         report = self.report
         report.resumed = len(self.kept)
-        self._openai = self._client()
+        self._chat = ChatClient(self.endpoint, report, "augment")
         try:
             tasks = self._tasks()
             self.on_update(report)
             workers = [self._worker(tasks) for _ in range(max(1, self.endpoint.concurrency))]
             await asyncio.gather(*workers)
-            if self._fatal:
-                raise self._fatal
+            if self._chat.fatal:
+                raise self._chat.fatal
             if report.requested and not report.received:
                 reason = report.failures.most_common(1)[0][0] if report.failures else "no answer"
                 raise UserError(f"{self.endpoint.base_url}: none of {report.requested} requests got an answer "
@@ -456,7 +437,7 @@ class Augmenter:
                 report.partial = self.partial
             raise
         finally:
-            await self._openai.close()
+            await self._chat.close()
         records = self.real_records + self.kept
         write_json_atomic(self.job.output, records)
         self.partial.unlink(missing_ok=True)
@@ -500,7 +481,7 @@ class Augmenter:
     async def _worker(self, tasks: Iterator[_Task]) -> None:
         # Workers share one iterator: each takes the next prompt when it is free.
         for task in tasks:
-            if self._fatal:
+            if self._chat.fatal:
                 return
             await self._attempt(task)
 
@@ -508,7 +489,8 @@ class Augmenter:
         """Ask until an answer can be read, at most 1 + malformed_retries times."""
         report = self.report
         for _ in range(1 + self.job.malformed_retries):
-            text, again = await self._ask(task.prompt)
+            answer = await self._chat.ask(task.prompt)
+            text, again = answer.text, answer.again
             pairs = self._read(text, task) if text is not None else []
             if pairs:
                 report.parsed += 1
@@ -517,7 +499,7 @@ class Augmenter:
             if text is not None:
                 report.malformed += 1
             self.on_update(report)
-            if not again or self._fatal:
+            if not again or self._chat.fatal:
                 break
         else:
             report.gave_up += 1
@@ -557,78 +539,3 @@ class Augmenter:
         if breaks_character(pair.output):
             return "breaks character"
         return self.seen.duplicate(pair.output)
-
-    # The endpoint
-
-    def _client(self) -> openai.AsyncOpenAI:
-        report = self.report
-
-        async def on_request(request) -> None:
-            report.attempts += 1
-
-        async def on_response(response) -> None:
-            report.statuses[response.status_code] += 1
-
-        endpoint = self.endpoint
-        return openai.AsyncOpenAI(
-            base_url=endpoint.base_url,
-            # The client insists on a key; servers without one (vLLM, rolebot serve) ignore it.
-            api_key=endpoint.api_key or "EMPTY",
-            timeout=endpoint.timeout,
-            max_retries=endpoint.max_retries,
-            http_client=openai.DefaultAsyncHttpxClient(
-                event_hooks={"request": [on_request], "response": [on_response]}),
-        )
-
-    async def _ask(self, prompt: str) -> tuple[str | None, bool]:
-        """The answer's text (None when the request failed; counted, with its reason) and
-        whether asking again may help: not after the client has spent its own retries."""
-        report, endpoint = self.report, self.endpoint
-        self._calls += 1
-        report.requested += 1
-        try:
-            completion = await self._openai.chat.completions.create(
-                model=endpoint.model,
-                messages=[{"role": "user", "content": prompt}],
-                temperature=endpoint.temperature,
-                max_tokens=endpoint.max_tokens,
-                # A server that keeps per-user history (rolebot serve does) must not chain
-                # independent requests into one conversation.
-                user=f"rolebot-augment-{self.run_id}-{self._calls}",
-            )
-        except asyncio.CancelledError:
-            report.cancelled += 1
-            raise
-        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as exc:
-            self._fatal = self._fatal or self._refusal(exc)
-            self._fail(f"HTTP {exc.status_code}")
-            return None, False
-        except openai.APIStatusError as exc:
-            self._fail(f"HTTP {exc.status_code}")
-            return None, False
-        except openai.APITimeoutError:
-            self._fail(f"timed out after {endpoint.timeout:g} s")
-            return None, False
-        except openai.APIConnectionError:
-            self._fail("connection failed")
-            return None, False
-        except (openai.APIError, ValueError):
-            self._fail(UNREADABLE)
-            return None, True
-        if not completion.choices or completion.choices[0].message is None:
-            self._fail(UNREADABLE)
-            return None, True
-        report.received += 1
-        return completion.choices[0].message.content or "", True
-
-    def _fail(self, reason: str) -> None:
-        self.report.failed += 1
-        self.report.failures[reason] += 1
-
-    def _refusal(self, exc: openai.APIStatusError) -> UserError:
-        endpoint = self.endpoint
-        todo = {401: f"set the API key in the environment variable {endpoint.api_key_env} "
-                     "(or name another with --api-key-env)",
-                403: f"the key in {endpoint.api_key_env} may not use this model or endpoint",
-                404: f"check --base-url (it usually ends in /v1) and --model {endpoint.model!r}"}[exc.status_code]
-        return UserError(f"{endpoint.base_url}: HTTP {exc.status_code} on chat/completions — {todo}")

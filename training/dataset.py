@@ -10,7 +10,7 @@ from training.errors import UserError
 from training.prompts import Exchange, Sample
 
 REQUIRED = ("instruction", "output")
-KNOWN = {"instruction", "input", "output", "source", "prompt"}
+KNOWN = {"instruction", "input", "output", "source", "prompt", "chapter"}
 # Conversation records (rolebot prepare --format sharegpt|jsonl): role names per format.
 TURNS = {"messages": ("role", "content", "user", "assistant"), "conversations": ("from", "value", "human", "gpt")}
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from training.canon import Record, canon_path, index_text
 from training.errors import UserError
-from training.screenplay import Turn, parse_scripts
+from training.novel import Novel, detect, read_novel, rule_counts, turns_of
+from training.screenplay import Turn, parse_text, read_script_text
 
 FORMATS = ("alpaca", "sharegpt", "jsonl")
 
@@ -189,12 +190,20 @@ _RECORDS: dict[str, Callable[[Pair, Character], dict]] = {
     "alpaca": alpaca_record, "sharegpt": sharegpt_record, "jsonl": messages_record}
 
 
-def render(pairs: list[Pair], character: Character, fmt: str) -> str:
-    """The file's text: a JSON array (alpaca, sharegpt) or one JSON object a line (jsonl)."""
-    records = [_RECORDS[fmt](pair, character) for pair in pairs]
+def render(pairs: list[Pair], character: Character, fmt: str,
+           novels: frozenset[str] = frozenset()) -> str:
+    """The file's text: a JSON array (alpaca, sharegpt) or one JSON object a line (jsonl).
+    A pair from a novel (a file in ``novels``) says so, with its chapter."""
+    records = [_RECORDS[fmt](pair, character) | _origin(pair, novels) for pair in pairs]
     if fmt == "jsonl":
         return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     return json.dumps(records, ensure_ascii=False, indent=2) + "\n"
+
+
+def _origin(pair: Pair, novels: frozenset[str]) -> dict[str, str]:
+    if pair.reply.file not in novels:
+        return {}
+    return {"source": "novel", "chapter": pair.reply.scene_label}
 
 
 def write_atomically(files: dict[Path, str]) -> None:
@@ -223,6 +232,9 @@ def validation_path(output: Path) -> Path:
 
 # --- the whole step -------------------------------------------------------------------
 
+SOURCES = ("auto", "script", "novel")
+
+
 @dataclass(frozen=True)
 class PrepareRequest:
     scripts: tuple[Path, ...]
@@ -233,6 +245,72 @@ class PrepareRequest:
     val_episodes: int = 0
     min_chars: int = 2
     max_chars: int = 400
+    source: str = "auto"  # how to read the files: detected per file, or all as one kind
+    narrator: str = ""  # who 我 is in a first-person novel ("" : the character)
+    # The LLM pass over a novel the rule pass has read (``training.novel_llm``), if asked for.
+    extract: Callable[[Novel], Novel] | None = dataclasses.field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The files read as turns; which were novels, and what reading them found."""
+
+    turns: list[Turn]
+    novels: frozenset[str]
+    notes: tuple[str, ...]
+    unknown: int  # quoted lines of the novels nobody is named for
+
+
+def read_sources(request: PrepareRequest) -> Sources:
+    """Each file as a screenplay or a novel (``request.source``; ``auto`` decides per file)."""
+    turns: list[Turn] = []
+    novels, notes, unknown = set(), [], 0
+    for path in request.scripts:
+        text = read_script_text(path)
+        shape = detect(text)
+        kind = shape.kind if request.source == "auto" else request.source
+        notes.append(shape.describe(str(path)) if request.source == "auto" else
+                     f"{path}: read as {'a novel' if kind == 'novel' else 'a screenplay'} (--from {kind})")
+        if kind == "script":
+            turns += parse_text(text, str(path))
+            continue
+        novel = read_novel_for(text, str(path), request)
+        novels.add(str(path))
+        notes += novel_notes(novel, request)
+        if request.extract:
+            novel = request.extract(novel)
+            after = rule_counts(novel)
+            notes.append(f"  after the LLM pass: {after.attributed} of {after.lines} attributed, "
+                         f"{after.unknown} unknown")
+        unknown += rule_counts(novel).unknown
+        turns += turns_of(novel)
+    return Sources(turns, frozenset(novels), tuple(notes), unknown)
+
+
+def narrator_of(request: PrepareRequest) -> str:
+    return request.narrator or request.character.name
+
+
+def read_novel_for(text: str, file: str, request: PrepareRequest) -> Novel:
+    names = (request.character.name, *request.character.aliases)
+    return read_novel(text, file, names, narrator_of(request))
+
+
+def novel_notes(novel: Novel, request: PrepareRequest) -> list[str]:
+    """The rule pass in two lines: how many lines it attributed, and how."""
+    counts = rule_counts(novel)
+    how = ", ".join(f"{HOW.get(h, h)} {n}" for h, n in counts.by_how)
+    notes = [f"  {novel.chapters()} chapters · rule pass: {counts.attributed} of {counts.lines} quoted lines "
+             f"attributed, {counts.unknown} unknown" + (f" ({how})" if how else "")]
+    if any(h == "narrator" for h, _ in counts.by_how):
+        chosen = "--narrator" if request.narrator else "the character; --narrator NAME to change"
+        notes.append(f"  first-person narration: 我 is {novel.narrator} ({chosen})")
+    return notes
+
+
+HOW = {"before": "named before", "after": "named after", "beat": "action beat", "pronoun": "她/他",
+       "narrator": "我", "turns": "turn-taking", "addressed": "answers who was addressed",
+       "continued": "a speech going on", "llm": "LLM"}
 
 
 @dataclass(frozen=True)
@@ -251,13 +329,15 @@ class Report:
     skipped: tuple[tuple[str, int], ...]  # (reason, count), most frequent first
     interlocutors: tuple[tuple[str, int], ...]  # whose lines the character answers
     canon: tuple[str, int] = ("", 0)  # (path, exchanges) of the canon index
+    sources: tuple[str, ...] = ()  # how each file was read (screenplay or novel) and what it found
+    unit: str = "episodes"  # "chapters" when every file is a novel
 
     def render(self, fmt: str) -> str:
         """A plain-text report; counts come first so that CJK names need no column padding."""
         name = self.character.name
         aliases = f" ({', '.join(self.character.aliases)})" if self.character.aliases else ""
-        lines = [f"Read {len(self.files)} file(s): {', '.join(self.files)}",
-                 f"  {self.episodes} episodes · {self.scenes} scenes · "
+        lines = [f"Read {len(self.files)} file(s): {', '.join(self.files)}", *self.sources,
+                 f"  {self.episodes} {self.unit} · {self.scenes} scenes · "
                  f"{self.dialogue_turns} dialogue turns · {self.character_turns} by "
                  f"{name}{aliases}"]
         if self.no_speaker:
@@ -268,10 +348,10 @@ class Report:
         lines.append(f"Wrote {total} pairs ({fmt}):")
         for index, (path, n) in enumerate(self.written):
             held = ", ".join(map(str, self.val_episodes))
-            note = f"  validation: episode(s) {held}" if index else ""
+            note = f"  validation: {self.unit[:-1]}(s) {held}" if index else ""
             lines.append(f"  {n:6}  {path}{note}")
         if self.canon[0]:
-            lines.append(f"Canon index: {self.canon[1]} exchanges of the training episodes")
+            lines.append(f"Canon index: {self.canon[1]} exchanges of the training {self.unit}")
             lines.append(f"  {self.canon[1]:6}  {self.canon[0]}")
         lines.append("Skipped:" if self.skipped else "Skipped: nothing")
         lines += [f"  {n:6}  {reason}" for reason, n in self.skipped]
@@ -282,9 +362,10 @@ class Report:
 
 def prepare(request: PrepareRequest) -> Report:
     """Scripts → pairs → (train, validation) files, written all or nothing."""
-    turns = parse_scripts(list(request.scripts))
+    sources = read_sources(request)
+    turns = sources.turns
     files = ", ".join(str(p) for p in request.scripts)
-    _check_speakers(turns, request.character, files)
+    _check_speakers(turns, request.character, files, sources)
     found, skipped = find_pairs(turns, request.character, request.history)
     # Duplicates go before the split, so no validation pair repeats a training one.
     kept, dropped = filter_pairs(found, request.character, request.min_chars, request.max_chars)
@@ -301,13 +382,15 @@ def prepare(request: PrepareRequest) -> Report:
     parts = {request.output: train}
     if request.val_episodes:
         parts[validation_path(request.output)] = val
-    files_text = {path: render(part, request.character, request.format) for path, part in parts.items()}
+    files_text = {path: render(part, request.character, request.format, sources.novels)
+                  for path, part in parts.items()}
     index = canon_path(request.output)
     files_text[index] = index_text([canon_record(pair) for pair in train])
     write_atomically(files_text)
     written = tuple((str(path), len(part)) for path, part in parts.items())
     report = _report(request, turns, skipped, kept, written, tuple(e for _, e in held))
-    return dataclasses.replace(report, canon=(str(index), len(train)))
+    unit = "chapters" if len(sources.novels) == len(request.scripts) else "episodes"
+    return dataclasses.replace(report, canon=(str(index), len(train)), sources=sources.notes, unit=unit)
 
 
 def canon_record(pair: Pair) -> Record:
@@ -317,17 +400,21 @@ def canon_record(pair: Pair) -> Record:
                   speaker=pair.prompt.speaker, said=pair.prompt.text, replier=reply.speaker, reply=reply.text)
 
 
-def _check_speakers(turns: list[Turn], character: Character, files: str) -> None:
+def _check_speakers(turns: list[Turn], character: Character, files: str, sources: Sources) -> None:
     speakers = Counter(t.speaker for t in turns if t.kind == "dialogue")
+    llm = (f"; {sources.unknown} quoted lines have no speaker yet: --llm asks a model who says them"
+           if sources.unknown else "")
     if not speakers:
+        if sources.novels:
+            raise UserError(f"{files}: no quoted line could be given a speaker{llm or ' — the novel has no quoted dialogue (“…” or 「…」)'}")
         raise UserError(f"{files}: no dialogue lines found — a script needs lines like "
-                        "「角色：台词」 or 「角色（动作）：台词」")
+                        "「角色：台词」 or 「角色（动作）：台词」 (a novel with quoted dialogue: --from novel)")
     if not any(character.speaks(name) for name in speakers):
         close = _closest_speakers(character.name, speakers)
         found = (f"speakers with close names: {'、'.join(close)}" if close else
                  f"the main speakers are {'、'.join(s for s, _ in speakers.most_common(5))}")
         raise UserError(f"{files}: no line is spoken by {character.name} — {found}; "
-                        "pass one as --character or --alias")
+                        f"pass one as --character or --alias{llm}")
 
 
 def _closest_speakers(name: str, speakers: Counter[str]) -> list[str]:

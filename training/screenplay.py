@@ -161,6 +161,14 @@ def is_speaker_name(name: str) -> bool:
     return 0 < len(name) <= _MAX_NAME and not _NOT_IN_NAMES.intersection(name)
 
 
+def is_script_line(line: str) -> bool:
+    """A ``角色：台词`` line (or ``角色（动作）：台词``), as a screenplay writes one."""
+    if _EPISODE.fullmatch(line) or _SCENE.fullmatch(line):
+        return False
+    match = _DIALOGUE.fullmatch(line)
+    return bool(match) and is_speaker_name(match["speaker"].strip())
+
+
 def strip_directions(text: str) -> str:
     """Text without ``（…）`` stage directions, with whitespace collapsed."""
     return " ".join(_PARENS.sub("", text).split())
