@@ -73,8 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="the character to learn, as the script names its speaker")
     parser.add_argument("--alias", action="append", default=[], metavar="NAME",
                         help="another speaker name of the same character (repeatable), "
-                             "e.g. --alias 嬛嬛 --alias 莞贵人 (default: the config's [character] "
-                             "aliases when --character is its name)")
+                             "e.g. --alias 嬛嬛 --alias 莞贵人 (default: the config's aliases of that "
+                             "character, [character] or a [[cast]] table, when --character is its name)")
     parser.add_argument("--output", required=True, type=Path, metavar="FILE",
                         help="the dataset file to write (its folder is created)")
     parser.add_argument("--format", choices=FORMATS, default=PrepareRequest.format,
@@ -152,8 +152,8 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     name = args.character.strip()
     aliases = tuple(a.strip() for a in args.alias)
-    if not aliases and name == config.character.name:
-        aliases = tuple(config.character.aliases)
+    if not aliases and name in (m.name for m in config.members):
+        aliases = tuple(config.member(name).aliases)  # the cast member's, e.g. [[cast]] 皇帝's
     if (args.dry_run or args.llm) and args.source == "script":
         raise UserError("--llm and --dry-run are for novels — drop --from script, or use --from novel")
     request = PrepareRequest(
