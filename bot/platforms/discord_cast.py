@@ -78,9 +78,8 @@ async def who_answers(service: Service, settings: DiscordSettings, channel: Any,
     if in_dm(channel):
         chat = str(channel.id)
         if named is not None:
-            await service.store.set_chat_character(PLATFORM, chat, named.character)
-            return named
-        return cast.get(await service.store.chat_character(PLATFORM, chat)) or cast.default
+            return await cast.choose(PLATFORM, chat, named.character)
+        return await cast.answering(PLATFORM, chat)
     return named or cast.get(channel_character(settings, channel)) or cast.default
 
 
@@ -112,8 +111,7 @@ async def owner(service: Service, reply: Message) -> Service:
     """The cast member whose reply ``reply`` is (a conversation is with one character)."""
     if not many(service):
         return service
-    key = await service.store.conversation_character(reply.conversation_id)
-    return (service.cast.get(key) if key else None) or service.cast.default
+    return await service.cast.speaker(reply) or service.cast.default
 
 
 @dataclass(frozen=True)
