@@ -104,8 +104,9 @@ class App:
                 adapters.engine = voice  # from now on every activation hot-swaps
                 retrainer = await start_retraining(view, store, adapters, stack, lock=lock, schedule=False) if retraining else None
                 retrainers.append(retrainer)
+                coming = train and adapter == ACTIVE and versions[name] is None  # trained in the background
                 services[name] = Service(view, store, voice, adapters=adapters, retrainer=retrainer,
-                                         canon=load_canon(view, adapters, voice))
+                                         canon=load_canon(view, adapters, voice, coming=coming))
             cast = Cast(services)
             service = services[chosen]
             if retraining and config.scheduler.enabled:
@@ -181,10 +182,11 @@ def check_cast(config: Config) -> None:
         check_cast_speaks(replace(view, cast=[member]), scripts[files], ", ".join(str(f.name) for f in files))
 
 
-def load_canon(config: Config, adapters: Adapters, engine) -> ServedCanon | None:
-    """The character's canon (None: off, or not prepared yet); its script's speakers join the
-    engine's reply hygiene: a reply ends where another speaker of the script would begin."""
-    canon = ServedCanon.load(config, adapters.registry)
+def load_canon(config: Config, adapters: Adapters, engine, *, coming: bool = False) -> ServedCanon | None:
+    """The character's canon (None: off, or not prepared yet; ``coming``: its first training
+    will prepare it); its script's speakers join the engine's reply hygiene: a reply ends where
+    another speaker of the script would begin."""
+    canon = ServedCanon.load(config, adapters.registry, coming=coming)
     if canon is not None:
         speakers = canon.index.speakers(config.character.names)
         engine.hygiene = replace(engine.hygiene, speakers=tuple(dict.fromkeys(engine.hygiene.speakers + speakers)))

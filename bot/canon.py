@@ -30,10 +30,13 @@ class ServedCanon:
         self._formats: dict[str | None, tuple[int, int]] = {}  # adapter version → (k, max_tokens)
 
     @classmethod
-    def load(cls, config: Config, registry: Registry) -> ServedCanon | None:
+    def load(cls, config: Config, registry: Registry, *, coming: bool = False) -> ServedCanon | None:
         """The index beside the training pairs; None (canon off) when ``[canon] k`` is 0 or the
-        index cannot be used, which is reported on stderr."""
+        index cannot be used, which is reported on stderr. ``coming``: the character's first
+        training is about to prepare it, so an index not there yet needs no report."""
         if config.canon.k == 0:
+            return None
+        if coming and not canon_path(pairs_path(config)).exists():
             return None
         try:
             index = CanonIndex.load(canon_path(pairs_path(config)))
