@@ -333,8 +333,8 @@ async def test_serve_trains_the_characters_without_an_adapter_in_the_background(
     try:
         emperor = app.cast.get("皇帝")
         assert app.cast.default.engine.adapter_version == hers.name
-        for _ in range(600):  # until the background training has swapped his version in
-            if emperor.engine.adapter_version is not None:
+        for _ in range(600):  # until the background training has swapped his version in, with his canon
+            if emperor.engine.adapter_version is not None and emperor.canon is not None:
                 break
             await asyncio.sleep(0.5)
         assert emperor.engine.adapter_version == "v0001"
