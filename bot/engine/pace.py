@@ -160,15 +160,16 @@ def fit(steps: Sequence[tuple[float, int, int]]) -> StepCost | None:
         terms.append("per_token")
     while True:
         solved = _least_squares(steps, terms)
-        negative = [t for t in terms if solved[t] < 0]
+        negative = [t for t in terms if solved[t] < -1e-9]  # not rounding error around a true 0
         if not negative:
             break
         # A negative cost is noise the terms over-fitted: the prefill term goes first, then the
         # negative one of the two that remain.
         terms.remove("per_token" if "per_token" in terms else negative[0])
-    per_row = solved.get("per_row", 0.0)
-    per_token = solved["per_token"] if "per_token" in terms else per_row or solved.get("fixed", 0.0)
-    return StepCost(max(solved.get("fixed", 0.0), 0.0), per_row, per_token)
+    per_row = max(solved.get("per_row", 0.0), 0.0)
+    fixed = max(solved.get("fixed", 0.0), 0.0)
+    per_token = max(solved["per_token"], 0.0) if "per_token" in terms else per_row or fixed
+    return StepCost(fixed, per_row, per_token)
 
 
 def _least_squares(steps: Sequence[tuple[float, int, int]], terms: list[str]) -> dict[str, float]:
