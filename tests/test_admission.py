@@ -44,6 +44,12 @@ def steady(pace: Pace, fixed: float, per_row: float, per_token: float = 0.0, ste
         pace.record(fixed + per_row * rows + per_token * prefill, rows, rows + prefill)
 
 
+def long_replies(pace: Pace, limit: int) -> None:
+    """Every recent reply ran to its limit."""
+    for _ in range(64):
+        pace.note_reply(limit, limit)
+
+
 # The forecast, from measured steps.
 
 
@@ -81,6 +87,22 @@ def test_a_cold_start_and_an_idle_engine_admit():
     steady(pace, fixed=10.0, per_row=10.0)  # a very slow machine...
     assert pace.forecast([], Work(128)) is None  # ...with nothing in flight still takes a request
     assert pace.forecast([Work(128)], Work(128)).finish_s > 120
+
+
+def test_replies_ahead_are_planned_at_the_recent_lengths_and_the_new_one_at_its_limit():
+    pace = Pace(rows=8)
+    assert pace.left(128) == 128 and pace.left(128, generated=100) == 28  # no lengths known yet
+    for tokens in [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]:
+        pace.note_reply(tokens, 128)
+    assert pace.left(128) == 100  # the 90th percentile of what ended
+    assert pace.left(128, generated=15) == 100 - 15  # of those longer than it is so far
+    assert pace.left(128, generated=60) == 128 - 60  # too few ran that long to say
+    assert pace.left(64) == 64  # within its own limit
+    long_replies(pace, 128)  # replies that ran to their limit would have gone on
+    assert pace.left(128) == 128
+    steady(pace, fixed=0.0, per_row=1.0)
+    # The new reply is planned at its whole limit: 100 tokens alone after the 20 ahead.
+    assert pace.forecast([Work(pace.left(20))], Work(100)).finish_s == pytest.approx(20 * 2 + 80 * 1)
 
 
 def test_retry_after_is_what_the_batch_must_work_off_first():
@@ -167,6 +189,7 @@ async def test_without_capacity_admission_replies_that_cannot_finish_are_admitte
     replies that the forecast itself says are not whole within two minutes."""
     bot.config.service.max_reply_s = 0  # off: only the row and queue limits
     steady(engine.pace, fixed=0.5, per_row=2.0, per_token=0.001)
+    long_replies(engine.pace, 8)
     late = engine.forecast(8, [8] * 9)
     out = await burst(bot, 10)
     assert all(isinstance(o, Reply) for o in out)  # all ten admitted...
@@ -182,6 +205,7 @@ async def test_replies_that_cannot_finish_in_time_are_refused_at_once_with_retry
     max_reply_s; the rest hear 'busy' before anything is logged, with a Retry-After."""
     assert bot.config.service.max_reply_s == 120
     steady(engine.pace, fixed=0.5, per_row=2.0, per_token=0.001)  # 8 tokens at k rows: 8 × (0.5 + 2k) s
+    long_replies(engine.pace, 8)
     out = await burst(bot, 10)
     admitted = [o for o in out if isinstance(o, Reply)]
     refused = [o for o in out if isinstance(o, Answer)]

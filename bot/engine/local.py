@@ -495,6 +495,7 @@ class LocalEngine:
         elif reply in self._held:
             self._held.remove(reply)
         if reason in ("stop", "length"):
+            self.pace.note_reply(reply.tokens, reply.gen.max_new_tokens)
             with self._tokenizer_lock:
                 tail = reply.stops.feed(reply.decoder.flush()) + reply.stops.flush()
             if tail and reply.first_s is None:
@@ -511,12 +512,12 @@ class LocalEngine:
     def forecast(self, max_new_tokens: int, ahead: Sequence[int] = ()) -> Forecast | None:
         """When a reply of ``max_new_tokens`` submitted now would finish, behind the replies in
         the engine and ``ahead`` more (their max_new_tokens) about to be submitted (``Pace``)."""
-        typical = self.pace.typical_prompt
-        work = [Work(r.gen.max_new_tokens - r.tokens, 0 if r.tokens else len(r.ids)) for r in self._live.values()]
+        pace, typical = self.pace, self.pace.typical_prompt
+        work = [Work(pace.left(r.gen.max_new_tokens, r.tokens), 0 if r.tokens else len(r.ids)) for r in self._live.values()]
         work += [Work(2, typical) for _ in self._warming]
-        work += [Work(r.gen.max_new_tokens, len(r.ids)) for r in self._held]
-        work += [Work(tokens, typical) for tokens in ahead]
-        return self.pace.forecast(work, Work(max_new_tokens, typical))
+        work += [Work(pace.left(r.gen.max_new_tokens), len(r.ids)) for r in self._held]
+        work += [Work(pace.left(tokens), typical) for tokens in ahead]
+        return pace.forecast(work, Work(max_new_tokens, typical))
 
     # -- adapters ----------------------------------------------------------------------------
 
