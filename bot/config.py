@@ -51,7 +51,7 @@ class GenerationSettings:
     top_p: float = opt(0.9, "nucleus sampling mass", min=0.01, max=1.0)
     repetition_penalty: float = opt(1.1, "penalty for repeated tokens", min=1.0, max=3.0)
     stop: list[str] = opt(["###"], "strings that end a reply")
-    max_batch_size: int = opt(0, "replies generated together: rows of the running batch; 0: auto, 32 on CUDA (and for an OpenAI-compatible server), 8 on a CPU (measured, README)", min=0, max=1024)
+    max_batch_size: int = opt(0, "replies generated together: rows of the running batch; 0: auto, 32 on CUDA (and for an OpenAI-compatible server), 16 on a CPU (measured, README)", min=0, max=1024)
     history_turns: int = opt(8, "earlier turns of the chat kept in the prompt", min=0, max=200)
     history_step: int = opt(4, "once a chat is longer than history_turns, its oldest turns leave the prompt this many at a time (so the prompt keeps between history_turns - history_step + 1 and history_turns), and successive prompts begin alike and reuse the engine's cached blocks; 1: a sliding window, whose every prompt is computed whole", min=1, max=200)
     regenerate_temperature: float = opt(0.8, "sampling temperature of a regenerate (🔄, /retry) when temperature is 0, so the new reply can differ", min=0.01, max=5.0)

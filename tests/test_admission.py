@@ -112,7 +112,7 @@ def test_retry_after_is_what_the_batch_must_work_off_first():
 
 
 def test_the_auto_batch_size_is_32_on_cuda_and_the_measured_choice_on_a_cpu():
-    assert batch_rows(0, "cuda") == 32 and batch_rows(0, "cpu") == AUTO_ROWS["cpu"] == 8
+    assert batch_rows(0, "cuda") == 32 and batch_rows(0, "cpu") == AUTO_ROWS["cpu"] == 16
     assert batch_rows(5, "cpu") == batch_rows(5, "cuda") == 5  # a configured value stays
 
 

@@ -24,10 +24,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 # Rows of the running batch that [generation] max_batch_size = 0 (auto) means. On CUDA a step of
-# 32 rows costs little more than one of 1 (README, serving). On a CPU a step costs about its rows:
-# on 2 cores, bench/overload.py (50 clients, 60 s; README, overload) completed the most replies
-# within 120 s at 8 rows, and a first token came sooner than at 16.
-AUTO_ROWS = {"cuda": 32, "cpu": 8}
+# 32 rows costs little more than one of 1 (README, serving). On a CPU a step costs about its rows,
+# and admission by capacity keeps the batch to what finishes in time: on 2 shared cores,
+# bench/overload.py (50 clients, 60 s, each run at 8, 16 and 32 rows; README, overload) completed
+# the most replies within 120 s at 16 rows (27 and 19 a minute; 21, 13, 21 at 8; 20 at 32), with
+# none admitted and left unfinished at any size.
+AUTO_ROWS = {"cuda": 32, "cpu": 16}
 # Steps the fit looks back on: a minute or two on a CPU, long enough to have seen rows come and
 # go, short enough to follow a machine whose cores other work takes.
 WINDOW = 128
