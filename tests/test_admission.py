@@ -184,6 +184,17 @@ async def test_the_auto_batch_size_on_this_cpu_is_the_measured_one(engine, bot):
 
 @pytest.mark.slow
 @ASYNC
+async def test_the_engine_times_every_step_it_runs(engine, bot):
+    before = engine.pace.measured
+    [reply] = await burst(bot, 1)
+    result = await reply.result()
+    # A prefill step, then one step per token after the first.
+    assert engine.pace.measured - before >= max(1, result.completion_tokens)
+    assert engine.pace.cost().step_s(1) > 0
+
+
+@pytest.mark.slow
+@ASYNC
 async def test_without_capacity_admission_replies_that_cannot_finish_are_admitted(engine, bot):
     """The problem as it was: on a machine whose steps take seconds, the queue's limit lets in
     replies that the forecast itself says are not whole within two minutes."""

@@ -103,6 +103,11 @@ class Pace:
             self._steps.append((seconds, rows, max(0, tokens - rows)))
             self._recorded += 1
 
+    @property
+    def measured(self) -> int:
+        """Steps recorded so far."""
+        return self._recorded
+
     def note_prompt(self, tokens: int) -> None:
         """A request with a ``tokens``-token prompt was submitted: prompts of requests not yet
         submitted are taken to be like the recent ones."""
