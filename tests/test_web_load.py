@@ -104,13 +104,16 @@ async def test_a_client_that_disconnects_cancels_its_reply_in_the_engine(site):
     assert row["completion_tokens"] < 400  # cut short, not generated to the end
 
 
-async def late_behind_two_hogs(url: str) -> tuple[int, str | None, dict]:
+async def late_behind_two_hogs(app: App, url: str) -> tuple[int, str | None, dict]:
     """Two long replies hold both rows; then a third message comes: its answer."""
     async with aiohttp.ClientSession() as http:
         long = [asyncio.create_task(http.post(url + "/v1/chat/completions", json=body("说个长故事", f"hog{i}",
                                                                                       max_tokens=200)))
                 for i in range(2)]
-        await asyncio.sleep(0.5)
+        for _ in range(2400):  # until both hold a row (however slow the machine is today)
+            if app.engine.status().generating == 2:
+                break
+            await asyncio.sleep(0.05)
         async with http.post(url + "/v1/chat/completions", json=body("我来晚了", "late")) as response:
             answer = response.status, response.headers.get("Retry-After"), await response.json()
         for task in long:  # their clients leave, which cancels them too
@@ -127,7 +130,7 @@ async def test_a_reply_that_would_wait_past_max_wait_is_refused_at_once(site):
     app, url = site
     app.service.config.service.max_wait_s = 1.0
     try:
-        status, after, refusal = await late_behind_two_hogs(url)
+        status, after, refusal = await late_behind_two_hogs(app, url)
     finally:
         app.service.config.service.max_wait_s = 60.0
     assert status == 503 and int(after) >= 1 and refusal["error"]["code"] == "busy"
@@ -143,7 +146,7 @@ async def test_a_reply_that_waits_past_max_wait_is_dropped_with_a_notice(site):
     app.service.config.service.max_wait_s = 1.0
     app.service.config.service.max_reply_s = 0
     try:
-        status, after, refusal = await late_behind_two_hogs(url)  # it waits for a row: dropped after 1 s
+        status, after, refusal = await late_behind_two_hogs(app, url)  # it waits for a row: dropped after 1 s
     finally:
         app.service.config.service.max_wait_s = 60.0
         app.service.config.service.max_reply_s = 120.0
