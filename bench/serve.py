@@ -20,11 +20,23 @@ and measures, greedy, the same number of new tokens per reply:
                 must stay identical to v1) and, with arrivals, once more in the middle of the
                 ``--swap-rate`` schedule (failed replies, first token around the swap).
 
+With ``--cast N`` (N characters, each an adapter with its own non-zero weights) two more phases
+run the same chats spread uniformly over the cast:
+
+  cast      rolebot's cast engine (``bot.engine.cast``): one base, every character's adapter
+            chosen per token in the same step; also checks that each character's greedy
+            replies in the mixed batch equal those of a batch of that character alone;
+  naive     the way without it: one engine (one copy of the base) per character.
+
+Each phase runs in its own process, so "peak GPU GB" is what that way of serving takes.
+
 It prints the tables. Usage:
 
     python bench/serve.py                                              # CPU: builtin model, 8 chats
     python bench/serve.py --arrivals 0.5,1 --previous /tmp/prev        # CPU, against an older engine
     python bench/serve.py --random-llama8b --arrivals 2,4,8,12 --work w  # GPU: Llama-3.1-8B shape, 4-bit + LoRA
+    python bench/serve.py --cast 2 --phases engine,cast,naive          # CPU: a cast of two against one character
+    python bench/serve.py --random-llama8b --cast 4 --arrivals 8,12 --phases engine,cast,naive  # GPU: a cast of 4
 
 ``--phases`` runs some phases only and keeps their results in ``--work``, so that a long GPU run
 can be split over several calls; the last call prints every phase found there.
@@ -99,6 +111,9 @@ def main() -> int:
     parser.add_argument("--previous", help="also run the engine of this checkout (e.g. a git worktree of an older commit)")
     parser.add_argument("--phases", default="loop,engine,cb", help="which phases to run (cb only on CUDA)")
     parser.add_argument("--no-lora", action="store_true", help="serve the base model without an adapter")
+    parser.add_argument("--cast", type=int, default=1, metavar="N",
+                        help="also serve a cast of N characters (adapters with different weights) on one base "
+                             "(phase cast) and with an engine per character (phase naive)")
     parser.add_argument("--no-swap-check", action="store_true", help="skip the hot-swap with all chats in flight")
     parser.add_argument("--work", help="folder for the model, the adapters and each phase's results (default: a temporary one)")
     parser.add_argument("--out", help="also write the tables (markdown) and the raw numbers (JSON) here")
@@ -129,7 +144,8 @@ def main() -> int:
             adapter = None if args.no_lora else random_adapter_for(base)
         version = save_version(work, adapter, base) if adapter else None
         v2 = perturbed_version(version) if version else None
-        plan = {"base": base, "v1": version.name if version else None, "v2": v2.name if v2 else None}
+        plan = {"base": base, "v1": version.name if version else None, "v2": v2.name if v2 else None,
+                "cast": cast_versions(version, args.cast) if version and args.cast > 1 else []}
         (work / "plan.json").write_text(json.dumps(plan))
         print(f"bench: model ready in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
@@ -148,6 +164,12 @@ def main() -> int:
             jobs.append(("engine", "previous engine", str(Path(args.previous).resolve()), []))
     if "cb" in phases and cuda:
         jobs.append(("cb", "transformers CB", None, []))
+    if plan.get("cast"):
+        n = len(plan["cast"])
+        if "cast" in phases:
+            jobs.append(("cast", f"rolebot, a cast of {n} on one base", str(ROOT), []))
+        if "naive" in phases:
+            jobs.append(("naive", f"{n} engines, one per character", str(ROOT), []))
     for phase, label, code, extra in jobs:
         command = [sys.executable, str(Path(__file__).resolve()), "--phase", phase, "--label", label, *common, *extra]
         if code:
@@ -270,10 +292,14 @@ def run_phase(args) -> int:
 
     versions = {v.name: v for v in Registry(work / "adapters", "甄嬛").versions()}
     v1, v2 = versions.get(plan["v1"]), versions.get(plan["v2"])
-    phase = {"loop": loop_phase, "engine": engine_phase, "cb": cb_phase}[args.phase]
-    result = asyncio.run(phase(args, plan["base"], v1, v2))
+    if args.phase in ("cast", "naive"):
+        members = {name: Registry(work / "adapters", name).get(version) for name, version in plan["cast"]}
+        result = asyncio.run(cast_phase(args, plan["base"], members))
+    else:
+        phase = {"loop": loop_phase, "engine": engine_phase, "cb": cb_phase}[args.phase]
+        result = asyncio.run(phase(args, plan["base"], v1, v2))
     result.update(label=args.label, phase=args.phase)
-    order = {"loop": 0, "engine": 1, "cb": 2}[args.phase]
+    order = {"loop": 0, "engine": 1, "cast": 2, "naive": 3, "cb": 4}[args.phase]
     slug = "".join(c if c.isalnum() else "-" for c in args.label)
     (work / f"result-{order}-{slug}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
@@ -303,14 +329,16 @@ def split_variant(overrides: str) -> tuple[dict, dict]:
     return engine, tuning
 
 
-def bench_config(base: str, new_tokens: int, rows: int, overrides: str = ""):
+def bench_config(base: str, new_tokens: int, rows: int, overrides: str = "", cast: list[str] = ()):
     from bot.config import parse_config
 
     engine = "".join(f"{k} = {v if v in ('true', 'false') or v.replace('.', '').isdigit() else json.dumps(v)}\n"
                      for k, v in split_variant(overrides)[0].items())
+    persona = json.dumps(PERSONA, ensure_ascii=False)
+    characters = "".join(f"[[cast]]\nname = {json.dumps(name, ensure_ascii=False)}\npersona = {persona}\n"
+                         for name in cast) or f"[character]\npersona = {persona}\n"
     text = f"""
-[character]
-persona = {json.dumps(PERSONA, ensure_ascii=False)}
+{characters}
 [model]
 base = {json.dumps(base)}
 max_seq_length = 2048
@@ -472,6 +500,68 @@ def perturbed_version(v1):
         shutil.copy(v1.path / "adapter_config.json", draft.path / "adapter_config.json")
         save_file(weights, str(draft.path / "adapter_model.safetensors"))
         return draft.commit({**v1.meta, "parent_version": v1.name})
+
+
+def cast_versions(v1, n: int) -> list[list[str]]:
+    """The cast of ``n``: 甄嬛 with v1, and n - 1 more characters whose adapters are v1's with B
+    scaled by a different factor each (different non-zero weights, the same shapes)."""
+    from safetensors.torch import load_file, save_file
+
+    from training.registry import Registry
+
+    cast = [[v1.character, v1.name]]
+    weights = load_file(str(v1.path / "adapter_model.safetensors"))
+    for i in range(1, n):
+        scale = (-1) ** i * (1.0 + 0.5 * i)
+        scaled = {k: (scale * t if "lora_B" in k else t).contiguous() for k, t in weights.items()}
+        with Registry(v1.path.parent.parent, f"角色{i}").writing() as draft:
+            shutil.copy(v1.path / "adapter_config.json", draft.path / "adapter_config.json")
+            save_file(scaled, str(draft.path / "adapter_model.safetensors"))
+            cast.append([f"角色{i}", draft.commit({**v1.meta, "note": f"v1 with B x {scale:g}"}).name])
+    return cast
+
+
+async def cast_phase(args, base: str, members: dict) -> dict:
+    """A cast: the chats spread over the characters (chat i to character i mod n), on rolebot's
+    cast engine (one base) or, for the naive phase, on one engine per character."""
+    from bot.engine import make_engine
+    from bot.engine.base import make_engines
+
+    names = list(members)
+    config = bench_config(base, args.new_tokens, args.rows, cast=names)
+    loaded = time.perf_counter()
+    if args.phase == "naive":
+        voices = {name: make_engine(config.for_character(name), version) for name, version in members.items()}
+        engines = list(voices.values())
+    else:
+        engine, voices = make_engines(config, members)
+        engines = [engine]
+    for engine in engines:
+        await engine.start()
+    start_s = time.perf_counter() - loaded
+    texts = make_prompts(lambda sample: sample, 256)
+    prompts = [(voices[names[i % len(names)]], voices[names[i % len(names)]].render(sample)) for i, sample in enumerate(texts)]
+    client = lambda item: engine_client(item[0], item[1])  # noqa: E731
+    await concurrent(client, prompts[:args.chats])  # warm-up of the same shape
+    runs, wall = await concurrent(client, prompts[:args.chats])
+    # each character's replies in the mixed batch against a batch of that character alone
+    same, compared = 0, 0
+    for k, name in enumerate(names):
+        mine = [i for i in range(args.chats) if i % len(names) == k]
+        alone, _ = await concurrent(client, [prompts[i] for i in mine])
+        same += sum(a.text == runs[i].text for a, i in zip(alone, mine))
+        compared += len(mine)
+    result = {"info": {**device_info(base), "start_s": round(start_s, 1), "characters": len(names)},
+              "all_at_once": summary(runs, wall), "texts": [r.text for r in runs],
+              "mixed_equals_alone": [same, compared],
+              "characters_differ": len({r.text for r in await asyncio.gather(
+                  *(engine_client(voice, voice.render(texts[0])) for voice in voices.values()))})}
+    result["arrivals"] = [{"rate": rate, **summary(*await arrivals(client, prompts, rate, args.duration))}
+                          for rate in rates(args)]
+    result["info"]["peak_gpu_gb"] = device_info(base)["peak_gpu_gb"]
+    for engine in engines:
+        await engine.close()
+    return result
 
 
 # -- clients and schedules ---------------------------------------------------------------------
@@ -671,6 +761,12 @@ def render(results: list[dict], args) -> str:
                          f"versions {s['versions']}; swap took {s['swap_s']} s; first token p95 {f(s['first_p95'])} s "
                          f"overall, {f(s['first_token_p95_around_swap'])} s (max {f(s['first_token_max_around_swap'])}) "
                          f"for chats arriving within 1 s of the swap")
+    for r in results:
+        if r.get("mixed_equals_alone"):
+            same, compared = r["mixed_equals_alone"]
+            lines.append(f"\n{r['label']}: each character's greedy reply in the mixed batch equals its reply in a batch "
+                         f"of that character alone for {same}/{compared} chats; the same line to each of the "
+                         f"{r['info']['characters']} characters gave {r['characters_differ']} different replies")
     if loop:
         same = [sum(a == b for a, b in zip(loop["texts"], r["texts"])) for r in results if r["phase"] == "engine"]
         lines.append(f"\nSame text as the loop (first {len(loop['texts'])} chats): "

@@ -22,6 +22,7 @@ from typing import Any
 
 from bot.adapters import Adapters
 from bot.canon import ServedCanon
+from bot.cast import Cast
 from bot.config import Config
 from bot.platforms import Frontend, Options, enabled
 from bot.service import Service
@@ -42,11 +43,12 @@ class App:
 
     config: Config
     store: Store
-    engine: Any
-    adapters: Adapters
+    engine: Any  # the one engine: for a cast, the shared base with every character's adapter
+    adapters: Adapters  # the default character's (``config.character``), as ``service``
     service: Service
     frontends: list[Frontend]
     _resources: AsyncExitStack
+    cast: Cast | None = None
 
     @classmethod
     async def start(cls, config: Config, *, host: str | None = None, port: int | None = None,
@@ -63,45 +65,77 @@ class App:
         ``recover``: mark replies a previous run left generating as interrupted; off for a
         process that may run beside the bot (``rolebot chat``), whose replies are not its own.
         ``frontends``: the front-ends to run instead of those config.toml enables.
+
+        A cast ([[cast]]) serves every character at once on one base model. ``train`` trains the
+        first adapter of ``config.character`` before serving; the other characters without one
+        start on the base model and are trained one after another in the background (each
+        hot-swapped in when its training ends). ``adapter`` applies to ``config.character``.
         """
-        from bot.engine import make_engine
+        from bot.engine.base import make_engines
 
         for choice in config.choices:  # what builtin:auto and prompt_format auto became here
             log.info("%s", choice)
+        check_cast(config)
         async with AsyncExitStack() as stack:
             store = await Store.open(config.database)
             stack.push_async_callback(store.close)
             if recover and (interrupted := await store.mark_unfinished_interrupted()):
                 log.info("%d replies left generating by the last run marked interrupted", interrupted)
-            adapters = Adapters(Registry(config.adapter_root, config.character.name), store=store)
-            if adapter == ACTIVE:
-                version = await serving_version(config, adapters, train=train)
-            else:
-                version = adapters.registry.get(adapter) if adapter else None
-            engine = make_engine(config, version)
+            views = {member.name: config.for_character(member.name) for member in config.members}
+            chosen = config.character.name
+            registries = {name: Adapters(Registry(config.adapter_root, name), store=store) for name in views}
+            versions: dict[str, Version | None] = {}
+            for name, view in views.items():
+                adapters = registries[name]
+                if name != chosen:
+                    versions[name] = await serving_version(view, adapters, train=False)
+                elif adapter == ACTIVE:
+                    versions[name] = await serving_version(view, adapters, train=train)
+                else:
+                    versions[name] = adapters.registry.get(adapter) if adapter else None
+            engine, engines = make_engines(config, versions)
             stack.push_async_callback(engine.close)
             await engine.start()
-            adapters.engine = engine  # from now on every activation hot-swaps
-            retrainer = await start_retraining(config, store, adapters, stack) if retraining else None
-            canon = ServedCanon.load(config, adapters.registry)
-            if canon is not None:  # a reply ends where another speaker of the script would begin
-                names = (config.character.name, *config.character.aliases)
-                engine.hygiene = replace(engine.hygiene, speakers=engine.hygiene.speakers + canon.index.speakers(names))
-            service = Service(config, store, engine, adapters=adapters, retrainer=retrainer, canon=canon)
+            lock = asyncio.Lock()  # one training process at a time, whichever character it trains
+            services: dict[str, Service] = {}
+            retrainers = []
+            for name, view in views.items():
+                adapters, voice = registries[name], engines[name]
+                adapters.engine = voice  # from now on every activation hot-swaps
+                retrainer = await start_retraining(view, store, adapters, stack, lock=lock, schedule=False) if retraining else None
+                retrainers.append(retrainer)
+                canon = ServedCanon.load(view, adapters.registry)
+                if canon is not None:  # a reply ends where another speaker of the script would begin
+                    voice.hygiene = replace(voice.hygiene, speakers=voice.hygiene.speakers
+                                            + canon.index.speakers(view.character.names))
+                services[name] = Service(view, store, voice, adapters=adapters, retrainer=retrainer, canon=canon)
+            cast = Cast(services)
+            service = services[chosen]
+            if retraining and config.scheduler.enabled:
+                from bot.scheduler import RetrainSchedule
+
+                schedule = RetrainSchedule(config.scheduler, retrainers)
+                schedule.start()
+                stack.callback(schedule.stop)
+            if train and adapter == ACTIVE and (untrained := [n for n, v in versions.items() if v is None and n != chosen]):
+                task = asyncio.create_task(train_in_background(config, untrained, registries, lock))
+                stack.push_async_callback(_cancel, task)
             options = Options(host, port, on_quit, interactive)
             running = frontends(service, options) if frontends else enabled(config, service, options)
             for frontend in running:
                 await frontend.start()
                 stack.push_async_callback(frontend.stop)
-            return cls(config, store, engine, adapters, service, running, stack.pop_all())
+            return cls(config, store, engine, registries[chosen], service, running, stack.pop_all(), cast)
 
     async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
-        await self.service.close(grace_s)
+        await (self.cast.close(grace_s) if self.cast is not None else self.service.close(grace_s))
         await self._resources.aclose()  # front-ends, then the engine, then the store
 
     def describe(self) -> str:
         where = ", ".join(getattr(f, "url", f.name) for f in self.frontends) or "no front-end enabled"
-        return f"serving {self.config.character.name} ({self.engine.adapter_version or 'base model, no adapter'}): {where}"
+        services = list(self.cast) if self.cast is not None else [self.service]
+        who = ", ".join(f"{s.character} ({s.engine.adapter_version or 'base model, no adapter'})" for s in services)
+        return f"serving {who}: {where}"
 
 
 async def run_app(config: Config, **options: Any) -> None:
@@ -125,7 +159,51 @@ async def run_app(config: Config, **options: Any) -> None:
         print("rolebot: stopped", file=sys.stderr, flush=True)
 
 
-async def start_retraining(config: Config, store: Store, adapters: Adapters, stack: AsyncExitStack):
+async def _cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def check_cast(config: Config) -> None:
+    """A cast member who never speaks in their script stops the start with one line (a cast of
+    one keeps today's message from prepare)."""
+    if len(config.members) < 2:
+        return
+    from bot.config import check_cast_speaks
+    from training.screenplay import SAMPLE_SCRIPT, parse_scripts
+
+    scripts: dict[tuple, dict[str, int]] = {}
+    for member in config.members:
+        files = tuple(config.path(s) for s in member.script) or (SAMPLE_SCRIPT,)
+        if files not in scripts:
+            counts: dict[str, int] = {}
+            for turn in parse_scripts(list(files)):
+                counts[turn.speaker] = counts.get(turn.speaker, 0) + 1
+            scripts[files] = counts
+        view = config.for_character(member.name)
+        check_cast_speaks(replace(view, cast=[member]), scripts[files], ", ".join(str(f.name) for f in files))
+
+
+async def train_in_background(config: Config, names: list[str], registries: dict[str, Adapters],
+                              lock: asyncio.Lock) -> None:
+    """Train the first adapter of each character in ``names`` while the bot serves, one at a
+    time (holding the retrain lock), and hot-swap each in as it is ready."""
+    for name in names:
+        async with lock:
+            view = config.for_character(name)
+            adapters = registries[name]
+            if adapters.active() is not None:
+                continue
+            try:
+                # niced like a retrain: the bot is serving the others meanwhile
+                trained = await in_thread(train_first_adapter, view, adapters.registry, config.retrain.nice)
+                await adapters.activate(trained.name)
+            except Exception:
+                log.exception("the first training of %s failed; it speaks with the base model until a retrain", name)
+
+
+async def start_retraining(config: Config, store: Store, adapters: Adapters, stack: AsyncExitStack,
+                           lock: asyncio.Lock | None = None, schedule: bool = True):
     """The retrainer (/retrain, /rollback) and, if [scheduler] enabled, its schedule. At
     shutdown the schedule stops and a retrain in progress is cancelled (its run recorded as
     failed, its training process killed) before the engine and the store close."""
@@ -134,7 +212,7 @@ async def start_retraining(config: Config, store: Store, adapters: Adapters, sta
 
     # A run still 'running' whose process is gone was cut off by a crash or a kill.
     await store.fail_unfinished_runs()
-    retrainer = Retrainer(config, store, adapters)
+    retrainer = Retrainer(config, store, adapters, lock=lock)
     await retrainer.load_last_run()
 
     async def cancel_run() -> None:
@@ -143,10 +221,10 @@ async def start_retraining(config: Config, store: Store, adapters: Adapters, sta
             await asyncio.gather(retrainer.task, return_exceptions=True)
 
     stack.push_async_callback(cancel_run)
-    if config.scheduler.enabled:
-        schedule = RetrainSchedule(config.scheduler, retrainer)
-        schedule.start()
-        stack.callback(schedule.stop)
+    if schedule and config.scheduler.enabled:
+        scheduled = RetrainSchedule(config.scheduler, retrainer)
+        scheduled.start()
+        stack.callback(scheduled.stop)
     return retrainer
 
 
@@ -165,8 +243,9 @@ async def serving_version(config: Config, adapters: Adapters, *, train: bool) ->
     return version
 
 
-def train_first_adapter(config: Config, registry: Registry) -> Version:
-    """Prepare the script and train the first version with the SFT core, as `rolebot train`."""
+def train_first_adapter(config: Config, registry: Registry, nice: int = 0) -> Version:
+    """Prepare the script and train the first version with the SFT core, as `rolebot train`
+    (in a child process at CPU priority ``nice``)."""
     from bot.datasets import dataset_files
     from training.sft import TrainJob, train
 
@@ -176,20 +255,21 @@ def train_first_adapter(config: Config, registry: Registry) -> Version:
         amount += ", the quick CPU recipe: [training] first_run_steps"
         if settings.max_minutes:
             amount += f", at most {settings.max_minutes:g} minutes"
+    after = "the others are served meanwhile" if nice else "serving starts after"
     print(f"rolebot: {config.character.name} has no adapter yet — preparing the script and "
-          f"training the first version on {concrete(config.model.base)} ({amount}); serving starts after.",
+          f"training the first version on {concrete(config.model.base)} ({amount}); {after}.",
           file=sys.stderr, flush=True)
     files = dataset_files(config)
     result = in_child_process(train, TrainJob(
         data=files.train, val=files.val, model=config.model, lora=config.lora, train=settings,
         style=config.prompt_style(training=True), registry=registry, trigger="first-run", canon=files.canon,
-    ), activate=False)  # the caller activates it, through bot.adapters
+    ), activate=False, nice=nice)  # the caller activates it, through bot.adapters
     print(f"rolebot: trained {result.version.name} (loss {result.final_loss:.4f}); starting the bot",
           file=sys.stderr, flush=True)
     return result.version
 
 
-def in_child_process(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def in_child_process(fn: Callable[..., Any], *args: Any, nice: int = 0, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` in a fresh Python process; its result or its exception comes back.
 
     Unsloth patches transformers' model classes for the whole process when it loads a model.
@@ -200,14 +280,17 @@ def in_child_process(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     import multiprocessing
 
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+                                                initializer=_die_with_parent, initargs=(os.getpid(), nice)) as pool:
         return pool.submit(fn, *args, **kwargs).result()
 
 
-def _die_with_parent(parent: int) -> None:
+def _die_with_parent(parent: int, nice: int = 0) -> None:
     """In the child: exit as soon as the process that started it is gone. A bot stopped
     (SIGTERM, Ctrl-C, kill -9) during its first training would otherwise leave the training
     running on, an orphan holding the CPU for as long as the run takes."""
+    if nice:
+        os.nice(nice)
+
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)

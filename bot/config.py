@@ -36,6 +36,12 @@ class CharacterSettings:
     script: list[str] = opt([], "screenplay files to prepare (empty: the project's sample script)")
     greeting: str = opt("", "the character's first message in every new conversation ({{user}}: the user's name); empty: none")
     card: str = opt("", "the character card the character was imported from (rolebot card import keeps a copy; export starts from it)")
+    avatar: str = opt("", "the character's picture (a URL, or an image file relative to the config file): Discord webhooks post with it")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The character's name and aliases: the speakers of the script that are this character."""
+        return (self.name, *self.aliases)
 
     def greeting_for(self, user_name: str) -> str | None:
         """The greeting a new conversation starts with, addressed to ``user_name``; None if unset."""
@@ -124,7 +130,11 @@ class ConsoleSettings:
 @dataclass
 class DiscordSettings:
     token_env: str = opt("DISCORD_BOT_TOKEN", "env var holding the bot token (unset: Discord off)")
-    channels: list[str] = opt([], "channel ids where every message is answered")
+    channels: list[str] | dict[str, str] = opt(
+        [], "channels where every message is answered: a list of channel ids (the default character "
+        "answers there), or a table of channel id = the cast member who answers there, e.g. "
+        "{\"123456789012345678\" = \"华妃\"}; a message naming a cast member is answered by them anywhere",
+        expected="a list of channel ids, or a table of channel id = cast member")
     allow_dms: bool = opt(True, "answer direct messages")
     edit_interval: float = opt(1.0, "seconds between streamed edits", min=0.2, max=30.0)
 
@@ -160,9 +170,18 @@ class RetrainSettings:
     hygiene_tolerance: float = opt(0.0, "how much worse (a share of replies) the candidate may be on each hygiene measure", min=0.0, max=1.0)
 
 
+def cast_persona(name: str) -> str:
+    """The persona of a [[cast]] member that gives none."""
+    return f"你是{name}。你用{name}的身份和口吻说话，言语合乎身份，从不承认自己是AI或助手。"
+
+
 @dataclass
 class Config:
     character: CharacterSettings = field(default_factory=CharacterSettings)
+    # The characters the bot plays: [character] (if the file has it) and the [[cast]] tables, each
+    # with [character]'s keys; empty: [character] alone, a cast of one. ``character`` is the
+    # cast's first (``for_character`` gives the others).
+    cast: list[CharacterSettings] = field(default_factory=list)
     model: ModelSettings = field(default_factory=ModelSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: TrainSettings = field(default_factory=TrainSettings)
@@ -182,6 +201,45 @@ class Config:
     root: Path = field(default_factory=Path.cwd, metadata={"internal": True})
     # What `auto` values were settled to and why (``settle``), for the start-up log.
     choices: list[str] = field(default_factory=list, metadata={"internal": True})
+
+    @property
+    def members(self) -> list[CharacterSettings]:
+        """The cast, in the file's order: the [[cast]] tables, or [character] alone."""
+        return list(self.cast) or [self.character]
+
+    def member(self, name: str | None) -> CharacterSettings:
+        """The cast member called ``name`` (its name or an alias); None: the first."""
+        members = self.members
+        if name is None or not name.strip():
+            return members[0]
+        wanted = name.strip()
+        for member in members:
+            if wanted == member.name:
+                return member
+        for member in members:
+            if wanted in member.aliases:
+                return member
+        known = ", ".join(m.name for m in members)
+        raise UnknownCharacter(f"no character {wanted!r} in the cast — known: {known}")
+
+    def for_character(self, name: str | None) -> Config:
+        """This config as one cast member sees it: ``character`` is that member. Everything
+        that reads ``config.character`` (prompts, data, adapters, retraining) then works for it."""
+        member = self.member(name)
+        if member is self.character:
+            return self
+        return dataclasses.replace(self, character=member, choices=list(self.choices))
+
+    @property
+    def first(self) -> bool:
+        """Whether ``character`` is the cast's first: the default one, whose conversations and
+        runs the store keeps under '' (as before there was a cast)."""
+        return self.character is self.members[0] or self.character.name == self.members[0].name
+
+    @property
+    def store_key(self) -> str:
+        """``character`` as the store names its conversations and runs."""
+        return "" if self.first else self.character.name
 
     def path(self, value: str) -> Path:
         """A path from the config, relative to the config file's folder."""
@@ -206,6 +264,10 @@ class Config:
             fmt = best_format(self.model.base)
         return PromptStyle(fmt, self.character.persona, self.character.name,
                            canon_k=k, canon_max_tokens=self.canon.max_tokens, history_first=self.model.history_first)
+
+
+class UnknownCharacter(UserError):
+    """A character name that is not a member of the cast."""
 
 
 def secret(env_name: str) -> str | None:
@@ -287,10 +349,85 @@ def parse_config(text: str, path: Path) -> Config:
     for name, table in data.items():
         if name not in sections:
             raise UserError(f"{where(name, None)}: unknown section [{name}]{_suggest(name, sections)}")
+        if name == "cast":
+            config.cast = _build_cast(table, where)
+            continue
         if not isinstance(table, dict):
             raise UserError(f"{where(name, None)}: {name} must be a [{name}] table")
         setattr(config, name, _build(types[name], table, name, where))
+    if config.cast:
+        if "character" in data:  # [character] is the first of the cast, the [[cast]] tables the others
+            config.cast = _distinct([config.character, *config.cast], where)
+        if len(config.cast) > 1 and config.training.data:
+            raise UserError(f"{where('training', 'data')}: [training] data names one character's pairs, and the cast has "
+                            f"{len(config.cast)} characters — leave it empty (each character's script is prepared into "
+                            "data/<name>.json) or give each [[cast]] its script")
+        config.character = config.cast[0]
+    if isinstance(config.discord.channels, dict):
+        config.discord.channels = _channel_characters(config, config.discord.channels, where)
     return config
+
+
+def _channel_characters(config: Config, table: dict[str, str], where) -> dict[str, str]:
+    """[discord] channels as a table: each channel's cast member by name (an alias is resolved);
+    a channel id that is not a number, or a name that is not in the cast, stops the start."""
+    label = f"{where('discord', 'channels')}: [discord] channels"
+    characters = {}
+    for channel, name in table.items():
+        if not channel.strip().isdigit():
+            raise UserError(f"{label}: {channel!r} is not a channel id — Discord's ids are numbers "
+                            "(Developer Mode on, then right-click the channel → Copy Channel ID)")
+        try:
+            characters[channel.strip()] = config.member(name).name
+        except UnknownCharacter as exc:
+            raise UserError(f"{label}: \"{channel}\" = {name!r}: {exc}") from None
+    return characters
+
+
+def _build_cast(tables, where) -> list[CharacterSettings]:
+    """The [[cast]] tables: each a [character] table whose name is required; names and aliases
+    must tell the characters apart."""
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise UserError(f"{where('cast', None)}: cast must be [[cast]] tables, one per character")
+    cast: list[CharacterSettings] = []
+    for number, table in enumerate(tables, 1):
+        label = f"{where.nth('cast', number)}: [[cast]] #{number}"
+        if "name" not in table:
+            raise UserError(f"{label}: name is missing — each [[cast]] table names its character (a speaker in the script)")
+        table = {"aliases": [], **table}
+        if "persona" not in table and isinstance(table["name"], str):
+            table["persona"] = cast_persona(table["name"].strip())
+        cast.append(_build(CharacterSettings, table, "cast", lambda section, key, n=number: where.nth(section, n, key)))
+    return _distinct(cast, where, offset=0)
+
+
+def _distinct(cast: list[CharacterSettings], where, offset: int = 1) -> list[CharacterSettings]:
+    """``cast`` if every name and alias calls one character; ``offset``: members before the
+    [[cast]] tables ([character])."""
+    owner: dict[str, str] = {}  # a name or alias -> the character it names
+    for index, member in enumerate(cast):
+        number = index + 1 - offset
+        label = (f"{where.nth('cast', number)}: [[cast]] #{number}" if number >= 1
+                 else f"{where('character', None)}: [character]")
+        for word in member.names:
+            if word in owner:
+                what = "name" if word == member.name else "alias"
+                other = owner[word]
+                clash = "twice in the cast" if other == member.name else f"already names {other!r}"
+                raise UserError(f"{label}: {what} {word!r} {clash} — each name and alias must call one "
+                                "character, or a message naming it could not tell who answers")
+            owner[word] = member.name
+    return cast
+
+
+def check_cast_speaks(config: Config, speakers: dict[str, int], script: str) -> None:
+    """A cast member who never speaks in ``script`` (``speakers``: lines per speaker) has
+    nothing to learn from: one line naming them and the script's main speakers."""
+    for member in config.members:
+        if not any(speakers.get(name) for name in member.names):
+            top = ", ".join(f"{name} ({n})" for name, n in sorted(speakers.items(), key=lambda kv: -kv[1])[:8])
+            raise UserError(f"[[cast]] {member.name!r}: never speaks in {script} — name a speaker of the script "
+                            f"(its most frequent: {top}) or add the script's name for them to aliases")
 
 
 def _build(cls, table: dict, section: str, where) -> object:
@@ -312,7 +449,9 @@ def _check(value, hint, meta: dict, label: str):
         float: isinstance(value, (int, float)) and not isinstance(value, bool),
         str: isinstance(value, str),
     }.get(hint)
-    if ok is None:  # list[str]
+    if ok is None and isinstance(value, dict) and dict[str, str] in typing.get_args(hint):  # a table of strings
+        ok = all(isinstance(v, str) for v in value.values())
+    elif ok is None:  # list[str]
         ok = isinstance(value, list) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value)
         if ok:
             value = [str(v) for v in value]
@@ -330,6 +469,8 @@ def _check(value, hint, meta: dict, label: str):
 
 
 def _describe(hint, meta: dict) -> str:
+    if "expected" in meta:
+        return meta["expected"]
     if "choices" in meta:
         return "one of " + ", ".join(repr(c) for c in meta["choices"])
     name = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, "a list of strings")
@@ -352,6 +493,21 @@ class _Locator:
     def __init__(self, text: str, path: Path):
         self.path = path
         self.lines = text.splitlines()
+
+    def nth(self, section: str, number: int, key: str | None = None) -> str:
+        """The line of the ``number``-th ``[[section]]`` table (or of ``key`` within it)."""
+        seen = 0
+        inside = False
+        for line_number, line in enumerate(self.lines, 1):
+            if re.match(r"\s*\[", line):
+                inside = re.match(rf"\s*\[\[\s*{re.escape(section)}\s*\]\]", line) is not None
+                if inside:
+                    seen += 1
+                    if seen == number and key is None:
+                        return f"{self.path}:{line_number}"
+            elif inside and seen == number and _assigns(line, key):
+                return f"{self.path}:{line_number}"
+        return str(self.path)
 
     def __call__(self, section: str, key: str | None) -> str:
         current = None

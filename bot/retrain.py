@@ -34,13 +34,15 @@ Notify = Callable[[str], Awaitable[None]]
 
 
 class Retrainer:
-    def __init__(self, config: Config, store: Store, adapters: Adapters | None = None, *, echo: bool = False):
-        self.config = config
+    def __init__(self, config: Config, store: Store, adapters: Adapters | None = None, *, echo: bool = False,
+                 lock: asyncio.Lock | None = None):
+        self.config = config  # the character's view (Config.for_character)
         self.store = store
+        self.key = config.store_key
         # Promotion goes through the process's one owner of the adapter (bot.adapters);
         # `rolebot retrain` has no engine, so there nothing is hot-swapped.
         self.adapters = adapters or Adapters(Registry(config.adapter_root, config.character.name), store=store)
-        self.lock = asyncio.Lock()
+        self.lock = lock or asyncio.Lock()  # a cast's retrainers share one: one training process at a time
         self.task: asyncio.Task | None = None
         self.next_run: float | None = None  # set by the scheduler
         self.last_run: TrainingRun | None = None
@@ -54,7 +56,7 @@ class Retrainer:
                             "wait for it to finish")
         await self.lock.acquire()
         try:
-            run = await self.store.start_run(trigger, requested_by)
+            run = await self.store.start_run(trigger, requested_by, self.key)
         except BaseException:
             self.lock.release()
             raise
@@ -88,7 +90,9 @@ class Retrainer:
 
     async def new_ratings(self) -> int:
         """Rated replies cast or changed since the last run started."""
-        return await self.store.ratings_since(self.last_run.started_at if self.last_run else 0.0)
+        return await self.store.ratings_since(self.last_run.started_at if self.last_run else 0.0,
+                                              self.config.character.name if len(self.config.members) > 1 else None,
+                                              self.config.first)
 
     async def status(self) -> RetrainStatus:
         next_run = None if self.next_run is None else time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.next_run))
@@ -97,7 +101,7 @@ class Retrainer:
                              nice=self.config.retrain.nice)
 
     async def load_last_run(self) -> None:
-        self.last_run = await self.store.last_run()
+        self.last_run = await self.store.last_run(character=self.key if len(self.config.members) > 1 else None)
 
     async def _cycle(self, run: TrainingRun, notify: Notify | None) -> None:
         try:
@@ -148,7 +152,7 @@ class Retrainer:
             style=config.prompt_style(training=True), adapters=config.adapter_root, character=config.character.name,
             parent=active.name if active else None, replay_ratio=config.retrain.replay_ratio,
             preference=config.retrain.preference, tolerance=config.retrain.nll_tolerance,
-            result=work / "result.json", hygiene=self.hygiene(files.canon),
+            result=work / "result.json", hygiene=self.hygiene(files.canon), first=config.first,
             hygiene_probes=config.retrain.hygiene_probes, hygiene_tolerance=config.retrain.hygiene_tolerance,
         )
         write_job(job, work / "job.json")

@@ -31,9 +31,12 @@ class RetrainSchedule:
     next slot is not stacked (max_instances 1, coalesce), and a slot missed while the bot was
     busy or asleep still runs within the grace time instead of being dropped."""
 
-    def __init__(self, settings: SchedulerSettings, retrainer: Retrainer):
+    def __init__(self, settings: SchedulerSettings, retrainer: Retrainer | list[Retrainer]):
         self.settings = settings
-        self.retrainer = retrainer
+        # A cast: each character's retrainer in turn at every slot (one training process at a
+        # time), each against its own threshold of new ratings.
+        self.retrainers = retrainer if isinstance(retrainer, list) else [retrainer]
+        self.retrainer = self.retrainers[0]
         self.scheduler = AsyncIOScheduler()
 
     def start(self) -> None:
@@ -46,14 +49,19 @@ class RetrainSchedule:
 
     async def _tick(self) -> None:
         try:
-            await self.retrainer.scheduled()
+            for retrainer in self.retrainers:
+                try:
+                    await retrainer.scheduled()
+                except Exception:  # one character's failure must not skip the others
+                    log.exception("the scheduled retrain of %s failed", retrainer.config.character.name)
         finally:
             self._publish_next()
 
     def _publish_next(self) -> None:
         job = self.scheduler.get_job(JOB_ID)
         when = job.next_run_time if job else None
-        self.retrainer.next_run = when.timestamp() if when else None
+        for retrainer in self.retrainers:
+            retrainer.next_run = when.timestamp() if when else None
 
     def stop(self) -> None:
         if self.scheduler.running:

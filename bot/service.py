@@ -295,6 +295,7 @@ class Service:
         self._idle = asyncio.Event()
         self._idle.set()
         self._orders: dict[str | None, bool] = {}  # adapter version → its prompts are history first
+        self.cast = None  # the bot.cast.Cast this character plays in (set by it); None: alone
 
     @property
     def character(self) -> str:
@@ -390,7 +391,7 @@ class Service:
 
     async def _regenerate(self, msg: IncomingMessage, sampling: Overrides | None,
                           reply_id: int | None = None) -> Outgoing:
-        conversation = await self.store.current_conversation(msg.platform, str(msg.chat_id))
+        conversation = await self.store.current_conversation(msg.platform, str(msg.chat_id), self.config.store_key)
         last = await self.store.last_user_message(conversation.id)
         if last is None:
             return Answer(NOTHING_TO_RETRY)
@@ -440,7 +441,7 @@ class Service:
         """The user went back to an earlier alternative (◀ ▶): the conversation goes on from it.
         Raises ``UnknownMessage`` for a reply outside this chat's current conversation."""
         reply = await self.store.message(reply_id)
-        conversation = await self.store.current_conversation(platform, str(chat_id))
+        conversation = await self.store.current_conversation(platform, str(chat_id), self.config.store_key)
         if reply is None or reply.role != "assistant" or reply.reply_to is None or reply.conversation_id != conversation.id:
             raise UnknownMessage(f"message {reply_id} is not a reply in this chat's conversation")
         return await self.store.keep_alternative(reply.reply_to, reply_id)
@@ -448,7 +449,7 @@ class Service:
     async def conversation(self, platform: str, chat_id: str, user_id: str) -> list[Turn]:
         """The chat's current conversation as its user saw it, oldest first: each user message
         with every alternative reply, the kept one marked, and the user's own ratings."""
-        conversation = await self.store.current_conversation(platform, str(chat_id))
+        conversation = await self.store.current_conversation(platform, str(chat_id), self.config.store_key)
         user = await self.store.user(platform, str(user_id))
         messages = await self.store.conversation_messages(conversation.id)
         ratings = await self.store.user_ratings(user.id, conversation.id) if user else {}
@@ -478,7 +479,8 @@ class Service:
             if user_row is None:
                 user_row = await self.store.add_user_message(
                     msg.platform, str(msg.chat_id), str(msg.user_id), text,
-                    display_name=msg.display_name, platform_message_id=msg.platform_message_id)
+                    display_name=msg.display_name, platform_message_id=msg.platform_message_id,
+                    character=self.config.store_key)
             else:
                 text = user_row.text
             rows = await self._history(user_row)
@@ -745,7 +747,7 @@ class Service:
         ``display_name``, for the front-end to show; None when no greeting is configured or the
         conversation has begun (the greeting is already there, or the user spoke first)."""
         text = self.config.character.greeting_for(clean_label(display_name or "") or USER_SPEAKER)
-        return None if text is None else await self.store.greet(platform, str(chat_id), text)
+        return None if text is None else await self.store.greet(platform, str(chat_id), text, self.config.store_key)
 
     async def posted(self, reply: Reply, platform_message_id: str) -> None:
         """A front-end posted part of ``reply`` as this platform message: linked at once, so a
@@ -763,7 +765,7 @@ class Service:
             if name == "stop":
                 return Answer("Stopped." if self.stop(msg.platform, str(msg.chat_id)) else NOTHING_TO_STOP)
             if name == "reset":
-                await self.store.new_conversation(msg.platform, str(msg.chat_id))
+                await self.store.new_conversation(msg.platform, str(msg.chat_id), self.config.store_key)
                 text = "A new conversation begins; earlier messages are no longer in the prompt."
                 greeting = await self.greet(msg.platform, str(msg.chat_id), msg.display_name)
                 return Answer(f"{text}\n\n{greeting.text}" if greeting else text)
@@ -772,12 +774,17 @@ class Service:
                 return Answer(f"Forgotten: {gone.messages} of your messages, {gone.replies} replies "
                               f"to them and {gone.ratings} ratings.")
             if name == "status":
+                if self.cast is not None and len(self.cast) > 1:
+                    return Answer("\n\n".join([as_text(await s.status()) for s in self.cast]))
                 return Answer(as_text(await self.status()))
-            if name == "retrain":
-                run = await self.retrain(f"{msg.platform}:{msg.user_id}", self._notify(msg))
-                return Answer(f"Retrain run {run.id} started; you will hear when it ends.")
-            if name == "rollback":
-                return Answer(f"Rolled back: now serving adapter {await self.rollback()}.")
+            if name in ("retrain", "rollback"):
+                # /retrain 华妃: a cast member by name or alias; no name: this chat's character
+                target = self.cast.require(args.strip() or None) if self.cast is not None else self
+                of = f" of {target.character}" if self.cast is not None and len(self.cast) > 1 else ""
+                if name == "rollback":
+                    return Answer(f"Rolled back{of}: now serving adapter {await target.rollback()}.")
+                run = await target.retrain(f"{msg.platform}:{msg.user_id}", self._notify(msg))
+                return Answer(f"Retrain run {run.id}{of} started; you will hear when it ends.")
         except UserError as exc:
             return Answer(str(exc))
         known = USER_COMMANDS + (ADMIN_COMMANDS if admin else ())
@@ -812,7 +819,7 @@ class Service:
     async def _retrain_status(self) -> RetrainStatus:
         if self.retrainer is not None:
             return await self.retrainer.status()
-        return RetrainStatus(running=False, last_run=await self.store.last_run())
+        return RetrainStatus(running=False, last_run=await self.store.last_run(character=self.config.store_key if len(self.config.members) > 1 else None))
 
     async def retrain(self, requested_by: str, notify: Callable[[str], Awaitable[None]] | None = None):
         """Start a retrain (raises ``NotSetUp`` without a retrainer, ``UserError`` if one runs)."""

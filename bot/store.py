@@ -25,7 +25,7 @@ from typing import Any, Literal
 import aiosqlite
 
 from training.errors import UserError
-from training.logs import NEW_RATINGS_SQL, SCHEMA_VERSION, kept_reply_sql
+from training.logs import NEW_RATINGS_SQL, SCHEMA_VERSION, character_params, kept_reply_sql
 
 # How long a connection waits for another process's lock (e.g. `rolebot status` beside the bot).
 BUSY_TIMEOUT_MS = 5000
@@ -142,6 +142,24 @@ MIGRATIONS: list[tuple[str, ...]] = [
         # Deleting the kept reply falls back to the latest.
         "ALTER TABLE messages ADD COLUMN kept_reply INTEGER REFERENCES messages (id) ON DELETE SET NULL",
     ),
+    (
+        # A cast: each conversation is with one character, so a chat has an open conversation
+        # per character. '' is the cast's first character (the default one, and the only one
+        # before the cast: old conversations stay hers); a run trains one character, '' likewise.
+        "ALTER TABLE conversations ADD COLUMN character TEXT NOT NULL DEFAULT ''",
+        "DROP INDEX conversations_current",
+        """CREATE UNIQUE INDEX conversations_current
+            ON conversations (platform, chat_id, character) WHERE ended_at IS NULL""",
+        "ALTER TABLE training_runs ADD COLUMN character TEXT NOT NULL DEFAULT ''",
+        # The character a chat picked (Telegram's /character), kept across restarts.
+        """CREATE TABLE chat_characters (
+            platform   TEXT NOT NULL,
+            chat_id    TEXT NOT NULL,
+            character  TEXT NOT NULL,
+            chosen_at  REAL NOT NULL,
+            PRIMARY KEY (platform, chat_id)
+        )""",
+    ),
 ]
 
 
@@ -237,6 +255,7 @@ class TrainingRun:
     reason: str
     candidate_version: str | None
     metrics: Mapping[str, Any]
+    character: str = ""
 
 
 @dataclass(frozen=True)
@@ -329,30 +348,48 @@ class Store:
         )
         return User(**dict(row)) if row else None
 
-    async def current_conversation(self, platform: str, chat_id: str) -> Conversation:
-        """The chat's open conversation, started now if the chat has none."""
+    async def current_conversation(self, platform: str, chat_id: str, character: str = "") -> Conversation:
+        """The chat's open conversation with ``character``, started now if the chat has none."""
         row = await self._fetchone(
             "SELECT id, platform, chat_id, started_at FROM conversations "
-            "WHERE platform = ? AND chat_id = ? AND ended_at IS NULL",
-            (platform, chat_id),
+            "WHERE platform = ? AND chat_id = ? AND character = ? AND ended_at IS NULL",
+            (platform, chat_id, character),
         )
         if row:
             return Conversation(**dict(row))
         async with self._transaction() as conn:
-            conversation_id = await _current_conversation_id(conn, platform, chat_id, time.time())
+            conversation_id = await _current_conversation_id(conn, platform, chat_id, time.time(), character)
             return await _conversation(conn, conversation_id)
 
-    async def new_conversation(self, platform: str, chat_id: str) -> Conversation:
-        """Close the chat's current conversation and start a new one (/reset)."""
+    async def new_conversation(self, platform: str, chat_id: str, character: str = "") -> Conversation:
+        """Close the chat's current conversation with ``character`` and start a new one (/reset)."""
         now = time.time()
         async with self._transaction() as conn:
             await conn.execute(
                 "UPDATE conversations SET ended_at = ? "
-                "WHERE platform = ? AND chat_id = ? AND ended_at IS NULL",
-                (now, platform, chat_id),
+                "WHERE platform = ? AND chat_id = ? AND character = ? AND ended_at IS NULL",
+                (now, platform, chat_id, character),
             )
-            conversation_id = await _current_conversation_id(conn, platform, chat_id, now)
+            conversation_id = await _current_conversation_id(conn, platform, chat_id, now, character)
             return await _conversation(conn, conversation_id)
+
+    async def chat_character(self, platform: str, chat_id: str) -> str | None:
+        """The character this chat picked (``set_chat_character``), None if it never did."""
+        row = await self._fetchone("SELECT character FROM chat_characters WHERE platform = ? AND chat_id = ?",
+                                   (platform, chat_id))
+        return row[0] if row else None
+
+    async def set_chat_character(self, platform: str, chat_id: str, character: str) -> None:
+        """From now on ``character`` answers in this chat (by name, as [[cast]] gives it)."""
+        async with self._transaction() as conn:
+            await conn.execute(
+                "INSERT INTO chat_characters (platform, chat_id, character, chosen_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (platform, chat_id) DO UPDATE SET character = excluded.character, "
+                "chosen_at = excluded.chosen_at", (platform, chat_id, character, time.time()))
+
+    async def conversation_character(self, conversation_id: int) -> str | None:
+        row = await self._fetchone("SELECT character FROM conversations WHERE id = ?", (conversation_id,))
+        return row[0] if row else None
 
     # Messages
 
@@ -365,12 +402,14 @@ class Store:
         *,
         display_name: str | None = None,
         platform_message_id: str | None = None,
+        character: str = "",
     ) -> Message:
-        """Log an incoming message in the chat's current conversation; returns once committed."""
+        """Log an incoming message in the chat's current conversation with ``character``;
+        returns once committed."""
         now = time.time()
         async with self._transaction() as conn:
             user_id = await _upsert_user(conn, platform, platform_user_id, display_name, now)
-            conversation_id = await _current_conversation_id(conn, platform, chat_id, now)
+            conversation_id = await _current_conversation_id(conn, platform, chat_id, now, character)
             cursor = await conn.execute(
                 "INSERT INTO messages (conversation_id, user_id, role, text, status, created_at) "
                 "VALUES (?, ?, 'user', ?, 'complete', ?)",
@@ -579,7 +618,7 @@ class Store:
 
     # Greetings
 
-    async def greet(self, platform: str, chat_id: str, text: str) -> Message | None:
+    async def greet(self, platform: str, chat_id: str, text: str, character: str = "") -> Message | None:
         """Open the chat's current conversation with the character's greeting ([character]
         greeting) as its first reply; None (nothing written) once the conversation has messages.
 
@@ -590,12 +629,13 @@ class Store:
         # reader, without taking the writer's lock.
         if await self._fetchone(
             "SELECT 1 FROM messages AS m JOIN conversations AS c ON c.id = m.conversation_id "
-            "WHERE c.platform = ? AND c.chat_id = ? AND c.ended_at IS NULL LIMIT 1", (platform, chat_id)
+            "WHERE c.platform = ? AND c.chat_id = ? AND c.character = ? AND c.ended_at IS NULL LIMIT 1",
+            (platform, chat_id, character)
         ):
             return None
         now = time.time()
         async with self._transaction() as conn:
-            conversation_id = await _current_conversation_id(conn, platform, chat_id, now)
+            conversation_id = await _current_conversation_id(conn, platform, chat_id, now, character)
             if await conn.execute_fetchall(
                 "SELECT 1 FROM messages WHERE conversation_id = ? LIMIT 1", (conversation_id,)
             ):
@@ -661,9 +701,10 @@ class Store:
         )
         return [Rating(**dict(row)) for row in rows]
 
-    async def ratings_since(self, timestamp: float) -> int:
-        """Ratings training could use that were cast or changed after ``timestamp``."""
-        row = await self._fetchone(NEW_RATINGS_SQL, (timestamp,))
+    async def ratings_since(self, timestamp: float, character: str | None = None, first: bool = True) -> int:
+        """Ratings training could use that were cast or changed after ``timestamp``: of
+        ``character``'s replies (None: of every character's; ``first``: the cast's first)."""
+        row = await self._fetchone(NEW_RATINGS_SQL, {"since": timestamp, **character_params(character, first)})
         return row[0]
 
     # Privacy
@@ -734,14 +775,15 @@ class Store:
 
     # Training runs
 
-    async def start_run(self, trigger: Trigger, requested_by: str | None = None) -> TrainingRun:
-        """Record that a training run starts; refused while another one is running."""
+    async def start_run(self, trigger: Trigger, requested_by: str | None = None, character: str = "") -> TrainingRun:
+        """Record that a training run of ``character`` starts; refused while another one (of any
+        character: one training process at a time) is running."""
         async with self._transaction() as conn:
             try:
                 cursor = await conn.execute(
-                    "INSERT INTO training_runs (started_at, trigger, requested_by, status, owner) "
-                    "VALUES (?, ?, ?, 'running', ?)",
-                    (time.time(), trigger, requested_by, _this_process()),
+                    "INSERT INTO training_runs (started_at, trigger, requested_by, status, owner, character) "
+                    "VALUES (?, ?, ?, 'running', ?, ?)",
+                    (time.time(), trigger, requested_by, _this_process(), character),
                 )
             except sqlite3.IntegrityError:
                 running = await _run(conn, "WHERE status = 'running'")
@@ -791,10 +833,12 @@ class Store:
             )
             return len(gone)
 
-    async def last_run(self, status: RunStatus | None = None) -> TrainingRun | None:
-        """The most recently started run, or the most recent one with ``status``."""
+    async def last_run(self, status: RunStatus | None = None, character: str | None = None) -> TrainingRun | None:
+        """The most recently started run, or the most recent one with ``status``; of
+        ``character`` (None: of any)."""
         return await _run(
-            self._reader, "WHERE ? IS NULL OR status = ? ORDER BY id DESC LIMIT 1", (status, status)
+            self._reader, "WHERE (? IS NULL OR status = ?) AND (? IS NULL OR character = ?) ORDER BY id DESC LIMIT 1",
+            (status, status, character, character)
         )
 
     # /status
@@ -901,17 +945,17 @@ async def _upsert_user(
 
 
 async def _current_conversation_id(
-    conn: aiosqlite.Connection, platform: str, chat_id: str, now: float
+    conn: aiosqlite.Connection, platform: str, chat_id: str, now: float, character: str = ""
 ) -> int:
     rows = await conn.execute_fetchall(
-        "SELECT id FROM conversations WHERE platform = ? AND chat_id = ? AND ended_at IS NULL",
-        (platform, chat_id),
+        "SELECT id FROM conversations WHERE platform = ? AND chat_id = ? AND character = ? AND ended_at IS NULL",
+        (platform, chat_id, character),
     )
     if rows:
         return rows[0][0]
     cursor = await conn.execute(
-        "INSERT INTO conversations (platform, chat_id, started_at) VALUES (?, ?, ?)",
-        (platform, chat_id, now),
+        "INSERT INTO conversations (platform, chat_id, started_at, character) VALUES (?, ?, ?, ?)",
+        (platform, chat_id, now, character),
     )
     return cursor.lastrowid
 
@@ -969,7 +1013,7 @@ async def _run(
 ) -> TrainingRun | None:
     rows = await conn.execute_fetchall(
         "SELECT id, trigger, requested_by, status, started_at, finished_at, reason, "
-        f"candidate_version, metrics FROM training_runs {where}",
+        f"candidate_version, metrics, character FROM training_runs {where}",
         params,
     )
     if not rows:

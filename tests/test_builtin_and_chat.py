@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sqlite3
 import subprocess
 import sys
 
@@ -52,6 +53,22 @@ def test_chat_once_streams_a_reply_from_the_builtin_model(config_file, builtin_p
     out = capsys.readouterr().out
     assert out.startswith("甄嬛："), out
     assert len(out.strip()) > len("甄嬛："), "the model said nothing"
+
+
+@pytest.mark.slow
+def test_chat_character_talks_to_that_member_of_a_cast(tmp_path, builtin_path, capsys):
+    from bot.config import load_config
+
+    config = tmp_path / "config.toml"
+    config.write_text('[[cast]]\nname = "甄嬛"\n[[cast]]\nname = "皇帝"\naliases = ["皇上"]\n'
+                      '[generation]\nmax_new_tokens = 8\ntemperature = 0.0\n', encoding="utf-8")
+    assert main(["--config", str(config), "chat", "--character", "皇上", "--once", "你好"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("皇帝："), out
+    with sqlite3.connect(load_config(str(config)).database) as db:
+        logged = db.execute("SELECT c.character, m.role FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+                            "ORDER BY m.id").fetchall()
+    assert logged == [("皇帝", "user"), ("皇帝", "assistant")]  # his own conversation, not 甄嬛's
 
 
 def test_unloadable_base_model_is_one_clear_line(tmp_path, capsys):

@@ -20,13 +20,16 @@ def test_shipped_config_is_complete_and_matches_the_defaults():
     for section in dataclasses.fields(Config):
         if section.metadata.get("internal"):
             continue
-        assert getattr(config, section.name) == getattr(defaults, section.name), section.name
+        if section.name != "cast":
+            assert getattr(config, section.name) == getattr(defaults, section.name), section.name
+    # the shipped file plays a cast of two from the sample script: 甄嬛 (the defaults) and 皇帝
+    assert [m.name for m in config.members] == ["甄嬛", "皇帝"] and config.cast[0] == defaults.character
     assert Config().model.base == "builtin:auto" and Config().model.prompt_format == "auto"
     # settled for this machine: the suite's $ROLEBOT_BUILTIN (conftest) picks SmolLM2
     assert (config.model.base, config.model.prompt_format) == ("builtin:smollm2-135m", "alpaca")
     text = (ROOT / "config.toml").read_text(encoding="utf-8")
     for section in dataclasses.fields(Config):
-        if section.metadata.get("internal"):
+        if section.metadata.get("internal") or section.name == "cast":  # [[cast]]: [character]'s keys
             continue
         for key in dataclasses.fields(getattr(defaults, section.name)):
             assert f"\n{key.name} = " in text, f"[{section.name}] {key.name} is missing from config.toml"

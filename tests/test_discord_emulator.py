@@ -253,3 +253,34 @@ def _named(name: str, callback):
 
     handler.__name__ = name
     return handler
+
+
+@pytest.mark.asyncio
+async def test_channel_webhooks_post_as_any_name_and_only_they_edit_their_messages():
+    from emulators.discord_api import BOT_PERMISSIONS, MANAGE_WEBHOOKS
+
+    async with DiscordEmulator(bot_permissions=BOT_PERMISSIONS | MANAGE_WEBHOOKS) as dc:
+        closed = await dc.add_channel("closed", bot_denied=MANAGE_WEBHOOKS)
+        async with running(dc, make_client()) as client:
+            general, other = client.get_channel(dc.channel_id), client.get_channel(closed)
+            assert general.permissions_for(general.guild.me).manage_webhooks
+            assert not other.permissions_for(other.guild.me).manage_webhooks
+            with pytest.raises(discord.Forbidden):
+                await other.create_webhook(name="rolebot")
+            with pytest.raises(discord.HTTPException):
+                await general.create_webhook(name="Discord bot")  # Discord refuses such names
+
+            hook = await general.create_webhook(name="rolebot")
+            assert [(h.id, h.token, h.user.id) for h in await general.webhooks()] == [(hook.id, hook.token, client.user.id)]
+            posted = await hook.send("臣妾在", username="华妃", avatar_url="https://example.org/hua.png", wait=True)
+            assert posted.author.bot and posted.author.name == "华妃" and posted.webhook_id == hook.id
+            with pytest.raises(discord.Forbidden):  # the bot's own route: not its message
+                await general.get_partial_message(posted.id).edit(content="x")
+            edited = await posted.edit(content="臣妾在此")
+            await edited.add_reaction("👍")
+            sent = dc.sent_messages[-1]
+            assert (sent.webhook_id, sent.username, sent.avatar_url, sent.content) == (
+                hook.id, "华妃", "https://example.org/hua.png", "臣妾在此")
+            assert dc.reactions[sent.id] == {"👍": {client.user.id}}
+            await edited.delete()
+            assert sent.deleted

@@ -190,17 +190,20 @@ def score(model, tokenizer, samples: list[Sample], probes: list[Sample], style: 
 
 
 def compare(model, tokenizer, samples, style: PromptStyle, names, *, max_len: int, max_new_tokens: int, limit: int,
-            canon: CanonIndex | None = None, stops: tuple[str, ...] = ("###",)) -> dict[str, Scores]:
+            canon: CanonIndex | None = None, stops: tuple[str, ...] = ("###",),
+            cast: tuple[str, ...] = ()) -> dict[str, Scores]:
     """Scores from one loaded PeftModel (the base is the adapter disabled): rows ``base`` and
     ``adapter``, and with a canon index and ``style.canon_k`` > 0 also ``base+canon`` and
-    ``adapter+canon``, whose prompts hold the k exchanges retrieved for each sample."""
+    ``adapter+canon``, whose prompts hold the k exchanges retrieved for each sample. ``cast``:
+    the names and aliases of the other characters the bot plays; a reply that speaks as one of
+    them is role confusion, as one that speaks as another speaker of the script."""
     kwargs = dict(max_len=max_len, max_new_tokens=max_new_tokens, limit=limit)
     probes = [Sample(q) for q in IDENTITY_PROBES]
     plain = replace(style, canon_k=0)
     variants = {"": (plain, samples, probes)}
-    others: tuple[str, ...] = ()
+    others: tuple[str, ...] = tuple(n for n in cast if n not in names)
     if canon is not None:
-        others = canon.speakers(tuple(names))
+        others = tuple(dict.fromkeys(others + canon.speakers(tuple(names))))
         if style.canon_k:
             def count(text: str) -> int:
                 return len(tokenizer(text, add_special_tokens=False)["input_ids"])

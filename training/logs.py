@@ -19,7 +19,7 @@ from pathlib import Path
 from training.errors import UserError
 
 # The store's schema version this reader understands; bot/store.py migrates to exactly this.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def kept_reply_sql(user_message: str) -> str:
@@ -30,10 +30,21 @@ def kept_reply_sql(user_message: str) -> str:
     return (f"COALESCE((SELECT kept_reply FROM messages WHERE id = {user_message}), "
             f"(SELECT MAX(id) FROM messages WHERE reply_to = {user_message}))")
 
+# A cast member's replies: those of their conversations (:character NULL: every character's).
+# The cast's first character (:first) keeps conversations under '' (bot/store.py, migration 4).
+CHARACTER_FILTER = ("(:character IS NULL OR (SELECT c.character = CASE WHEN :first THEN '' ELSE :character END "
+                    "FROM conversations AS c WHERE c.id = {m}.conversation_id))")
+
+
+def character_params(character: str | None, first: bool = True) -> dict:
+    """The named parameters of ``CHARACTER_FILTER``."""
+    return {"character": character, "first": int(first)}
+
+
 # The ratings training may use: votes on finished replies, with nothing from a forgotten user
 # (neither their question nor their vote). Forgetting deletes those rows; the filters also keep
 # out anything such a user wrote afterwards.
-_TRAINABLE_RATINGS = """
+_TRAINABLE_RATINGS = f"""
 FROM ratings AS r
 JOIN users AS rater ON rater.id = r.user_id AND rater.forgotten_at IS NULL
 JOIN messages AS m ON m.id = r.message_id
@@ -41,6 +52,7 @@ LEFT JOIN messages AS q ON q.id = m.reply_to
 LEFT JOIN users AS asker ON asker.id = q.user_id
 WHERE m.role = 'assistant' AND m.status = 'complete' AND m.prompt IS NOT NULL
   AND asker.forgotten_at IS NULL
+  AND {CHARACTER_FILTER.format(m="m")}
 """
 
 _RATED_REPLIES_SQL = f"""
@@ -54,7 +66,7 @@ ORDER BY m.id
 
 # Shared with bot/store.py so /status and the scheduler count exactly what training would use.
 # A changed vote counts as new: its rated_at moves.
-NEW_RATINGS_SQL = f"SELECT COUNT(*) {_TRAINABLE_RATINGS} AND r.rated_at > ?"
+NEW_RATINGS_SQL = f"SELECT COUNT(*) {_TRAINABLE_RATINGS} AND r.rated_at > :since"
 
 
 # Finished replies to user messages that have at least two of them (regenerated alternatives),
@@ -73,6 +85,7 @@ FROM messages AS m
 JOIN messages AS q ON q.id = m.reply_to AND q.role = 'user'
 JOIN users AS asker ON asker.id = q.user_id AND asker.forgotten_at IS NULL
 WHERE {_ALTERNATIVE_REPLY.format(m="m")}
+  AND {CHARACTER_FILTER.format(m="m")}
   AND (SELECT COUNT(*) FROM messages AS s WHERE s.reply_to = q.id AND {_ALTERNATIVE_REPLY.format(m="s")}) >= 2
 ORDER BY q.id, m.id
 """
@@ -152,28 +165,30 @@ class RatedReply:
 class LogSnapshot:
     """Reads inside one read transaction, so every query sees the same committed state."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, character: str | None = None, first: bool = True) -> None:
         self._conn = conn
+        self._who = character_params(character, first)
 
     def rated_replies(self) -> list[RatedReply]:
-        """Every finished assistant reply with at least one vote, oldest first."""
-        rows = self._conn.execute(_RATED_REPLIES_SQL).fetchall()
+        """Every finished assistant reply (of the snapshot's character) with at least one vote, oldest first."""
+        rows = self._conn.execute(_RATED_REPLIES_SQL, self._who).fetchall()
         return [RatedReply(**dict(row)) for row in rows]
 
     def preference_pairs(self) -> list[PreferencePair]:
         """Every (chosen, rejected) pair from regenerated alternatives, oldest first."""
-        rows = [_Alternative(**dict(row)) for row in self._conn.execute(_ALTERNATIVES_SQL)]
+        rows = [_Alternative(**dict(row)) for row in self._conn.execute(_ALTERNATIVES_SQL, self._who)]
         grouped = itertools.groupby(rows, key=lambda a: a.user_message_id)
         return [pair for _, group in grouped for pair in pairs_of(list(group))]
 
     def ratings_since(self, timestamp: float) -> int:
         """Votes cast or changed after ``timestamp`` (unix seconds)."""
-        return self._conn.execute(NEW_RATINGS_SQL, (timestamp,)).fetchone()[0]
+        return self._conn.execute(NEW_RATINGS_SQL, {"since": timestamp, **self._who}).fetchone()[0]
 
 
 @contextmanager
-def open_snapshot(path: str | Path) -> Iterator[LogSnapshot]:
-    """Open the store read-only and hold one snapshot of it until the block ends.
+def open_snapshot(path: str | Path, character: str | None = None, first: bool = True) -> Iterator[LogSnapshot]:
+    """Open the store read-only and hold one snapshot of it until the block ends: of
+    ``character``'s conversations (None: everyone's; ``first``: with those from before the cast).
 
     WAL lets the bot keep writing meanwhile; those writes stay invisible here.
     """
@@ -182,7 +197,7 @@ def open_snapshot(path: str | Path) -> Iterator[LogSnapshot]:
         conn.execute("BEGIN")
         # The first read pins the snapshot, so the version check also fixes what we see.
         _check_schema_version(conn, path)
-        yield LogSnapshot(conn)
+        yield LogSnapshot(conn, character, first)
     finally:
         conn.close()
 

@@ -50,12 +50,14 @@ def as_sample(reply: RatedReply) -> Sample:
     return Sample(instruction=reply.user_text, output=reply.text, prompt=reply.prompt)
 
 
-def build_data(db: Path, original: Path, out: Path, *, replay_ratio: float, seed: int, holdout: float = 0.2) -> RetrainData:
+def build_data(db: Path, original: Path, out: Path, *, replay_ratio: float, seed: int, holdout: float = 0.2,
+               character: str | None = None, first: bool = True) -> RetrainData:
     """Net-👍 replies become samples with the prompt the bot used, mixed with ``replay_ratio``
     original pairs per reply so the character does not drift; the latest ``holdout`` share of
     rated replies is kept back for the gate (time-ordered, never trained on), and so are the
-    preference pairs with a reply in it."""
-    with open_snapshot(db) as snapshot:
+    preference pairs with a reply in it. With ``character``, only that cast member's replies
+    (``first``: with the conversations from before the cast)."""
+    with open_snapshot(db, character, first) as snapshot:
         rated = snapshot.rated_replies()
         pairs = snapshot.preference_pairs()
     rated = [r for r in rated if r.score != 0]
@@ -187,7 +189,8 @@ def run_job(job: RetrainJob) -> RetrainResult:
 
     registry = Registry(job.adapters, job.character)
     parent = registry.get(job.parent) if job.parent else None
-    data = build_data(job.db, job.original, job.data_file, replay_ratio=job.replay_ratio, seed=job.train.seed)
+    data = build_data(job.db, job.original, job.data_file, replay_ratio=job.replay_ratio, seed=job.train.seed,
+                      character=job.character, first=job.first)
     if data.liked == 0:
         raise UserError("no 👍-rated replies to learn from yet (outside the held-out share)")
     result = train(TrainJob(

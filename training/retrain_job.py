@@ -42,6 +42,7 @@ class RetrainJob:
     hygiene: Hygiene = Hygiene()  # what replies are cleaned of, for the gate's hygiene rule
     hygiene_probes: int = 0  # held-out lines the gate generates replies for (0: no hygiene rule)
     hygiene_tolerance: float = 0.0
+    first: bool = True  # the cast's first character: its data includes the conversations from before the cast
 
 
 @dataclass(frozen=True)

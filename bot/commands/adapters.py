@@ -8,7 +8,7 @@ import json
 import time
 
 from bot.adapters import Adapters
-from bot.config import load_config
+from bot.commands import add_character, load_for
 from training.registry import Registry
 
 # This process cannot reach a bot that is running: say so, rather than let the user think the
@@ -27,6 +27,7 @@ def register(sub) -> None:
         "is not told and keeps its version until it restarts: change a running bot through its "
         "admin commands (/rollback) instead.",
     )
+    add_character(parser, "manage the adapters of (before ACTION)")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     actions.add_parser("list", help="every version, oldest first, with its losses and metrics").set_defaults(run=list_versions)
     show = actions.add_parser("show", help="print a version's meta.json")
@@ -39,7 +40,7 @@ def register(sub) -> None:
 
 
 def _registry(args) -> Registry:
-    config = load_config(args.config)
+    config = load_for(args)
     return Registry(config.adapter_root, config.character.name)
 
 

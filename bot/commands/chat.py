@@ -11,7 +11,7 @@ import argparse
 import asyncio
 
 from bot.app import ACTIVE, run_app
-from bot.config import load_config
+from bot.commands import add_character, load_for
 from bot.platforms import Options
 from bot.platforms.console import Console
 from bot.service import Service
@@ -29,6 +29,7 @@ def register(sub) -> None:
         "prints stops it; /reset starts a new conversation, /help lists the commands, /quit or "
         "Ctrl-D leaves (Ctrl-C stops the bot).",
     )
+    add_character(parser, "chat with")
     parser.add_argument("--once", metavar="TEXT", help="print one reply to TEXT and exit")
     parser.add_argument("--version", dest="adapter", metavar="V", help="use adapter version V instead of the active one")
     parser.add_argument("--no-adapter", action="store_true", help="chat with the base model alone")
@@ -36,7 +37,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_for(args)
     adapter = None if args.no_adapter else args.adapter or ACTIVE
 
     def console(service: Service, options: Options) -> list[Console]:

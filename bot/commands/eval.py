@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from bot.config import load_config
+from bot.commands import add_character, load_for
 from bot.datasets import dataset_files
 from training.errors import UserError
 from training.atomic import write_json_atomic
@@ -42,6 +42,7 @@ version's meta.json under "eval"; `rolebot adapters list` shows it.
 def register(sub) -> None:
     parser = sub.add_parser("eval", help="compare the base model and an adapter on held-out pairs",
                             description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_character(parser, "evaluate")
     parser.add_argument("--version", metavar="V", help="adapter version (default: the active one)")
     parser.add_argument("--val", type=Path, metavar="FILE", help="held-out pairs (default: the version's validation file)")
     parser.add_argument("--limit", type=int, default=50, metavar="N", help="pairs to generate greedy replies for (NLL uses all; default 50)")
@@ -49,7 +50,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_for(args)
     registry = Registry(config.adapter_root, config.character.name)
     version = registry.get(args.version) if args.version else registry.active()
     if version is None:
@@ -75,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     names = (config.character.name, *config.character.aliases)
     rows = compare(model, tokenizer, samples, style, names, max_len=config.model.max_seq_length,
                    max_new_tokens=config.generation.max_new_tokens, limit=max(1, args.limit), canon=index,
-                   stops=tuple(config.generation.stop))
+                   stops=tuple(config.generation.stop),
+                   cast=tuple(n for m in config.members if m.name != config.character.name for n in m.names))
     order = ("base", "base+canon", "adapter", "adapter+canon")
     scores = {name: rows[name].as_dict() for name in order if name in rows}
     canon_note = f"; canon: {k} exchanges from {index.path}" if index else "; canon off ([canon] k = 0)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from bot.config import load_config
+from bot.commands import add_character, load_for
 from bot.retrain import Retrainer
 from bot.status import data_text
 from bot.store import Store
@@ -26,6 +26,7 @@ replies are waiting.
 def register(sub) -> None:
     parser = sub.add_parser("retrain", help="run one retrain cycle from the rated logs",
                             description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_character(parser, "retrain")
     parser.add_argument("--if-due", action="store_true", help="only when enough new ratings are waiting")
     parser.set_defaults(run=run)
 
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_for(args)
     async with Store.open(config.database) as store:
         retrainer = Retrainer(config, store, echo=True)
         await retrainer.load_last_run()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bot.config import load_config
+from bot.commands import add_character, load_for
 from bot.datasets import dataset_files
 from training.canon import canon_path
 from training.registry import Registry
@@ -34,6 +34,7 @@ without canon); meta.json records it and the bot serves the version in the same 
 def register(sub) -> None:
     parser = sub.add_parser("train", help="train a new adapter version", description=DESCRIPTION,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_character(parser, "train")
     parser.add_argument("--data", type=Path, metavar="FILE", help="training pairs (Alpaca JSON or JSON lines)")
     parser.add_argument("--val", type=Path, metavar="FILE", help="held-out pairs: their NLL is reported and stored")
     parser.add_argument("--from", dest="parent", metavar="VERSION", help="continue from this adapter version ('active' for the active one)")
@@ -45,7 +46,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_for(args)
     files = dataset_files(config)
     data = args.data or files.train
     val = args.val or (files.val if not args.data else None)

@@ -65,6 +65,26 @@ def make_engine(config: Config, version: Version | None) -> Engine:
     return LocalEngine(config, version)
 
 
+def make_engines(config: Config, versions: dict[str, Version | None]) -> tuple[Engine, dict[str, Engine]]:
+    """The engine to start and close, and each cast member's engine (by name) serving its
+    version. A cast of one is the engine itself; a larger cast shares one base model with an
+    adapter per character (bot/engine/cast.py), or asks the OpenAI-compatible server for each
+    character's adapter by name."""
+    if len(versions) == 1:
+        (name, version), = versions.items()
+        engine = make_engine(config.for_character(name), version)
+        return engine, {name: engine}
+    if config.engine.backend == "openai":
+        from bot.engine.remote import OpenAIEngine, RemoteCast
+
+        engines = {name: OpenAIEngine(config.for_character(name), version) for name, version in versions.items()}
+        return RemoteCast(engines), engines
+    from bot.engine.cast import CastEngine
+
+    engine = CastEngine(config, versions)
+    return engine, dict(engine.voices)
+
+
 def hygiene_for(config: Config) -> Hygiene:
     """The character's reply hygiene: [generation] stop, its names, the user's label, the persona.
     The script's other speakers join once the canon index is loaded (``bot.app``)."""

@@ -99,6 +99,7 @@ class _Reply:
     tokens: int = 0
     first_s: float | None = None
     admitted: bool = False
+    slot: int = -1  # the cast member's adapter slot (bot/engine/cast.py); -1: the engine's own adapter
 
 
 class _Finished:
@@ -238,10 +239,8 @@ class LocalEngine:
         from training.modeling import device
 
         self._loop = asyncio.get_running_loop()
-        self.model, self.tokenizer = await asyncio.to_thread(
-            load_serving_model, self.config, str(self._initial.path) if self._initial else None)
+        self.model, self.tokenizer = await asyncio.to_thread(self._load, load_serving_model)
         self._device = device()
-        self._adapter_name = "default" if self._initial else None
         four_bit = any(type(m).__name__ == "Linear4bit" for m in self.model.modules())
         self._weights = "4-bit weights" if four_bit else f"{self.model.dtype} weights".replace("torch.", "")
         eos = self.tokenizer.eos_token_id
@@ -251,6 +250,19 @@ class LocalEngine:
         self._manager = await asyncio.to_thread(self._new_manager)
         log.info("engine: %s on %s, adapter %s, %s", self.config.model.base, self._device.name,
                  self.adapter_version or "none", self._batching())
+
+    def _load(self, load_serving_model):
+        """The model and tokenizer, with the first version's adapter (named "default")."""
+        loaded = load_serving_model(self.config, str(self._initial.path) if self._initial else None)
+        self._adapter_name = "default" if self._initial else None
+        return loaded
+
+    def _prepare_manager(self, manager) -> None:
+        """Called on every new manager before its warm-up (bot/engine/cast.py routes adapters)."""
+
+    def _may_run_ahead(self) -> bool:
+        """Whether a step may be prepared while the one before runs (async batching)."""
+        return not self._penalty
 
     def _new_manager(self):
         """Build, warm up and start transformers' continuous-batching manager."""
@@ -291,7 +303,7 @@ class LocalEngine:
             max_batch_tokens=tuning.max_batch_tokens or MAX_BATCH_TOKENS[kind],
             max_requests_per_batch=rows, allow_block_sharing=self.config.engine.prefix_sharing,
             # The penalty's history buffer is refilled between steps: no step may run ahead.
-            use_async_batching=run_ahead and not self._penalty,
+            use_async_batching=run_ahead and self._may_run_ahead(),
             use_cuda_graph=graphs, q_padding_interval_size=tuning.q_padding, kv_padding_interval_size=tuning.kv_padding,
             default_compile_level=self.config.engine.compile_level if cuda else 0,
             per_request_processors=True,
@@ -306,6 +318,7 @@ class LocalEngine:
         manager.batch_processor = manager._create_batch_processor()
         for layer in manager.batch_processor.cache.key_cache + manager.batch_processor.cache.value_cache:
             layer.zero_()
+        self._prepare_manager(manager)
         manager.warmup()  # captures the CUDA graphs of every batch size; nothing to do without them
         manager.start()
         # One tiny reply first, so that the first user does not wait for the first step's set-up.
@@ -370,12 +383,17 @@ class LocalEngine:
 
     def generate(self, prompt: str, sampling: GenerationSettings | None = None) -> ReplyStream:
         """Submit one reply; it joins the running batch at the next step."""
+        return self._submit(prompt, sampling)
+
+    def _submit(self, prompt: str, sampling: GenerationSettings | None, voice=None) -> ReplyStream:
+        """``generate`` for the engine's own adapter, or for a cast member's ``voice``."""
         if self._manager is None and not self._closing:
             raise RuntimeError("LocalEngine.generate before start()")
         gen = sampling or self.config.generation
+        special = self._special if voice is None else voice.special
         with self._tokenizer_lock:
-            ids = self.tokenizer(prompt, add_special_tokens=self._special)["input_ids"]
-        stream = ReplyStream(len(ids), self.adapter_version)
+            ids = self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
+        stream = ReplyStream(len(ids), self.adapter_version if voice is None else voice.adapter_version)
         if self._closing:
             return stream._end_now("interrupted")
         if len(ids) + gen.max_new_tokens > self.config.model.max_seq_length:
@@ -383,15 +401,19 @@ class LocalEngine:
                                    f"{gen.max_new_tokens}: more than [model] max_seq_length "
                                    f"{self.config.model.max_seq_length}; keep prompts within max_prompt_tokens")
         reply = _Reply(f"r{next(self._ids)}", stream, ids, gen, IncrementalDecoder(self.tokenizer),
-                       reply_filter(self.hygiene, gen))
+                       reply_filter(self.hygiene if voice is None else voice.hygiene, gen),
+                       slot=-1 if voice is None else voice.slot)
         stream._on_cancel = lambda: self._end(reply, "interrupted")
-        if self._swapping:
+        if self._swapping or (voice is not None and voice.swapping):
             self._held.append(reply)
         else:
             self._admit(reply)
         return stream
 
     def prefill(self, prompt: str) -> bool:
+        return self._prefill(prompt)
+
+    def _prefill(self, prompt: str, voice=None) -> bool:
         """Compute the prompt blocks of ``prompt`` now, with no reply, and keep them cached: the
         start of a chat's next prompt (``PromptStyle.prefix``) when that prompt will not begin
         like the last one, so that its own prefill is only what follows. It takes a row only when
@@ -400,11 +422,12 @@ class LocalEngine:
         whether it was taken."""
         manager = self._manager
         if (manager is None or self._closing or self._swapping or self._held or not self.config.engine.prefix_sharing
+                or (voice is not None and voice.swapping)
                 or manager.batch_processor is None
                 or len(self._live) + len(self._warming) >= self.max_batch_size - 1):
             return False
         with self._tokenizer_lock:
-            ids = self.tokenizer(prompt, add_special_tokens=self._special)["input_ids"]
+            ids = self.tokenizer(prompt, add_special_tokens=self._special if voice is None else voice.special)["input_ids"]
         if len(ids) < 2 * self._block or len(ids) + 2 > self.config.model.max_seq_length:
             return False  # too short to be worth a row, or too long to be any prompt
         rid = f"p{next(self._ids)}"
@@ -414,10 +437,12 @@ class LocalEngine:
                 with manager.output_router._lock:
                     manager.output_router.result_handlers.pop(rid, None)
                 self._warming.discard(rid)
+                self._released(rid)
                 if self._drained is not None and not self._live and not self._warming and not self._drained.done():
                     self._drained.set_result(None)
 
         manager.register_result_handler(rid, finished)
+        self._routed(rid, -1 if voice is None else voice.slot)
         self._warming.add(rid)
         self.counters.prefills += 1
         self.counters.prompt_tokens += len(ids)
@@ -436,6 +461,7 @@ class LocalEngine:
             return
         gen = reply.gen
         manager.register_result_handler(reply.rid, lambda output: self._on_output(reply, output))
+        self._routed(reply.rid, reply.slot)
         reply.admitted = True
         self._live[reply.rid] = reply
         self.counters.prompt_tokens += len(reply.ids)
@@ -506,6 +532,7 @@ class LocalEngine:
         reply.stream._finish(ReplyStats(len(reply.ids), reply.tokens, reply.first_s,
                                         time.perf_counter() - reply.stream.submitted, reply.stream.adapter_version,
                                         reason), error)
+        self._released(reply.rid)
         if self._drained is not None and not self._live and not self._warming and not self._drained.done():
             self._drained.set_result(None)
 
@@ -518,6 +545,12 @@ class LocalEngine:
         work += [Work(pace.left(r.gen.max_new_tokens), len(r.ids)) for r in self._held]
         work += [Work(pace.left(tokens), typical) for tokens in ahead]
         return pace.forecast(work, Work(max_new_tokens, typical))
+
+    def _routed(self, rid: str, slot: int) -> None:
+        """A request enters the manager with the adapter ``slot`` (bot/engine/cast.py)."""
+
+    def _released(self, rid: str) -> None:
+        """A request has left the engine."""
 
     # -- adapters ----------------------------------------------------------------------------
 

@@ -223,3 +223,29 @@ def _local_tokenizer(config: Config):
     except (OSError, ValueError, UserError) as exc:
         log.warning("engine: no local tokenizer for %s (%s); token counts are estimates", config.model.base, exc)
         return None
+
+
+class RemoteCast:
+    """A cast on an OpenAI-compatible server: one client per character (each asks for its
+    character's adapter by name, as vLLM serves every LoRA module beside the others on one
+    base), started and closed together."""
+
+    backend = "openai"
+
+    def __init__(self, engines: dict[str, OpenAIEngine]):
+        self.engines = engines
+
+    @property
+    def adapter_version(self) -> str | None:
+        return next(iter(self.engines.values())).adapter_version
+
+    async def start(self) -> None:
+        for engine in self.engines.values():
+            await engine.start()
+
+    async def close(self) -> None:
+        for engine in self.engines.values():
+            await engine.close()
+
+    def status(self) -> EngineStatus:
+        return next(iter(self.engines.values())).status()

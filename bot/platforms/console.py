@@ -8,7 +8,9 @@ while a reply is printing stops it there, its text kept (lines other than /stop 
 wait for the reply's end); /quit or Ctrl-D stops the bot. Ctrl-C stops the whole bot, as it
 does for ``rolebot serve``: it is the process's signal, not the console's. Whoever sits at the
 console runs the process, so the admin commands are theirs. With ``once`` it sends that one
-message, prints the reply and stops, reading nothing from the terminal.
+message, prints the reply and stops, reading nothing from the terminal. With a cast, the console
+talks to one character: the first, or ``rolebot chat --character NAME``'s; its replies are
+labelled with its name.
 """
 
 from __future__ import annotations
@@ -62,7 +64,10 @@ class Console:
         # not be stopped, and shutdown would wait for the user to press Enter.
         self.fd = sys.stdin.fileno() if self.fd is None else self.fd
         asyncio.get_running_loop().add_reader(self.fd, self._readable)
-        self._write(f"Chatting with {self.service.character}. + / - rate the last reply, r writes "
+        cast = self.service.cast
+        others = (f" (of the cast: {', '.join(cast.names)}; `rolebot chat --character NAME` talks to another)"
+                  if cast is not None and len(cast) > 1 else "")
+        self._write(f"Chatting with {self.service.character}{others}. + / - rate the last reply, r writes "
                     "another, /stop stops one printing; /help lists the commands; /quit or Ctrl-D "
                     "stops the bot.\n")
         self._task = asyncio.create_task(self._run())

@@ -14,6 +14,9 @@ ratings, and slash commands.
 | ``/reset``, ``/forget``                   | the service's answer, only to the user                     |
 | ``/status``, ``/retrain``, ``/rollback``  | the same, for admins: ``[service] admins_discord``         |
 
+A cast of several characters: who answers where, and how a reply shows who speaks, is
+``bot.platforms.discord_cast``; a reaction or 🔄 on a reply goes to the character who wrote it.
+
 Needs the Message Content intent switched on in the developer portal. The bot is on when the
 environment variable named by ``[discord] token_env`` holds its token. If Discord is down or
 the connection drops, it reconnects with back-off while the other platforms keep serving; a
@@ -32,6 +35,7 @@ from discord import app_commands
 from bot.config import Config, DiscordSettings, secret
 from bot.logs import keep_secret
 from bot.platforms import Options
+from bot.platforms.discord_cast import AS_BOT, NO_PINGS, Addressees, Voice, Voices, many, owner
 from bot.platforms.text import RATINGS, RETRY, STOP, Showing, paced_edits, take_over
 from bot.platforms.text import split as text_split
 from bot.service import Answer, IncomingMessage, Reply, Service, UnknownMessage
@@ -42,8 +46,6 @@ log = logging.getLogger(__name__)
 PLATFORM = "discord"
 MAX_CHARS = 2000  # Discord refuses longer message content
 SKIN_TONES = re.compile("[\U0001f3fb-\U0001f3ff]")  # 👍🏽 is a 👍 too
-# Whatever the model writes, nobody is notified: no @everyone, roles, users or reply pings.
-NO_PINGS = discord.AllowedMentions.none()
 RETRY_FIRST_S, RETRY_MAX_S = 2.0, 300.0
 # How long stop() waits for replies that finished during shutdown to get their edit and reactions.
 STOP_GRACE_S = 5.0
@@ -88,9 +90,15 @@ class DiscordFrontend:
         self._stopping = False
         self._answering: set[asyncio.Task] = set()  # handlers still posting
         self._showing = Showing()  # the replies streaming now, for ⏹ and for 🔄 in place
+        self.voices = Voices()  # a cast's webhooks, per connection
+        self.addressees = Addressees(service, settings)  # who of a cast each message goes to
+
+    def _cast(self) -> list[Service]:
+        return list(self.service.cast) if self.service.cast is not None else [self.service]
 
     async def start(self) -> None:
-        self.service.notifiers[PLATFORM] = self.notify
+        for service in self._cast():  # a retrain of any character says in the channel when it ends
+            service.notifiers[PLATFORM] = self.notify
         self._task = asyncio.create_task(self._keep_connected(), name="discord")
 
     async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
@@ -98,7 +106,8 @@ class DiscordFrontend:
         its 👍/👎 first: the handlers posting are waited for (up to ``grace_s``) before the HTTP
         session closes under them."""
         self._stopping = True
-        self.service.notifiers.pop(PLATFORM, None)
+        for service in self._cast():
+            service.notifiers.pop(PLATFORM, None)
         if self._answering:
             await asyncio.wait(set(self._answering), timeout=grace_s)
         if self.client is not None:
@@ -113,6 +122,7 @@ class DiscordFrontend:
         delay = self.retry_first_s
         while not self._stopping:
             self.client = client = CharacterClient(self)
+            self.voices = Voices()  # webhooks use the client's HTTP session
             try:
                 await client.start(self.token, reconnect=True)
             except discord.LoginFailure:
@@ -162,8 +172,8 @@ class DiscordFrontend:
     def addressed(self, message: discord.Message, me: discord.ClientUser) -> bool:
         """Whether a message is for the character: a DM (if allowed), a mention (a reply to the
         bot mentions it too), or any message in a configured channel."""
-        if message.author.bot:
-            return False  # other bots, and the bot's own messages, which Discord echoes back
+        if message.author.bot or message.webhook_id is not None:
+            return False  # other bots, and the bot's own messages (its webhooks'), which Discord echoes back
         if message.guild is None:
             return self.settings.allow_dms
         channel = message.channel
@@ -181,21 +191,23 @@ class DiscordFrontend:
         task = asyncio.current_task()
         self._answering.add(task)
         try:
+            speaker = await self.addressees.of(message.channel, message.author.id, text)
+            voice = await self.voices.of(speaker, message.channel)
             async with message.channel.typing():
                 if not incoming.text.startswith("/"):  # a conversation opens with [character] greeting
-                    greeting = await self.service.greet(PLATFORM, incoming.chat_id, incoming.display_name)
-                    for part in split(greeting.text) if greeting is not None else ():
-                        await message.channel.send(part, allowed_mentions=NO_PINGS)
-                out = await self.service.handle(incoming)
+                    greeting = await speaker.greet(PLATFORM, incoming.chat_id, incoming.display_name)
+                    for part in split(voice.dress(greeting.text)) if greeting is not None else ():
+                        await voice.send(message.channel, part)
+                out = await speaker.handle(incoming)
                 if isinstance(out, Answer):
                     await message.reply(out.text, mention_author=False, allowed_mentions=NO_PINGS)
                     return
                 if out.notice:
                     await message.channel.send(out.notice, allowed_mentions=NO_PINGS)
                 if out.replaces is not None:  # "/retry" as text: the last reply is rewritten
-                    await self.rewrite(message.channel, out, message)
+                    await self.rewrite(message.channel, out, message, voice)
                     return
-                parts = await self.stream(message.channel, out, message)
+                parts = await self.stream(message.channel, out, message, voice=voice)
             await self.add_buttons(out, parts)
         except discord.HTTPException as exc:
             log.warning("Discord: could not answer message %s in channel %s: %s",
@@ -211,45 +223,44 @@ class DiscordFrontend:
             await parts[-1].add_reaction(emoji)
 
     async def stream(self, channel: discord.abc.Messageable, reply: Reply,
-                     message: discord.Message | None = None, parts: list | None = None) -> list:
+                     message: discord.Message | None = None, parts: list | None = None,
+                     voice: Voice = AS_BOT) -> list:
         """Show the reply as it grows: the first text as a reply to the user's ``message`` (in
         ``channel`` without one), then an edit at most every ``edit_interval`` seconds; past
         2000 characters it goes on in a new message. Returns the messages that carry it, each
-        linked to the reply's row. ``parts``: messages to write it into first (``rewrite``)."""
+        linked to the reply's row. ``parts``: messages to write it into first (``rewrite``).
+        ``voice``: who posts it (a cast member's name, or the bot)."""
         parts = [] if parts is None else parts
 
         async def show(text: str) -> bool:
-            await self._show(channel, message, reply, parts, text)
+            await self._show(channel, message, reply, parts, text, voice)
             return True
 
         with self._showing.showing(reply):
             final = await paced_edits(reply, self.settings.edit_interval, show)
-            await self._show(channel, message, reply, parts, final)  # edits only what changed
+            await self._show(channel, message, reply, parts, final, voice)  # edits only what changed
         return parts
 
     async def _show(self, channel: discord.abc.Messageable, message: discord.Message | None, reply: Reply,
-                    parts: list, text: str) -> None:
+                    parts: list, text: str, voice: Voice) -> None:
         """Make the posted messages read ``text``: edit the parts that changed, post new ones."""
-        for i, chunk in enumerate(split(text.strip())):
+        for i, chunk in enumerate(split(voice.dress(text.strip()))):
             if i < len(parts):
                 if getattr(parts[i], "content", None) != chunk:  # a taken-over part: not known
                     try:
                         parts[i] = await parts[i].edit(content=chunk, allowed_mentions=NO_PINGS)
                     except discord.NotFound:  # deleted meanwhile: the text goes on in a new one
-                        parts[i] = await channel.send(chunk, allowed_mentions=NO_PINGS)
+                        parts[i] = await voice.send(channel, chunk)
                         await self.service.posted(reply, str(parts[i].id))
                 continue
-            if parts or message is None:
-                sent = await channel.send(chunk, allowed_mentions=NO_PINGS)
-            else:
-                sent = await message.reply(chunk, mention_author=False, allowed_mentions=NO_PINGS)
+            sent = await voice.send(channel, chunk, reply_to=None if parts else message)
             parts.append(sent)
             await self.service.posted(reply, str(sent.id))
 
     # Regenerate and stop
 
     async def rewrite(self, channel: discord.abc.Messageable, reply: Reply,
-                      message: discord.Message | None = None) -> list:
+                      message: discord.Message | None = None, voice: Voice = AS_BOT) -> list:
         """Stream a regenerated reply into the message that showed the reply it replaces (edited
         in place), its further parts deleted (see ``take_over``), then put 👍/👎/🔄 under it.
         The reactions users left on the old reply are cleared first: they rated the old text
@@ -260,28 +271,28 @@ class DiscordFrontend:
             keep, drop = await take_over(self.service, self._showing, reply)
             for message_id in drop:
                 try:
-                    await channel.get_partial_message(int(message_id)).delete()
+                    await voice.message(channel, int(message_id)).delete()
                 except discord.NotFound:
                     pass
-            parts = [channel.get_partial_message(int(message_id)) for message_id in keep]
+            parts = [voice.message(channel, int(message_id)) for message_id in keep]
             if parts and not drop:  # one part: the reactions are on it
                 try:
-                    await parts[0].clear_reactions()
+                    await channel.get_partial_message(parts[0].id).clear_reactions()
                 except discord.Forbidden:
                     log.info("Discord: may not clear the reactions in channel %s; they stay", channel.id)
                 except discord.NotFound:
                     pass
-            parts = await self.stream(channel, reply, message, parts)
+            parts = await self.stream(channel, reply, message, parts, voice)
         await self.add_buttons(reply, parts)
         return parts
 
-    async def _retry(self, event: discord.RawReactionActionEvent, reply_id: int) -> None:
+    async def _retry(self, event: discord.RawReactionActionEvent, reply_id: int, service: Service) -> None:
         """🔄 added under a reply: the service decides whether this user may have another (only
         the author of the last message, only under its reply); a refusal is said in the channel,
         under the reply, pinging nobody."""
         channel = self.client.get_partial_messageable(event.channel_id, guild_id=event.guild_id)
         name = event.member.display_name if event.member else None
-        out = await self.service.regenerate(
+        out = await service.regenerate(
             IncomingMessage(PLATFORM, str(event.channel_id), str(event.user_id), "", display_name=name),
             reply_id=reply_id)
         if isinstance(out, Answer):
@@ -290,7 +301,9 @@ class DiscordFrontend:
             return
         if out.notice:
             await channel.send(out.notice, allowed_mentions=NO_PINGS)
-        await self.rewrite(channel, out)
+        # The cached channel, not the partial one: whether the bot may post through a webhook there.
+        voice = await self.voices.of(service, self.client.get_channel(event.channel_id) or channel)
+        await self.rewrite(channel, out, voice=voice)
 
     # Ratings
 
@@ -301,23 +314,26 @@ class DiscordFrontend:
         value = RATINGS.get(emoji)
         if (value is None and emoji not in (RETRY, STOP)) or event.user_id == me.id:
             return  # another emoji, or the bot's own reactions (the buttons it put there)
-        if event.message_author_id is not None and event.message_author_id != me.id:
-            return
+        if event.message_author_id not in (None, me.id) and not many(self.service):
+            return  # a cast's replies may be its webhooks' messages, also ones made before a restart
         where = (PLATFORM, str(event.channel_id), str(event.message_id))
         task = asyncio.current_task()
         self._answering.add(task)
         try:
+            service = await self._writer(where)
+            if service is None:
+                return
             if value is None:  # 🔄 or ⏹; taking one back does nothing
-                if event.event_type == "REACTION_ADD" and (row := await self.service.reply_by_platform_id(*where)):
+                if event.event_type == "REACTION_ADD" and (row := await service.reply_by_platform_id(*where)):
                     if emoji == RETRY:
-                        await self._retry(event, row.id)
+                        await self._retry(event, row.id, service)
                     elif (streaming := self._showing.get(row.id)) is not None:
                         streaming.cancel()
             elif event.event_type == "REACTION_ADD":
                 name = event.member.display_name if event.member else None
-                await self.service.rate_platform_message(*where, str(event.user_id), value, display_name=name)
+                await service.rate_platform_message(*where, str(event.user_id), value, display_name=name)
             else:
-                await self.service.unrate_platform_message(*where, str(event.user_id), value)
+                await service.unrate_platform_message(*where, str(event.user_id), value)
         except UnknownMessage:
             return  # a reaction on a message that is not one of the character's logged replies
         except UserError as exc:
@@ -326,6 +342,14 @@ class DiscordFrontend:
             log.warning("Discord: could not answer %s on message %s: %s", emoji, event.message_id, exc)
         finally:
             self._answering.discard(task)
+
+    async def _writer(self, where: tuple[str, str, str]) -> Service | None:
+        """The character whose reply a platform message carries: in a cast, None for a message
+        that carries none of theirs; a cast of one asks its service, which says so itself."""
+        if not many(self.service):
+            return self.service
+        row = await self.service.reply_by_platform_id(*where)
+        return None if row is None else await owner(self.service, row)
 
     # Slash commands
 
@@ -336,7 +360,10 @@ class DiscordFrontend:
             await interaction.response.defer(ephemeral=True, thinking=True)
         incoming = IncomingMessage(PLATFORM, str(interaction.channel_id), str(interaction.user.id),
                                    f"/{name}", display_name=interaction.user.display_name)
-        out = await self.service.handle(incoming)
+        channel = interaction.channel or self.client.get_partial_messageable(
+            interaction.channel_id, guild_id=interaction.guild_id)
+        service = await self.addressees.of(channel, interaction.user.id, f"/{name}")
+        out = await service.handle(incoming)
         if isinstance(out, Reply):  # /retry: the last reply is rewritten where it stands
             await interaction.followup.send(f"{RETRY} Writing another reply in place of the last one.",
                                             ephemeral=True, allowed_mentions=NO_PINGS)
@@ -345,8 +372,7 @@ class DiscordFrontend:
             try:
                 if out.notice:
                     await interaction.followup.send(out.notice, ephemeral=True, allowed_mentions=NO_PINGS)
-                await self.rewrite(interaction.channel or self.client.get_partial_messageable(
-                    interaction.channel_id, guild_id=interaction.guild_id), out)
+                await self.rewrite(channel, out, voice=await self.voices.of(service, channel))
             except discord.HTTPException as exc:
                 log.warning("Discord: could not rewrite the last reply in channel %s: %s", interaction.channel_id, exc)
             finally:

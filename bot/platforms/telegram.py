@@ -12,8 +12,15 @@ groups when asked), 👍/👎 buttons under every reply, and commands.
 | presses 🔄 under the last reply (or sends | writes another reply to the user's last message into the   |
 | ``/retry``); only the one who wrote that  | same message(s), edited in place, with fresh buttons; the  |
 | message may                               | old reply stays in the log as an alternative               |
+| ``/character`` (a cast,                   | the cast as buttons, the one answering here marked; a      |
+| ``[[cast]]``) or ``/character 皇帝``      | press (or the name) makes that one answer in this chat     |
+| (a name or an alias)                      | from then on, across restarts                              |
 | ``/start``, ``/reset``, ``/forget``       | a greeting, or the service's answer                        |
 | ``/status``, ``/retrain``, ``/rollback``  | the same, for admins: ``[service] admins_telegram``        |
+
+Each chat talks to one character of the cast: the one it chose with ``/character``, else the
+cast's first. Its messages, ``/reset``, ``/retry`` and ``/stop`` go to that character's service;
+a button under a reply goes to the character who wrote it.
 
 The Application runs inside rolebot's event loop (initialize, start, updater polling; no
 ``run_polling``, which would own the loop). ``concurrent_updates`` lets a button press through
@@ -25,8 +32,10 @@ token; ``[telegram] base_url`` points it at a Bot API server of your own.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from telegram import (
     BotCommand,
@@ -50,20 +59,27 @@ from telegram.ext import (
     filters,
 )
 
-from bot.config import Config, TelegramSettings, secret
+from bot.config import Config, TelegramSettings, UnknownCharacter, secret
 from bot.logs import keep_secret
 from bot.platforms import Options
 from bot.platforms.text import NO_TEXT, RATINGS, RETRY, STOP, Showing, paced_edits, take_over, utf16_len
 from bot.platforms.text import split as text_split
-from bot.service import ADMIN_COMMANDS, Answer, IncomingMessage, Reply, Service, UnknownMessage
+from bot.service import ADMIN_COMMANDS, Answer, IncomingMessage, Reply, Service, UnknownMessage, parse_command
 from training.errors import UserError
+
+if TYPE_CHECKING:
+    from bot import store as db
 
 log = logging.getLogger(__name__)
 
 PLATFORM = "telegram"
 MAX_UNITS = 4096  # Telegram's longest message, in UTF-16 code units
-CHOSEN = " ✓"  # marks the button of the vote just cast
+CHOSEN = " ✓"  # marks the button of the vote just cast, and the character answering
 RATE_DATA = {f"rate:{value}": value for value in RATINGS.values()}  # a 👍/👎 button's data → its vote
+CHOOSE = "character:"  # a /character button's data: this prefix and the character's name
+MAX_CALLBACK_BYTES = 64  # Telegram's limit on a button's callback data, in UTF-8 bytes
+CAST_ROW = 3  # /character buttons per row
+NOT_IN_CAST = "That character is no longer in the cast."  # a button of one removed since
 NOT_MODIFIED = "message is not modified"  # PTB lowercases and capitalizes the API's wording
 GONE = "not found"  # "Message to edit not found": the user deleted it
 TYPING_EVERY_S = 4.5  # a chat action shows for 5 s or until the bot's next message
@@ -79,11 +95,17 @@ USER_COMMANDS = [
     BotCommand("forget", "Delete your messages and ratings"),
     BotCommand("help", "What the bot understands"),
 ]
-ALL_COMMANDS = USER_COMMANDS + [
+CAST_COMMAND = BotCommand("character", "Choose who answers in this chat")  # in a cast's menu only
+ADMIN_COMMAND_MENU = [
     BotCommand("status", "What the bot serves and how retraining stands"),
     BotCommand("retrain", "Retrain the character from the rated replies"),
     BotCommand("rollback", "Serve the previous adapter version"),
 ]
+
+
+def menu(cast_size: int) -> list[BotCommand]:
+    """Everyone's commands; /character (before /help) when there is a cast to choose from."""
+    return USER_COMMANDS[:-1] + [CAST_COMMAND] + USER_COMMANDS[-1:] if cast_size > 1 else list(USER_COMMANDS)
 
 
 def from_config(config: Config, service: Service, options: Options) -> TelegramFrontend | None:
@@ -128,20 +150,24 @@ class TelegramFrontend:
         app.add_handler(CommandHandler(["stop", "reset", "forget", "help", *ADMIN_COMMANDS], self.command,
                                        filters=chats))
         app.add_handler(CommandHandler("retry", self.retry_command, filters=chats))
+        app.add_handler(CommandHandler("character", self.character, filters=chats))
         app.add_handler(MessageHandler(filters.TEXT & ~filters.COMMAND & chats, self.chat))
         app.add_handler(CallbackQueryHandler(self.rate, pattern=r"^rate:-?1\Z"))
         app.add_handler(CallbackQueryHandler(self.retry, pattern=r"^retry$"))
         app.add_handler(CallbackQueryHandler(self.stop_button, pattern=r"^stop$"))
+        app.add_handler(CallbackQueryHandler(self.choose_button, pattern=f"^{CHOOSE}"))
         app.add_handler(CallbackQueryHandler(self.unknown_button))
         app.add_error_handler(self.on_error)
         return app
 
     async def start(self) -> None:
-        self.service.notifiers[PLATFORM] = self.notify
+        for service in self._cast():  # a retrain of any character reports to the chat that asked
+            service.notifiers[PLATFORM] = self.notify
         self._task = asyncio.create_task(self._connect(), name="telegram")
 
     async def stop(self) -> None:
-        self.service.notifiers.pop(PLATFORM, None)
+        for service in self._cast():
+            service.notifiers.pop(PLATFORM, None)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -178,11 +204,13 @@ class TelegramFrontend:
             delay = min(delay * 2, RETRY_MAX_S)
 
     async def _set_commands(self) -> None:
-        """The command menu: everyone's commands, and in each admin's private chat theirs too."""
-        await self.app.bot.set_my_commands(USER_COMMANDS)
+        """The command menu: everyone's commands (with /character for a cast), and in each
+        admin's private chat theirs too."""
+        users = menu(len(self._cast()))
+        await self.app.bot.set_my_commands(users)
         for admin in self.admins:
             try:
-                await self.app.bot.set_my_commands(ALL_COMMANDS, scope=BotCommandScopeChat(int(admin)))
+                await self.app.bot.set_my_commands(users + ADMIN_COMMAND_MENU, scope=BotCommandScopeChat(int(admin)))
             except (BadRequest, ValueError) as exc:  # e.g. the admin has not opened the chat yet
                 log.info("Telegram: no admin command menu for %s: %s", admin, exc)
 
@@ -208,21 +236,52 @@ class TelegramFrontend:
         """/start: who is here and what the buttons and commands do, then the character's
         greeting ([character] greeting) if this conversation has not begun."""
         message = update.effective_message
+        service = await self._answering(message.chat_id)
+        cast = self._cast()
+        others = (f" /character chooses who answers here: {', '.join(s.character for s in cast)}."
+                  if len(cast) > 1 else "")
         await message.reply_text(
-            f"{self.service.character} is listening: just write. 👍 or 👎 under a reply rates it, "
+            f"{service.character} is listening: just write. 👍 or 👎 under a reply rates it, "
             f"{RETRY} (or /retry) writes another one in its place, {STOP} (or /stop) stops one being "
-            "written; /reset starts a new conversation, /forget deletes your messages and ratings.")
-        greeting = await self.service.greet(PLATFORM, str(message.chat_id), update.effective_user.full_name)
+            "written; /reset starts a new conversation, /forget deletes your messages and ratings." + others)
+        greeting = await service.greet(PLATFORM, str(message.chat_id), update.effective_user.full_name)
         if greeting is not None:
             for part in split(greeting.text):
                 await message.reply_text(part)
 
     async def command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """/stop, /reset, /forget, /help and the admin commands: the service decides who may."""
+        """/stop, /reset, /forget, /help and the admin commands: the service of the character
+        answering in this chat decides who may."""
         message = update.effective_message
-        out = await self.service.handle(self._incoming(update, message.text))
-        for part in split(out.text):  # a command is answered with an Answer, never a Reply
+        service = await self._answering(message.chat_id)
+        out = await service.handle(self._incoming(update, message.text))
+        text = out.text
+        if parse_command(message.text)[0] == "help" and len(self._cast()) > 1:
+            text += f"\n\n/character chooses who answers in this chat (now {service.character})."
+        for part in split(text):  # a command is answered with an Answer, never a Reply
             await message.reply_text(part)
+
+    async def character(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """/character: the cast as buttons, the character answering here marked; /character NAME
+        (a name or an alias) chooses directly. A cast of one has nothing to choose."""
+        message = update.effective_message
+        cast = self._cast()
+        if len(cast) == 1:
+            await message.reply_text(f"{self.service.character} is the only character here.")
+            return
+        name = " ".join(context.args or ())
+        if not name:
+            current = await self._answering(message.chat_id)
+            await message.reply_text(f"{current.character} answers in this chat. Who should?",
+                                     reply_markup=cast_keyboard([s.character for s in cast], current.character))
+            return
+        try:
+            chosen = await self.service.cast.choose(PLATFORM, str(message.chat_id), name)
+        except UnknownCharacter:
+            await message.reply_text(f"No {name} in the cast: choose one of "
+                                     f"{', '.join(s.character for s in cast)} (/character shows them as buttons).")
+            return
+        await message.reply_text(chosen_text(chosen.character))
 
     # Messages
 
@@ -245,7 +304,8 @@ class TelegramFrontend:
         text = message.text.replace(f"@{bot.username}", "").strip()
         typing = asyncio.create_task(self._typing(message.chat_id))
         try:
-            out = await self.service.handle(self._incoming(update, text))
+            service = await self._answering(message.chat_id)
+            out = await service.handle(self._incoming(update, text))
             if isinstance(out, Answer):
                 await message.reply_text(out.text)
                 return
@@ -256,9 +316,11 @@ class TelegramFrontend:
             typing.cancel()
 
     async def retry_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """/retry: another reply to the user's last message, written over the last reply."""
+        """/retry: another reply to the user's last message (to the character answering in this
+        chat), written over the last reply."""
         message = update.effective_message
-        out = await self.service.handle(self._incoming(update, message.text))
+        service = await self._answering(message.chat_id)
+        out = await service.handle(self._incoming(update, message.text))
         if isinstance(out, Answer):  # nothing to retry, not theirs, rate limited
             for part in split(out.text):
                 await message.reply_text(part)
@@ -266,6 +328,20 @@ class TelegramFrontend:
         if out.notice:
             await message.reply_text(out.notice)
         await self.rewrite(message, out)
+
+    def _cast(self) -> list[Service]:
+        """The characters this bot plays, the default (``self.service``) first."""
+        return list(self.service.cast) if self.service.cast is not None else [self.service]
+
+    async def _answering(self, chat_id: int) -> Service:
+        """The character answering in a chat: the one it chose with /character, else the default."""
+        cast = self.service.cast
+        return self.service if cast is None else await cast.answering(PLATFORM, str(chat_id))
+
+    async def _speaker(self, reply: db.Message) -> Service | None:
+        """The character who wrote ``reply``; None if it has left the cast since."""
+        cast = self.service.cast
+        return self.service if cast is None else await cast.speaker(reply)
 
     def _incoming(self, update: Update, text: str) -> IncomingMessage:
         user, message = update.effective_user, update.effective_message
@@ -342,11 +418,12 @@ class TelegramFrontend:
         try:
             row = await self.service.reply_by_platform_id(PLATFORM, str(query.message.chat.id),
                                                           str(query.message.message_id))
-            if row is None:
-                await query.answer("This reply is no longer in the log.")
+            speaker = await self._speaker(row) if row is not None else None
+            if speaker is None:
+                await query.answer("This reply is no longer in the log." if row is None else NOT_IN_CAST)
                 return
             user = query.from_user
-            out = await self.service.regenerate(IncomingMessage(
+            out = await speaker.regenerate(IncomingMessage(
                 PLATFORM, str(query.message.chat.id), str(user.id), "", display_name=user.full_name),
                 reply_id=row.id)
         except Exception:
@@ -401,6 +478,28 @@ class TelegramFrontend:
             return
         reply.cancel()
         await query.answer("Stopped.")
+
+    # Choosing the character
+
+    async def choose_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A character's button under /character pressed: that character answers in this chat
+        from now on. The query is always answered (until it is, the client shows a spinner on
+        the button); a button of a character since removed from the cast, or forged data, gets
+        a notice."""
+        query = update.callback_query
+        names = [s.character for s in self._cast()]
+        name = chosen_name(query.data, names)
+        if name is None:
+            await query.answer(NOT_IN_CAST)
+            return
+        cast = self.service.cast
+        try:
+            chosen = self.service if cast is None else await cast.choose(PLATFORM, str(query.message.chat.id), name)
+        except Exception:
+            await query.answer("That did not work; please try again.")
+            raise
+        await query.answer(f"{chosen.character} answers here now.")
+        await edit(query.message, chosen_text(chosen.character), cast_keyboard(names, chosen.character))
 
     # Ratings
 
@@ -464,6 +563,32 @@ def keyboard(chosen: int | None = None, *, streaming: bool = False) -> InlineKey
     buttons.append(InlineKeyboardButton(STOP, callback_data="stop") if streaming
                    else InlineKeyboardButton(RETRY, callback_data="retry"))
     return InlineKeyboardMarkup([buttons])
+
+
+def cast_keyboard(names: list[str], current: str) -> InlineKeyboardMarkup:
+    """A button per character of the cast, the one answering now marked."""
+    buttons = [InlineKeyboardButton(name + (CHOSEN if name == current else ""), callback_data=choice_data(name))
+               for name in names]
+    return InlineKeyboardMarkup([buttons[i:i + CAST_ROW] for i in range(0, len(buttons), CAST_ROW)])
+
+
+def choice_data(name: str) -> str:
+    """A /character button's data: ``CHOOSE`` and the name, or a digest of a name too long for
+    Telegram's 64 bytes of callback data. Never ``rate:…``, ``retry`` or ``stop``."""
+    data = CHOOSE + name
+    if len(data.encode()) <= MAX_CALLBACK_BYTES:
+        return data
+    return f"{CHOOSE}#{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+
+
+def chosen_name(data: str | None, names: list[str]) -> str | None:
+    """The character of ``names`` a /character button's data chooses; None for any other data
+    (a character no longer in the cast, forged data)."""
+    return next((name for name in names if choice_data(name) == data), None)
+
+
+def chosen_text(name: str) -> str:
+    return f"{name} answers in this chat from now on."
 
 
 def known(anchor: Message, message_id: int) -> Message:

@@ -6,7 +6,7 @@ admin API behind a bearer token.
 | GET  /                       | the chat page (streams replies, 👍/👎 under each); sets the      |
 |                              | visitor's signed session cookie                                 |
 | POST /v1/chat/completions    | OpenAI chat completions, streaming or not                       |
-| GET  /v1/models              | the one model: the character                                    |
+| GET  /v1/models              | the cast: one model per character (``model`` picks who answers) |
 | POST /api/ratings            | ``{"message_id", "value": 1 or -1}``: a reply in your own chat  |
 | GET  /api/conversation       | your current conversation: messages, alternatives, your ratings |
 | POST /api/keep               | ``{"message_id"}``: go on from this alternative (◀ ▶)           |
@@ -89,6 +89,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     overrides: Overrides
+    model: str | None = None  # the character who answers (a cast member's name or alias)
 
 
 # How often a waiting handler looks whether its client is still connected.
@@ -230,9 +231,28 @@ class WebChat:
         """Raises ``Unauthorized``; ``claimed`` is the body's ``user`` field, if any."""
         return self.auth.identify(request.headers.get("Authorization"), request.cookies.get(COOKIE), claimed)
 
+    def _cast(self) -> list[Service]:
+        return list(self.service.cast) if self.service.cast is not None else [self.service]
+
+    def speaker(self, name: str | None) -> Service | None:
+        """The character called ``name`` (None or empty: the default one). A cast of one answers
+        whatever a client names (clients send their own default model names); in a larger cast
+        an unknown name is None."""
+        cast = self.service.cast
+        if not name or cast is None or len(cast) == 1:
+            return self.service if not name or cast is None else cast.default
+        return cast.get(name)
+
+    def _no_such_model(self, name: str, param: str = "model") -> web.Response:
+        known = ", ".join(s.character for s in self._cast())
+        return error(404, f"the model {name!r} does not exist: the models are the cast's characters ({known})",
+                     "model_not_found", param=param)
+
     async def models(self, request: web.Request) -> web.Response:
         return json_response({"object": "list", "data": [
-            {"id": self.service.character, "object": "model", "created": 0, "owned_by": "rolebot"}]})
+            {"id": s.character, "object": "model", "created": 0, "owned_by": "rolebot",
+             "rolebot": {"aliases": list(s.config.character.aliases), "adapter_version": s.engine.adapter_version}}
+            for s in self._cast()]})
 
     # Chat
 
@@ -245,9 +265,12 @@ class WebChat:
             return error(400, str(exc), exc.code, param=exc.param)
         except Unauthorized as exc:
             return unauthorized(str(exc))
+        service = self.speaker(chat.model)
+        if service is None:
+            return self._no_such_model(chat.model)
         incoming = IncomingMessage(PLATFORM, who.user, who.user, chat.text, admin=who.admin,
                                    address=None if who.keyed else request.remote)
-        out = await self.service.handle(incoming, sampling=chat.overrides)
+        out = await service.handle(incoming, sampling=chat.overrides)
         if isinstance(out, Answer) and out.kind != "answer":
             status, kind, code = ANSWER_ERRORS[out.kind]
             response = error(status, out.text, code, kind=kind)
@@ -255,32 +278,33 @@ class WebChat:
                 response.headers["Retry-After"] = str(max(1, math.ceil(out.retry_after)))
             return response
         if chat.stream:
-            return await self._stream(request, out, chat)
-        return await self._complete(request, out)
+            return await self._stream(request, out, chat, service)
+        return await self._complete(request, out, service)
 
-    async def _complete(self, request: web.Request, out: Answer | Reply) -> web.Response:
+    async def _complete(self, request: web.Request, out: Answer | Reply, service: Service) -> web.Response:
         if isinstance(out, Answer):
-            return json_response(completion(f"cmd-{uuid.uuid4().hex}", self.service.character, out.text))
+            return json_response(completion(f"cmd-{uuid.uuid4().hex}", service.character, out.text))
         async with cancel_on_disconnect(request, out):
             result = await out.result()
         if result.notice and not result.text:  # dropped: it waited too long for a place
             response = error(503, result.notice, "busy", kind="server_error")
-            response.headers["Retry-After"] = str(max(1, math.ceil(self.service.retry_after())))
+            response.headers["Retry-After"] = str(max(1, math.ceil(service.retry_after())))
             return response
         if result.status == "failed" and not result.text:
             return error(500, "the model failed to answer; try again", "reply_failed", kind="server_error")
-        body = completion(str(out.message_id), self.service.character, result.text,
+        body = completion(str(out.message_id), service.character, result.text,
                           finish_reason=finish_reason(result.finish_reason))
         body["usage"] = usage(result)
         body["rolebot"] = extension(out, result.status)
         return json_response(body)
 
-    async def _stream(self, request: web.Request, out: Answer | Reply, chat: ChatRequest) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, out: Answer | Reply, chat: ChatRequest,
+                      service: Service) -> web.StreamResponse:
         """Server-sent events as OpenAI sends them, ending with ``data: [DONE]``. If the client
         goes away the reply is cancelled; what it had is logged as interrupted."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        model = self.service.character
+        model = service.character
         try:
             if isinstance(out, Answer):
                 cid = f"cmd-{uuid.uuid4().hex}"
@@ -351,9 +375,14 @@ class WebChat:
             return error(400, str(exc), exc.code, param=exc.param)
         except Unauthorized as exc:
             return unauthorized(str(exc))
-        await self.service.greet(PLATFORM, who.user)  # a new conversation opens with the greeting
-        turns = await self.service.conversation(PLATFORM, who.user, who.user)
-        return json_response({"character": self.service.character, "turns": [plain(t) for t in turns]})
+        name = request.query.get("character")
+        service = self.speaker(name)
+        if service is None:
+            return self._no_such_model(name, "character")
+        await service.greet(PLATFORM, who.user)  # a new conversation opens with the greeting
+        turns = await service.conversation(PLATFORM, who.user, who.user)
+        return json_response({"character": service.character, "turns": [plain(t) for t in turns],
+                              "cast": [s.character for s in self._cast()]})
 
     async def keep(self, request: web.Request) -> web.Response:
         """POST /api/keep ``{"message_id": 12}``: the conversation goes on from that alternative."""
@@ -365,8 +394,11 @@ class WebChat:
             return error(400, str(exc), exc.code, param=exc.param)
         except Unauthorized as exc:
             return unauthorized(str(exc))
+        service = self.speaker(body.get("character") if isinstance(body.get("character"), str) else None)
+        if service is None:
+            return self._no_such_model(body.get("character"), "character")
         try:
-            kept = await self.service.keep(PLATFORM, who.user, message_id)
+            kept = await service.keep(PLATFORM, who.user, message_id)
         except UnknownMessage as exc:
             return error(404, str(exc), "unknown_message", param="message_id")
         except UserError as exc:
@@ -382,7 +414,7 @@ class WebChat:
             return error(400, str(exc), exc.code, param=exc.param)
         except Unauthorized as exc:
             return unauthorized(str(exc))
-        return json_response({"stopped": self.service.stop(PLATFORM, who.user)})
+        return json_response({"stopped": any(s.stop(PLATFORM, who.user) for s in self._cast())})
 
     # Admin
 
@@ -401,13 +433,22 @@ class WebChat:
         return response
 
     async def admin_status(self, request: web.Request) -> web.Response:
-        return self._refused(request) or json_response(as_json(await self.service.status()))
+        if refused := self._refused(request):
+            return refused
+        body = as_json(await self.service.status())
+        if self.service.cast is not None and len(self.service.cast) > 1:
+            body["cast"] = [as_json(await s.status()) for s in self.service.cast]
+        return json_response(body)
 
     async def admin_retrain(self, request: web.Request) -> web.Response:
         if refused := self._refused(request):
             return refused
+        name = request.query.get("character")
+        service = self.speaker(name)
+        if service is None:
+            return self._no_such_model(name, "character")
         try:
-            run = await self.service.retrain(f"{PLATFORM}:admin-token")
+            run = await service.retrain(f"{PLATFORM}:admin-token")
         except NotSetUp as exc:
             return error(503, str(exc), "retrain_not_set_up", kind="server_error")
         except UserError as exc:
@@ -460,7 +501,11 @@ def parse_chat(body: dict) -> ChatRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise BadRequest("stream_options must be an object", "stream_options")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest("model must be a string: the character who answers (GET /v1/models lists them)", "model")
     return ChatRequest(
+        model=model.strip() or None if model is not None else None,
         user=parse_user(body.get("user")) if body.get("user") is not None else None,
         text=content_text(last.get("content")),
         stream=stream,

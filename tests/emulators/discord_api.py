@@ -23,6 +23,9 @@ What Discord does and the emulator copies, because a bot that works here must wo
   and withholds events and message content that the IDENTIFY intents did not ask for.
 - The bot's own messages, edits and reactions come back to it over the gateway, as on Discord,
   so a bot that answers itself loops here too.
+- Channel webhooks need Manage Webhooks (the bot's role, less what a channel's overwrites deny);
+  a webhook's messages are authored by the webhook (``webhook_id``, a ``bot`` author named as
+  the post asked), so only the webhook may edit or delete them, never the bot's own routes.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ INVALID_SESSION, HELLO, HEARTBEAT_ACK = 9, 10, 11
 
 # Intent bits; the privileged ones must also be switched on in the developer portal.
 GUILD_MEMBERS = 1 << 1
+GUILD_WEBHOOKS = 1 << 5
 GUILD_PRESENCES = 1 << 8
 GUILD_MESSAGES = 1 << 9
 GUILD_MESSAGE_REACTIONS = 1 << 10
@@ -67,13 +71,16 @@ EVENT_INTENTS = {
     "MESSAGE_REACTION_REMOVE": (GUILD_MESSAGE_REACTIONS, DIRECT_MESSAGE_REACTIONS),
     "MESSAGE_REACTION_REMOVE_ALL": (GUILD_MESSAGE_REACTIONS, DIRECT_MESSAGE_REACTIONS),
     "MESSAGE_DELETE": (GUILD_MESSAGES, DIRECT_MESSAGES),
+    "WEBHOOKS_UPDATE": (GUILD_WEBHOOKS, GUILD_WEBHOOKS),
 }
 
 # Permission bits for the roles of the emulated guild.
 ADMINISTRATOR = 1 << 3
 MEMBER_PERMISSIONS = sum(1 << b for b in (6, 10, 11, 14, 15, 16, 17, 18, 31))  # react, view, send, embed, ...
 MANAGE_MESSAGES = 1 << 13
+MANAGE_WEBHOOKS = 1 << 29
 BOT_PERMISSIONS = MEMBER_PERMISSIONS | MANAGE_MESSAGES
+WEBHOOK_INCOMING = 1
 
 BODY = web.RequestKey("body", object)  # the request's JSON, read once by the middleware
 MESSAGE_LIMIT = 2000
@@ -134,6 +141,7 @@ class SentMessage:
     pinged_user_ids: list[int] = field(default_factory=list)
     pings_everyone: bool = False
     interaction_id: int | None = None
+    webhook_id: int | None = None  # posted through a channel webhook (not by the bot's own routes)
     edits: list[Edit] = field(default_factory=list)
     deleted: bool = False  # DELETEd since; it stays listed in sent_messages
 
@@ -150,6 +158,15 @@ class SentMessage:
     @property
     def allowed_mentions(self) -> dict | None:
         return self.payload.get("allowed_mentions")
+
+    @property
+    def username(self) -> str | None:
+        """The name a webhook post asked to show instead of the webhook's own."""
+        return self.payload.get("username")
+
+    @property
+    def avatar_url(self) -> str | None:
+        return self.payload.get("avatar_url")
 
     @property
     def ephemeral(self) -> bool:
@@ -262,12 +279,14 @@ class DiscordEmulator:
         heartbeat_interval_ms: int = 41_250,
         interaction_ack_timeout: float = 3.0,
         portal_privileged_intents: int = PRIVILEGED,
+        bot_permissions: int = BOT_PERMISSIONS,
     ):
         self.bot_token = bot_token
         self.bot_name = bot_name
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.interaction_ack_timeout = interaction_ack_timeout
         self.portal_privileged_intents = portal_privileged_intents
+        self.bot_permissions = bot_permissions  # its role's, in the whole guild
         self._last_id = 0
         self.bot_user_id = self.application_id = self._snowflake()
         self.owner_id = self._snowflake()
@@ -276,6 +295,8 @@ class DiscordEmulator:
         self.admin_role_id = self._snowflake()
         self.bot_role_id = self._snowflake()
         self.joined_at = now_iso()
+        self._channels: dict[int, dict] = {}  # the guild's text channels, by id
+        self._channels[self.channel_id] = self._text_channel(self.channel_id, "general")
 
         # Recorded state, for tests to assert on.
         self.sent_messages: list[SentMessage] = []
@@ -290,6 +311,7 @@ class DiscordEmulator:
         self.requests: list[RecordedRequest] = []
         self.unhandled: list[RecordedRequest] = []
         self.reactions: dict[int, dict[str, set[int]]] = {}  # message id -> emoji -> user ids
+        self.webhooks: dict[int, dict] = {}  # every channel webhook, as Discord returns it (with its token)
 
         self._users: dict[int, dict] = {}
         self._admins: set[int] = set()
@@ -425,6 +447,23 @@ class DiscordEmulator:
         await self._dispatch("INTERACTION_CREATE", self._interaction_payload(record, data))
         return record.id
 
+    async def add_channel(self, name: str, *, bot_denied: int = 0) -> int:
+        """Another text channel in the guild (CHANNEL_CREATE once the bot is connected); returns its id.
+        ``bot_denied``: permission bits an overwrite for the bot's role denies there."""
+        channel_id = self._snowflake()
+        channel = self._text_channel(channel_id, name, position=len(self._channels))
+        if bot_denied:
+            channel["permission_overwrites"] = [
+                {"id": str(self.bot_role_id), "type": 0, "allow": "0", "deny": str(bot_denied)}]
+        self._channels[channel_id] = channel
+        await self._dispatch("CHANNEL_CREATE", channel)
+        return channel_id
+
+    async def delete_webhook(self, webhook_id: int) -> None:
+        """A server admin deletes a webhook (its messages stay, as on Discord): WEBHOOKS_UPDATE."""
+        hook = self.webhooks.pop(webhook_id)
+        await self._dispatch("WEBHOOKS_UPDATE", {"guild_id": hook["guild_id"], "channel_id": hook["channel_id"]})
+
     def fail_next(
         self, method: str, path_regex: str, status: int = 429, retry_after: float = 1.0, *, times: int = 1
     ) -> None:
@@ -521,6 +560,17 @@ class DiscordEmulator:
     def _member_permissions(self, user_id: int) -> int:
         return MEMBER_PERMISSIONS | (ADMINISTRATOR if user_id in self._admins else 0)
 
+    def _bot_may(self, channel_id: int, permission: int) -> bool:
+        """Discord's order: the roles' permissions, then the channel's overwrites (deny, then
+        allow); Administrator passes every check."""
+        allowed = MEMBER_PERMISSIONS | self.bot_permissions
+        if allowed & ADMINISTRATOR:
+            return True
+        for overwrite in self._channels[channel_id]["permission_overwrites"]:
+            if int(overwrite["id"]) in (self.guild_id, self.bot_role_id):
+                allowed = (allowed & ~int(overwrite["deny"])) | int(overwrite["allow"])
+        return bool(allowed & permission)
+
     def _role(self, role_id: int, name: str, permissions: int, position: int, **extra: Any) -> dict:
         return {
             "id": str(role_id), "name": name, "permissions": str(permissions), "position": position,
@@ -528,12 +578,15 @@ class DiscordEmulator:
             "icon": None, "unicode_emoji": None, **extra,
         }
 
-    def _channel(self) -> dict:
+    def _text_channel(self, channel_id: int, name: str, position: int = 0) -> dict:
         return {
-            "id": str(self.channel_id), "type": 0, "guild_id": str(self.guild_id), "name": "general",
-            "position": 0, "permission_overwrites": [], "parent_id": None, "topic": None, "nsfw": False,
+            "id": str(channel_id), "type": 0, "guild_id": str(self.guild_id), "name": name,
+            "position": position, "permission_overwrites": [], "parent_id": None, "topic": None, "nsfw": False,
             "last_message_id": None, "rate_limit_per_user": 0, "flags": 0,
         }
+
+    def _channel(self, channel_id: int | None = None) -> dict:
+        return self._channels[channel_id or self.channel_id]
 
     def _guild(self, intents: int) -> dict:
         """GUILD_CREATE's guild. Other members are only sent to bots with the GUILD_MEMBERS intent."""
@@ -548,10 +601,10 @@ class DiscordEmulator:
             "roles": [
                 self._role(self.guild_id, "@everyone", MEMBER_PERMISSIONS, 0),
                 self._role(self.admin_role_id, "Admin", ADMINISTRATOR, 1),
-                self._role(self.bot_role_id, self.bot_name, BOT_PERMISSIONS, 2, managed=True,
+                self._role(self.bot_role_id, self.bot_name, self.bot_permissions, 2, managed=True,
                            tags={"bot_id": str(self.bot_user_id)}),
             ],
-            "emojis": [], "stickers": [], "channels": [self._channel()], "threads": [],
+            "emojis": [], "stickers": [], "channels": list(self._channels.values()), "threads": [],
             "members": [self._member(u) for u in shown], "member_count": len(known),
             "joined_at": self.joined_at, "large": False, "unavailable": False,
             "presences": [], "voice_states": [], "stage_instances": [], "guild_scheduled_events": [],
@@ -567,7 +620,7 @@ class DiscordEmulator:
         return channel_id
 
     def _check_channel(self, channel_id: int) -> None:
-        if channel_id != self.channel_id and channel_id not in self._dm_channels:
+        if channel_id not in self._channels and channel_id not in self._dm_channels:
             raise DiscordError(404, 10003, "Unknown Channel")
 
     def _get_message(self, message_id: int, channel_id: int | None = None) -> dict:
@@ -581,7 +634,7 @@ class DiscordEmulator:
         mentions: Sequence[int] = (), reply_to: int | None = None, **extra: Any,
     ) -> dict:
         """A message payload as MESSAGE_CREATE and the REST API return it; stored by id."""
-        in_guild = channel_id == self.channel_id
+        in_guild = channel_id in self._channels
         message = {
             "id": str(self._snowflake()), "channel_id": str(channel_id), "author": self._user(author_id),
             "content": content, "timestamp": now_iso(), "edited_timestamp": None, "tts": False,
@@ -612,8 +665,8 @@ class DiscordEmulator:
         return {
             "id": str(record.id), "application_id": str(self.application_id), "type": 2, "data": data,
             "guild_id": str(self.guild_id), "guild": {"id": str(self.guild_id), "locale": "en-US", "features": []},
-            "channel_id": str(record.channel_id), "channel": self._channel(), "member": member,
-            "token": record.token, "version": 1, "app_permissions": str(BOT_PERMISSIONS),
+            "channel_id": str(record.channel_id), "channel": self._channel(record.channel_id), "member": member,
+            "token": record.token, "version": 1, "app_permissions": str(self.bot_permissions),
             "locale": "en-US", "guild_locale": "en-US", "entitlements": [], "context": 0,
             "authorizing_integration_owners": {"0": str(self.guild_id)},
             "attachment_size_limit": 10 * 1024 * 1024,
@@ -761,8 +814,12 @@ class DiscordEmulator:
             r.add_put(API + path, self._put_commands)
             r.add_get(API + path, self._get_commands)
         r.add_post(API + "/interactions/{iid}/{token}/callback", self._interaction_callback)
-        r.add_post(API + "/webhooks/{app}/{token}", self._create_followup)
-        r.add_patch(API + "/webhooks/{app}/{token}/messages/{mid}", self._edit_webhook_message)
+        r.add_post(API + "/channels/{cid}/webhooks", self._create_webhook)
+        r.add_get(API + "/channels/{cid}/webhooks", self._channel_webhooks)
+        # The application's id: an interaction's follow-ups; any other id: a channel webhook.
+        r.add_post(API + "/webhooks/{app}/{token}", self._execute_webhook)
+        r.add_patch(API + "/webhooks/{app}/{token}/messages/{mid}", self._patch_webhook_message)
+        r.add_delete(API + "/webhooks/{app}/{token}/messages/{mid}", self._delete_webhook_message)
         r.add_route("*", API + "/{tail:.*}", self._unhandled)
 
     @web.middleware
@@ -879,6 +936,10 @@ class DiscordEmulator:
         message = self._get_message(int(request.match_info["mid"]), channel_id)
         if int(message["author"]["id"]) != self.bot_user_id and "guild_id" not in message:
             raise DiscordError(403, 50003, "Cannot execute action on a DM channel")
+        await self._remove_message(message)
+        return web.Response(status=204)
+
+    async def _remove_message(self, message: dict) -> None:
         del self._messages[int(message["id"])]
         self.reactions.pop(int(message["id"]), None)
         for sent in self.sent_messages:
@@ -888,7 +949,6 @@ class DiscordEmulator:
         if "guild_id" in message:
             event["guild_id"] = message["guild_id"]
         await self._dispatch("MESSAGE_DELETE", event)
-        return web.Response(status=204)
 
     async def _clear_reactions(self, request: web.Request) -> web.Response:
         """Remove every reaction from a message: needs Manage Messages, so never in a DM, where a
@@ -951,9 +1011,9 @@ class DiscordEmulator:
         return None
 
     def _bot_message(
-        self, channel_id: int, body: dict, *, reply_to: int | None = None, **extra: Any
+        self, channel_id: int, body: dict, *, reply_to: int | None = None, webhook: dict | None = None, **extra: Any
     ) -> tuple[dict, SentMessage]:
-        """Validate and store a message the bot creates, and who it pings."""
+        """Validate and store a message the bot creates (through ``webhook``: authored by it), and who it pings."""
         content = body.get("content") or ""
         self._check_content(content)
         flags = extra.pop("flags", body.get("flags") or 0)
@@ -970,6 +1030,13 @@ class DiscordEmulator:
             id=int(message["id"]), channel_id=channel_id, content=content, at=time.monotonic(), payload=body,
             flags=flags, pinged_user_ids=pinged, pings_everyone=everyone,
         )
+        if webhook is not None:  # no member: a webhook's author is no user of the guild
+            del message["member"]
+            message["webhook_id"], sent.webhook_id = webhook["id"], int(webhook["id"])
+            message["author"] = {
+                "id": webhook["id"], "username": body.get("username") or webhook["name"], "discriminator": "0000",
+                "avatar": None, "bot": True, "global_name": None, "public_flags": 0,
+            }
         self.sent_messages.append(sent)
         return message, sent
 
@@ -1003,6 +1070,82 @@ class DiscordEmulator:
         if reply_author is not None and (allowed is None or allowed.get("replied_user", False)):
             users.append(reply_author)
         return list(dict.fromkeys(users)), everyone
+
+    # ------------------------------------------------------------ REST: channel webhooks
+
+    def _check_may_manage_webhooks(self, channel_id: int) -> None:
+        if channel_id not in self._channels:
+            raise DiscordError(404, 10003, "Unknown Channel")
+        if not self._bot_may(channel_id, MANAGE_WEBHOOKS):
+            raise DiscordError(403, 50013, "Missing Permissions")
+
+    @staticmethod
+    def _check_webhook_name(name: Any) -> None:
+        """Discord refuses names it could be mistaken for (Clyde, Discord) and over 80 characters."""
+        if not isinstance(name, str) or not 1 <= len(name) <= 80 or re.search("clyde|discord", name, re.I):
+            raise DiscordError(400, 50035, f"Invalid Form Body: name: {name!r} is not a valid webhook name")
+
+    async def _create_webhook(self, request: web.Request) -> web.Response:
+        channel_id = int(request.match_info["cid"])
+        self._check_may_manage_webhooks(channel_id)
+        body = request[BODY] or {}
+        self._check_webhook_name(body.get("name"))
+        hook_id, token = self._snowflake(), uuid.uuid4().hex
+        self.webhooks[hook_id] = {
+            "id": str(hook_id), "type": WEBHOOK_INCOMING, "guild_id": str(self.guild_id),
+            "channel_id": str(channel_id), "user": self._user(self.bot_user_id), "name": body["name"],
+            "avatar": uuid.uuid4().hex if body.get("avatar") else None, "token": token,
+            "application_id": str(self.application_id), "url": f"{self.rest_base}/webhooks/{hook_id}/{token}",
+        }
+        return json_response(self.webhooks[hook_id])
+
+    async def _channel_webhooks(self, request: web.Request) -> web.Response:
+        channel_id = int(request.match_info["cid"])
+        self._check_may_manage_webhooks(channel_id)
+        return json_response([h for h in self.webhooks.values() if int(h["channel_id"]) == channel_id])
+
+    def _webhook(self, request: web.Request) -> dict:
+        hook = self.webhooks.get(int(request.match_info["app"]))
+        if hook is None:
+            raise DiscordError(404, 10015, "Unknown Webhook")
+        if request.match_info["token"] != hook["token"]:
+            raise DiscordError(401, 50027, "Invalid Webhook Token")
+        return hook
+
+    def _webhook_message(self, request: web.Request, hook: dict) -> dict:
+        """Only a webhook's own messages are found through it."""
+        message = self._messages.get(int(request.match_info["mid"]))
+        if message is None or message.get("webhook_id") != hook["id"]:
+            raise DiscordError(404, 10008, "Unknown Message")
+        return message
+
+    async def _execute_webhook(self, request: web.Request) -> web.Response:
+        if int(request.match_info["app"]) == self.application_id:
+            return await self._create_followup(request)
+        hook = self._webhook(request)
+        body = request[BODY] or {}
+        if body.get("username") is not None:
+            self._check_webhook_name(body["username"])
+        message, _ = self._bot_message(int(hook["channel_id"]), body, webhook=hook)
+        await self._dispatch("MESSAGE_CREATE", message)
+        if request.query.get("wait") not in ("1", "true", "True"):
+            return web.Response(status=204)
+        return json_response(message)
+
+    async def _patch_webhook_message(self, request: web.Request) -> web.Response:
+        if int(request.match_info["app"]) == self.application_id:
+            return await self._edit_webhook_message(request)
+        message = self._webhook_message(request, self._webhook(request))
+        sent = next(s for s in self.sent_messages if s.id == int(message["id"]))
+        updated = self._apply_edit(sent, message, request[BODY] or {})
+        await self._dispatch("MESSAGE_UPDATE", updated)
+        return json_response(updated)
+
+    async def _delete_webhook_message(self, request: web.Request) -> web.Response:
+        if int(request.match_info["app"]) == self.application_id:
+            return await self._unhandled(request)  # deleting interaction messages: not emulated
+        await self._remove_message(self._webhook_message(request, self._webhook(request)))
+        return web.Response(status=204)
 
     # ------------------------------------------------------------ REST: application commands
 
