@@ -104,11 +104,8 @@ class App:
                 adapters.engine = voice  # from now on every activation hot-swaps
                 retrainer = await start_retraining(view, store, adapters, stack, lock=lock, schedule=False) if retraining else None
                 retrainers.append(retrainer)
-                canon = ServedCanon.load(view, adapters.registry)
-                if canon is not None:  # a reply ends where another speaker of the script would begin
-                    voice.hygiene = replace(voice.hygiene, speakers=voice.hygiene.speakers
-                                            + canon.index.speakers(view.character.names))
-                services[name] = Service(view, store, voice, adapters=adapters, retrainer=retrainer, canon=canon)
+                services[name] = Service(view, store, voice, adapters=adapters, retrainer=retrainer,
+                                         canon=load_canon(view, adapters, voice))
             cast = Cast(services)
             service = services[chosen]
             if retraining and config.scheduler.enabled:
@@ -118,7 +115,7 @@ class App:
                 schedule.start()
                 stack.callback(schedule.stop)
             if train and adapter == ACTIVE and (untrained := [n for n, v in versions.items() if v is None and n != chosen]):
-                task = asyncio.create_task(train_in_background(config, untrained, registries, lock))
+                task = asyncio.create_task(train_in_background(config, untrained, services, lock))
                 stack.push_async_callback(_cancel, task)
             options = Options(host, port, on_quit, interactive)
             running = frontends(service, options) if frontends else enabled(config, service, options)
@@ -184,20 +181,32 @@ def check_cast(config: Config) -> None:
         check_cast_speaks(replace(view, cast=[member]), scripts[files], ", ".join(str(f.name) for f in files))
 
 
-async def train_in_background(config: Config, names: list[str], registries: dict[str, Adapters],
+def load_canon(config: Config, adapters: Adapters, engine) -> ServedCanon | None:
+    """The character's canon (None: off, or not prepared yet); its script's speakers join the
+    engine's reply hygiene: a reply ends where another speaker of the script would begin."""
+    canon = ServedCanon.load(config, adapters.registry)
+    if canon is not None:
+        speakers = canon.index.speakers(config.character.names)
+        engine.hygiene = replace(engine.hygiene, speakers=tuple(dict.fromkeys(engine.hygiene.speakers + speakers)))
+    return canon
+
+
+async def train_in_background(config: Config, names: list[str], services: dict[str, Service],
                               lock: asyncio.Lock) -> None:
     """Train the first adapter of each character in ``names`` while the bot serves, one at a
-    time (holding the retrain lock), and hot-swap each in as it is ready."""
+    time (holding the retrain lock), and hot-swap each in as it is ready, with its canon."""
     for name in names:
         async with lock:
-            view = config.for_character(name)
-            adapters = registries[name]
+            service = services[name]
+            view, adapters = service.config, service.adapters
             if adapters.active() is not None:
                 continue
             try:
                 # niced like a retrain: the bot is serving the others meanwhile
                 trained = await in_thread(train_first_adapter, view, adapters.registry, config.retrain.nice)
                 await adapters.activate(trained.name)
+                if service.canon is None:  # prepared by this training
+                    service.canon = load_canon(view, adapters, service.engine)
             except Exception:
                 log.exception("the first training of %s failed; it speaks with the base model until a retrain", name)
 

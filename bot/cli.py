@@ -12,7 +12,7 @@ from bot.logs import redact_handlers
 from training.errors import UserError
 
 # Each name is a module in bot/commands with ``register(subparsers)``.
-COMMANDS = ["prepare", "train", "eval", "adapters", "chat", "serve", "retrain", "augment", "card", "keys", "sessions"]
+COMMANDS = ["prepare", "train", "eval", "adapters", "chat", "serve", "retrain", "status", "augment", "card", "keys", "sessions"]
 
 DESCRIPTION = """\
 rolebot turns a screenplay into a LoRA fine-tune of a small or 4-bit base model and serves

@@ -334,7 +334,7 @@ class Service:
         budget = self.config.service.max_reply_s
         if not budget:
             return None
-        forecast = self.engine.forecast(settings.max_new_tokens, self._submitting)
+        forecast = self.engine.forecast(settings.max_new_tokens, self._about_to_submit())
         max_wait = self.config.service.max_wait_s
         if forecast is None or (forecast.finish_s <= budget and forecast.first_token_s <= max_wait):
             return None
@@ -346,6 +346,16 @@ class Service:
             return 5.0
         ordered = sorted(self._durations)
         return float(min(120, max(1, round(ordered[len(ordered) // 2]))))
+
+    def _in_flight(self) -> int:
+        """Replies in flight on the engine: a cast's characters share one engine, and one capacity."""
+        services = list(self.cast) if self.cast is not None else [self]
+        return sum(len(service._tasks) for service in services)
+
+    def _about_to_submit(self) -> list[int]:
+        """Replies admitted and not yet in the engine (their max_new_tokens), over the cast."""
+        services = list(self.cast) if self.cast is not None else [self]
+        return [tokens for service in services for tokens in service._submitting]
 
     def _say(self, template: str, **values: Any) -> str:
         return template.format(name=self.character, **values)
@@ -415,7 +425,7 @@ class Service:
     async def _start(self, msg: IncomingMessage, sampling: Overrides | None, *, text: str = "", cut: bool = False,
                      settings: GenerationSettings | None = None, user_row: db.Message | None = None,
                      replaces: db.Message | None = None) -> Outgoing:
-        if len(self._tasks) >= self.capacity:
+        if self._in_flight() >= self.capacity:
             return Answer(self._say(BUSY), "busy", retry_after=self.retry_after())
         settings = settings or self._settings(sampling)
         if refusal := self._cannot_finish(settings):

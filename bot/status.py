@@ -46,6 +46,8 @@ def as_text(status: ServiceStatus) -> str:
         f"users: {status.users}",
         f"retrain: {'running' if status.retrain.running else 'idle'}; last run: {last_text}",
     ]
+    if status.retrain.new_ratings is not None:
+        lines.append(f"ratings waiting for the next retrain: {status.retrain.new_ratings}")
     if last and (data := data_text(last.metrics)):
         lines.append(f"last run's data: {data}")
     if status.retrain.recipe:

@@ -126,3 +126,58 @@ async def test_chat_stream_stop_regenerate_rate_and_reload(site, page):
     assert "1/2" in await page.text_content(".pager")
     assert await page.locator(".rate >> nth=-1 >> button.chosen").text_content() == "👍"
     assert page.problems == []  # no 404 (favicon), no script error
+
+
+CAST = """
+[model]
+max_seq_length = 512
+
+[character]
+persona = "你是甄嬛。"
+
+[[cast]]
+name = "皇帝"
+aliases = ["皇上"]
+persona = "你是皇帝。"
+
+[generation]
+max_new_tokens = 8
+temperature = 0.0
+repetition_penalty = 1.0
+stop = []
+
+[web]
+port = 0
+
+[service]
+rate_limit_per_minute = 1000
+"""
+
+
+@ASYNC
+async def test_a_cast_picker_switches_characters_and_a_reload_keeps_the_choice(tmp_path, page, builtin_path):
+    async with serving(tmp_path, CAST) as (app, url):
+        await page.goto(url)
+        await page.wait_for_selector("#who:not([hidden])")
+        assert await page.locator("#who option").all_text_contents() == ["甄嬛", "皇帝"]
+        assert await page.input_value("#who") == "甄嬛"
+        # 皇帝: a message and its reply go to his own conversation
+        await page.select_option("#who", "皇帝")
+        await page.wait_for_function("() => document.title === '皇帝 · rolebot'")
+        await send(page, "朕的江山如何？")
+        await page.wait_for_function("() => document.querySelectorAll('.msg.bot').length === 1 "
+                                     "&& document.getElementById('send').textContent === '发送'", timeout=60_000)
+        logged = [tuple(r) for r in rows(app, "SELECT c.character, m.role, m.text FROM messages AS m "
+                                              "JOIN conversations AS c ON c.id = m.conversation_id ORDER BY m.id")]
+        assert [(c, r) for c, r, _ in logged] == [("皇帝", "user"), ("皇帝", "assistant")]
+        # a reload keeps 皇帝 and shows his conversation
+        await page.reload()
+        await page.wait_for_function("() => document.querySelectorAll('.msg.user').length === 1")
+        assert await page.input_value("#who") == "皇帝"
+        assert await page.locator(".msg.user").all_text_contents() == ["朕的江山如何？"]
+        assert await page.text_content(".msg.bot") == logged[1][2]
+        # back to 甄嬛: her conversation is empty
+        await page.select_option("#who", "甄嬛")
+        await page.wait_for_function("() => document.title === '甄嬛 · rolebot' "
+                                     "&& document.querySelectorAll('.msg.user').length === 0")
+        assert page.problems == []

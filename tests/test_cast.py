@@ -235,8 +235,16 @@ async def test_the_api_routes_by_model_and_each_character_keeps_its_own_conversa
 
     from served import rows, serving
 
+    from bot.datasets import dataset_files
+
+    for name in ("甄嬛", "皇帝"):  # each character's pairs and canon, as a first training prepares them
+        dataset_files(_config(project).for_character(name), quiet=True)
     async with serving(project, CAST + '\n[web]\nport = 0\n') as (app, url):
         assert [s.character for s in app.cast] == ["甄嬛", "皇帝"]
+        # canon per character: the scenes where that character answers
+        assert {r.replier for r in app.cast.get("皇帝").canon.index.records} == {"皇帝"}
+        assert {r.replier for r in app.cast.default.canon.index.records} <= {"甄嬛", "嬛嬛", "莞贵人"}
+        assert "甄嬛" in app.cast.get("皇帝").engine.hygiene.speakers  # his reply ends where she would begin
         assert (app.cast.get("皇上").engine.adapter_version, app.cast.default.engine.adapter_version) == ("v0002", "v0001")
         async with aiohttp.ClientSession() as http:
             models = await (await http.get(f"{url}/v1/models")).json()
@@ -342,8 +350,26 @@ async def test_serve_trains_the_characters_without_an_adapter_in_the_background(
             await asyncio.sleep(0.5)
         assert emperor.engine.adapter_version == "v0001"
         assert Registry(config.adapter_root, "皇帝").active().meta["trigger"] == "first-run"
+        assert {r.replier for r in emperor.canon.index.records} == {"皇帝"}  # his canon, prepared by his training
         assert app.cast.default.engine.adapter_version == hers.name
         stream = emperor.engine.generate(emperor.engine.render(Sample(instruction="皇上吉祥")), GREEDY)
         assert await _text(stream) is not None and stream.stats.adapter_version == "v0001"
     finally:
         await app.stop()
+
+
+async def test_rolebot_status_shows_each_characters_version_and_pending_ratings(tmp_path, capsys):
+    (tmp_path / "config.toml").write_text(CAST, encoding="utf-8")
+    config = load_config(str(tmp_path / "config.toml"))
+    async with Store.open(config.database) as store:
+        await _rated(store, config.for_character("皇帝"), 3)
+        await _rated(store, config, 1)
+    assert await asyncio.to_thread(main, ["--config", str(tmp_path / "config.toml"), "status"]) == 0
+    out = capsys.readouterr().out
+    assert "甄嬛: serving the base model (no adapter); 0 versions" in out
+    assert "皇帝: serving the base model (no adapter)" in out
+    lines = out.splitlines()
+    assert lines[1].strip() == "ratings waiting for the next retrain: 1 (20 start a scheduled one)"
+    assert lines[4].strip() == "ratings waiting for the next retrain: 3 (20 start a scheduled one)"
+    assert await asyncio.to_thread(main, ["--config", str(tmp_path / "config.toml"), "status", "--character", "皇上"]) == 0
+    assert capsys.readouterr().out.startswith("皇帝: ")

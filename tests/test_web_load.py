@@ -105,7 +105,8 @@ async def test_a_client_that_disconnects_cancels_its_reply_in_the_engine(site):
 
 
 async def late_behind_two_hogs(app: App, url: str) -> tuple[int, str | None, dict]:
-    """Two long replies hold both rows; then a third message comes: its answer."""
+    """Two long replies hold both rows; then, with [service] max_wait_s = 1, a third message
+    comes: its answer. (The test restores max_wait_s.)"""
     async with aiohttp.ClientSession() as http:
         long = [asyncio.create_task(http.post(url + "/v1/chat/completions", json=body("说个长故事", f"hog{i}",
                                                                                       max_tokens=200)))
@@ -114,6 +115,9 @@ async def late_behind_two_hogs(app: App, url: str) -> tuple[int, str | None, dic
             if app.engine.status().generating == 2:
                 break
             await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"the hogs never held both rows: {app.engine.status()}")
+        app.service.config.service.max_wait_s = 1.0
         async with http.post(url + "/v1/chat/completions", json=body("我来晚了", "late")) as response:
             answer = response.status, response.headers.get("Retry-After"), await response.json()
         for task in long:  # their clients leave, which cancels them too
@@ -128,7 +132,8 @@ async def test_a_reply_that_would_wait_past_max_wait_is_refused_at_once(site):
     begin within max_wait_s, so it is not admitted to be dropped later: a 503 with Retry-After
     now, in OpenAI's error shape, and nothing logged."""
     app, url = site
-    app.service.config.service.max_wait_s = 1.0
+    for _ in range(64):  # recent replies ran to their limit: the hogs are planned at their whole 200 tokens
+        app.engine.pace.note_reply(200, 200)
     try:
         status, after, refusal = await late_behind_two_hogs(app, url)
     finally:
@@ -143,7 +148,6 @@ async def test_a_reply_that_would_wait_past_max_wait_is_refused_at_once(site):
 async def test_a_reply_that_waits_past_max_wait_is_dropped_with_a_notice(site):
     """Where the forecast is wrong or admission by capacity is off, the wait is still bounded."""
     app, url = site
-    app.service.config.service.max_wait_s = 1.0
     app.service.config.service.max_reply_s = 0
     try:
         status, after, refusal = await late_behind_two_hogs(app, url)  # it waits for a row: dropped after 1 s

@@ -37,12 +37,20 @@ def run(args: argparse.Namespace) -> int:
 
 async def _run(args: argparse.Namespace) -> int:
     config = load_for(args)
+    if args.if_due and not args.character and len(config.members) > 1:
+        # cron's `rolebot retrain --if-due` goes through the cast, one character at a time
+        codes = []
+        for member in config.members:
+            args.character = member.name
+            codes.append(await _run(args))
+        args.character = None
+        return max(codes)
     async with Store.open(config.database) as store:
         retrainer = Retrainer(config, store, echo=True)
         await retrainer.load_last_run()
         waiting = await retrainer.new_ratings()
         if args.if_due and waiting < config.scheduler.min_new_ratings:
-            print(f"Not due: {waiting} new rated replies, "
+            print(f"{config.character.name}: not due: {waiting} new rated replies, "
                   f"{config.scheduler.min_new_ratings} needed ([scheduler] min_new_ratings).")
             return 0
         run = await retrainer.request(trigger="cli", requested_by="cli")
