@@ -9,10 +9,13 @@ waits what ``Retry-After`` says and tries again. After the run the bot is stoppe
 its database is checked: every reply a client received whole must be in its row, complete, with
 the same text (anything else is a row lost), and ``PRAGMA integrity_check`` must pass.
 
-``--previous PATH`` runs the same against another checkout (e.g. ``git worktree add /tmp/prev
-c60b2e2``, the bot before backpressure) in the same run, as the baseline. One table:
+``--previous PATH`` runs the same against another checkout (e.g. ``git archive main | tar -x -C
+/tmp/prev``) in the same run, as the baseline. ``--baseline`` runs this checkout as main ran
+before admission by measured capacity (issue 27, item 7): ``[service] max_reply_s = 0`` and 32
+rows. ``--rows 4,8,16`` runs this checkout at each ``[generation] max_batch_size`` (default: the
+shipped auto). One table:
 
-    python bench/overload.py --clients 50,200 --duration 60 --previous /tmp/prev
+    python bench/overload.py --clients 50 --duration 60 --baseline --rows 0,16
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,9 +45,11 @@ CONFIG = """
 [console]
 enabled = false
 
+[generation]
+{generation}
 [service]
 rate_limit_per_minute = 10000
-
+{service}
 [scheduler]
 enabled = false
 
@@ -57,11 +63,20 @@ token_env = "ROLEBOT_BENCH_NO_TELEGRAM"
 
 @dataclass
 class Outcome:
-    kind: str  # answered | busy | timed_out | error
+    kind: str  # answered | busy | timed_out | dropped | error
+    admitted: bool = False  # the bot took it (200) rather than refusing it (503)
     first_token_s: float | None = None
     total_s: float | None = None
     message_id: int | None = None
     text: str = ""
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    checkout: Path
+    generation: str = ""  # lines added to [generation]
+    service: str = ""  # lines added to [service]
 
 
 @dataclass
@@ -101,6 +116,7 @@ async def one_request(http: aiohttp.ClientSession, url: str, user: str, text: st
     body = {"messages": [{"role": "user", "content": text}], "user": user, "stream": True}
     started = time.perf_counter()
     first = None
+    admitted = False
     pieces: list[str] = []
     message_id = None
     try:
@@ -113,6 +129,7 @@ async def one_request(http: aiohttp.ClientSession, url: str, user: str, text: st
                 if response.status != 200:
                     await response.read()
                     return Outcome(f"error {response.status}", total_s=time.perf_counter() - started), 1.0
+                admitted = True
                 finished = False
                 async for line in response.content:
                     line = line.decode().strip()
@@ -128,12 +145,12 @@ async def one_request(http: aiohttp.ClientSession, url: str, user: str, text: st
                             finished = (event.get("rolebot") or {}).get("status", "complete") == "complete"
                 total = time.perf_counter() - started
                 if not finished:
-                    return Outcome("dropped", first, total, message_id), 1.0
-                return Outcome("answered", first, total, message_id, "".join(pieces).strip()), 0.0
+                    return Outcome("dropped", True, first, total, message_id), 1.0
+                return Outcome("answered", True, first, total, message_id, "".join(pieces).strip()), 0.0
     except TimeoutError:
-        return Outcome("timed_out", first, timeout, message_id), 0.0
+        return Outcome("timed_out", admitted, first, timeout, message_id), 0.0
     except aiohttp.ClientError as exc:
-        return Outcome(f"error {type(exc).__name__}", first, time.perf_counter() - started), 1.0
+        return Outcome(f"error {type(exc).__name__}", admitted, first, time.perf_counter() - started), 1.0
 
 
 async def drive(url: str, clients: int, duration: float, timeout: float) -> list[Outcome]:
@@ -169,16 +186,17 @@ def check_rows(db: Path, outcomes: list[Outcome]) -> tuple[int, str]:
     return lost, integrity
 
 
-async def run_one(checkout: Path, label: str, clients: int, args) -> Run:
+async def run_one(variant: Variant, clients: int, args) -> Run:
     work = Path(tempfile.mkdtemp(prefix="rolebot-overload-"))
-    (work / "config.toml").write_text(CONFIG, encoding="utf-8")
+    config = CONFIG.format(generation=variant.generation, service=variant.service)
+    (work / "config.toml").write_text(config, encoding="utf-8")
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(checkout), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(variant.checkout), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "bot", "--config", str(work / "config.toml"), "serve",
                              "--no-train", "--port", str(port)], cwd=work, env=env,
                             stdout=subprocess.DEVNULL, stderr=open(work / "bot.log", "w"))
     url = f"http://127.0.0.1:{port}"
-    run = Run(label, clients)
+    run = Run(variant.label, clients)
     try:
         await wait_ready(url, proc)
         run.outcomes = await drive(url, clients, args.duration, args.timeout)
@@ -193,26 +211,31 @@ async def run_one(checkout: Path, label: str, clients: int, args) -> Run:
     return run
 
 
-def pct(values: list[float], q: float) -> str:
+def pct(values: list[float], q: float, digits: int = 2) -> str:
     if not values:
         return "—"
     values = sorted(values)
-    return f"{values[min(len(values) - 1, int(q * len(values)))]:.2f}"
+    return f"{values[min(len(values) - 1, int(q * len(values)))]:.{digits}f}"
 
 
 def table(runs: list[Run], duration: float, timeout: float) -> str:
     lines = [f"{duration:.0f} s of clients, each giving up after {timeout:.0f} s; 503s retried after Retry-After",
-             "| bot | clients | requests | answered | answered/min | 503 busy | timed out | dropped/other | "
-             "first token p50 / p95 s | whole reply p50 / p95 s | rows lost | integrity |",
+             f"| bot | clients | requests | admitted | completed within {timeout:.0f} s (per min) | admitted, not completed "
+             "| 503 busy at once | 503 p50 / p95 ms | first token p50 / p95 s | whole reply p50 / p95 s | rows lost | integrity |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        kinds = [o.kind for o in r.outcomes]
-        answered = [o for o in r.outcomes if o.kind == "answered"]
+        admitted = [o for o in r.outcomes if o.admitted]
+        answered = [o for o in admitted if o.kind == "answered"]
+        busy = [o.total_s * 1000 for o in r.outcomes if o.kind == "busy"]
         first = [o.first_token_s for o in answered if o.first_token_s is not None]
         whole = [o.total_s for o in answered]
-        other = len(kinds) - sum(kinds.count(k) for k in ("answered", "busy", "timed_out"))
-        lines.append(f"| {r.label} | {r.clients} | {len(kinds)} | {len(answered)} | {len(answered) / duration * 60:.1f} | "
-                     f"{kinds.count('busy')} | {kinds.count('timed_out')} | {other} | {pct(first, .5)} / {pct(first, .95)} | "
+        unfinished = Counter(o.kind.replace("_", " ") for o in admitted if o.kind != "answered")
+        why = ", ".join(f"{n} {kind}" for kind, n in sorted(unfinished.items()))
+        refused_other = sum(1 for o in r.outcomes if not o.admitted and o.kind != "busy")
+        lines.append(f"| {r.label} | {r.clients} | {len(r.outcomes)} | {len(admitted)} | {len(answered)} "
+                     f"({len(answered) / duration * 60:.1f}) | {sum(unfinished.values())}{f' ({why})' if why else ''} | "
+                     f"{len(busy)}{f' (+{refused_other} other)' if refused_other else ''} | "
+                     f"{pct(busy, .5, 0)} / {pct(busy, .95, 0)} | {pct(first, .5)} / {pct(first, .95)} | "
                      f"{pct(whole, .5)} / {pct(whole, .95)} | {r.lost} | {r.integrity} |")
     return "\n".join(lines)
 
@@ -223,13 +246,23 @@ async def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds clients keep sending (default 60)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds a client waits for a whole reply (default 120)")
     parser.add_argument("--previous", type=Path, help="another checkout to run the same load against, as the baseline")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also run this checkout without admission by capacity, at 32 rows (main before issue 27, item 7)")
+    parser.add_argument("--rows", default="0", help="comma-separated [generation] max_batch_size values for this checkout (0: auto)")
     args = parser.parse_args()
-    checkouts = [(HERE.parent, "this")] + ([(args.previous.resolve(), f"previous ({args.previous.name})")] if args.previous else [])
+    here = HERE.parent
+    variants = [Variant("this" if rows == "0" else f"this, {rows} rows", here, f"max_batch_size = {rows}\n")
+                for rows in args.rows.split(",")]
+    if args.baseline:
+        variants.append(Variant("admission off, 32 rows", here, "max_batch_size = 32\n", "max_reply_s = 0\n"))
+    if args.previous:
+        variants.append(Variant(f"previous ({args.previous.name})", args.previous.resolve()))
     runs = []
     for clients in [int(c) for c in args.clients.split(",")]:
-        for checkout, label in checkouts:
-            print(f"running {label} with {clients} clients…", file=sys.stderr, flush=True)
-            runs.append(await run_one(checkout, label, clients, args))
+        for variant in variants:
+            print(f"running {variant.label} with {clients} clients…", file=sys.stderr, flush=True)
+            runs.append(await run_one(variant, clients, args))
+            print(table(runs[-1:], args.duration, args.timeout), file=sys.stderr, flush=True)
     print(table(runs, args.duration, args.timeout))
 
 

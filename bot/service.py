@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from bot import store as db
 from bot.config import Config, GenerationSettings
+from bot.engine import pace
 from bot.status import RetrainStatus, ServiceStatus, as_text
 from bot.adapters import Adapters
 from training.errors import UserError
@@ -281,8 +282,7 @@ class Service:
         self.retrainer = retrainer
         self.limiter = RateLimiter(config.service.rate_limit_per_minute, clock)
         self.address_limiter = RateLimiter(config.service.rate_limit_per_address, clock)
-        # Replies in flight beyond which a new message is turned away as busy.
-        self.capacity = config.generation.max_batch_size + config.service.max_waiting
+        self._submitting: list[int] = []  # replies admitted, not yet in the engine: their max_new_tokens
         self._durations: deque[float] = deque(maxlen=32)  # recent replies' seconds, for Retry-After
         self.notifiers: dict[str, Notifier] = {}  # platform → how to message one of its chats
         self._accepting = True
@@ -321,6 +321,25 @@ class Service:
             return True
         return not self.limiter.allow((msg.platform, str(msg.user_id)))
 
+    @property
+    def capacity(self) -> int:
+        """Replies in flight beyond which a new message is turned away as busy."""
+        return self.engine.max_batch_size + self.config.service.max_waiting
+
+    def _cannot_finish(self, settings: GenerationSettings) -> Answer | None:
+        """Admission by measured capacity: a busy answer when the engine's forecast says this
+        reply would not be whole within [service] max_reply_s, or not begun within max_wait_s
+        (where it would be dropped); None to admit. With no forecast (nothing measured yet,
+        nothing in flight, a remote server) the message is admitted."""
+        budget = self.config.service.max_reply_s
+        if not budget:
+            return None
+        forecast = self.engine.forecast(settings.max_new_tokens, self._about_to_submit())
+        max_wait = self.config.service.max_wait_s
+        if forecast is None or (forecast.finish_s <= budget and forecast.first_token_s <= max_wait):
+            return None
+        return Answer(self._say(BUSY), "busy", retry_after=pace.retry_after(forecast, budget, max_wait))
+
     def retry_after(self) -> float:
         """Seconds until a turned-away message is likely to get a place: a recent reply's time."""
         if not self._durations:
@@ -332,6 +351,11 @@ class Service:
         """Replies in flight on the engine: a cast's characters share one engine, and one capacity."""
         services = list(self.cast) if self.cast is not None else [self]
         return sum(len(service._tasks) for service in services)
+
+    def _about_to_submit(self) -> list[int]:
+        """Replies admitted and not yet in the engine (their max_new_tokens), over the cast."""
+        services = list(self.cast) if self.cast is not None else [self]
+        return [tokens for service in services for tokens in service._submitting]
 
     def _say(self, template: str, **values: Any) -> str:
         return template.format(name=self.character, **values)
@@ -403,8 +427,12 @@ class Service:
                      replaces: db.Message | None = None) -> Outgoing:
         if self._in_flight() >= self.capacity:
             return Answer(self._say(BUSY), "busy", retry_after=self.retry_after())
+        settings = settings or self._settings(sampling)
+        if refusal := self._cannot_finish(settings):
+            return refusal
         started: asyncio.Future[Outgoing] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(self._reply(msg, text, cut, settings or self._settings(sampling), started,
+        self._submitting.append(settings.max_new_tokens)
+        task = asyncio.create_task(self._reply(msg, text, cut, settings, started,
                                                user_row=user_row, replaces=replaces))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -470,6 +498,7 @@ class Service:
             prompt, trimmed = self._fit(text, history)
             opening = rows[len(rows) - len(history)].id if history else None  # the prompt's first turn
             stream = self.engine.generate(prompt, settings)
+            self._submitting.remove(settings.max_new_tokens)
             try:
                 row = await self.store.start_reply(
                     user_row.id, adapter_version=stream.adapter_version, prompt=prompt,
@@ -481,12 +510,16 @@ class Service:
         except asyncio.CancelledError:
             if stream is not None:
                 stream.cancel()
+            else:
+                self._submitting.remove(settings.max_new_tokens)
             _settle(started, Answer(self._say(UNAVAILABLE), "unavailable"))
             raise
         except Exception:
             log.exception("could not start a reply to a %s message", msg.platform)
             if stream is not None:  # nobody will read it: free its place in the batch
                 stream.cancel()
+            else:
+                self._submitting.remove(settings.max_new_tokens)
             _settle(started, Answer(self._say(UNAVAILABLE), "error"))
             return
         notice = self._say(CUT, chars=len(trimmed)) if cut or trimmed != text else None

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from collections.abc import Sequence
 from typing import Protocol
 
 from bot.config import Config, GenerationSettings
+from bot.engine.pace import Forecast
 from bot.engine.stream import ReplyStream
 from training.errors import UserError
 from training.hygiene import Hygiene, ReplyFilter
@@ -38,6 +40,7 @@ class EngineStatus:
 class Engine(Protocol):
     adapter_version: str | None
     max_prompt_tokens: int
+    max_batch_size: int  # rows generated together ([generation] max_batch_size, auto settled)
     hygiene: Hygiene  # what every reply is cleaned of (the app adds the script's speakers)
 
     async def start(self) -> None: ...
@@ -45,6 +48,7 @@ class Engine(Protocol):
     def count_tokens(self, text: str) -> int: ...
     def render(self, sample: Sample, *, history_first: bool | None = None, prefix: bool = False) -> str: ...
     def prefill(self, prompt: str) -> bool: ...
+    def forecast(self, max_new_tokens: int, ahead: Sequence[int] = ()) -> Forecast | None: ...
     def generate(self, prompt: str, sampling: GenerationSettings | None = None) -> ReplyStream: ...
     async def swap_adapter(self, version: Version | None) -> None: ...
     def status(self) -> EngineStatus: ...

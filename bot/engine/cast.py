@@ -34,11 +34,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from bot.config import Config, GenerationSettings
 from bot.engine.base import EngineStatus, hygiene_for, prompt_budget
 from bot.engine.local import LocalEngine, Tuning, _cached_tokens
+from bot.engine.pace import Forecast
 from bot.engine.stream import ReplyStream
 from bot.engine.swap import CopyWeights, plan_swap
 from training.hygiene import Hygiene
@@ -221,6 +223,14 @@ class Voice:
     @property
     def backend(self) -> str:
         return self.engine.backend
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.engine.max_batch_size
+
+    def forecast(self, max_new_tokens: int, ahead: Sequence[int] = ()) -> Forecast | None:
+        """The shared batch's forecast (``LocalEngine.forecast``): every character's replies share its rows."""
+        return self.engine.forecast(max_new_tokens, ahead)
 
     async def start(self) -> None:  # the shared engine starts and closes once, with the app
         pass

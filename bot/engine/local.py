@@ -27,10 +27,12 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bot.config import Config, GenerationSettings
 from bot.engine.base import EngineStatus, hygiene_for, prompt_budget, reply_filter
+from bot.engine.pace import Forecast, Pace, Work, batch_rows
 from bot.engine.stream import IncrementalDecoder, ReplyStats, ReplyStream
 from bot.engine.swap import LoadAdapter, SwapPlan, apply_swap, plan_swap
 from training.hygiene import ReplyFilter
@@ -158,6 +160,8 @@ def _manager_class(graph_max_q: int = 0):
             super().__init__(*args, **kwargs)
             self.step_lock = threading.Lock()
             self.largest_batch = 0
+            self.pace: Pace | None = None  # told every step's time, rows and query tokens
+            self._step_size = (0, 0)
 
         def _create_batch_processor(self):
             processor = super()._create_batch_processor()
@@ -166,17 +170,23 @@ def _manager_class(graph_max_q: int = 0):
             return processor
 
         def _generation_step(self) -> None:
+            processor = self.batch_processor
+            self._step_size = (len(processor.scheduler.active_requests), step_io(processor.model_runner).num_q_tokens)
             with self.step_lock:
                 super()._generation_step()
             self.largest_batch = max(self.largest_batch, len(self.batch_processor.scheduler.active_requests))
 
         def _generation_loop_body(self, batch_processor, bootstrapping: bool) -> bool:
+            steps, started = self.current_batch, time.perf_counter()
             try:
                 return super()._generation_loop_body(batch_processor, bootstrapping)
             except Exception as exc:
                 log.exception("engine: a generation step failed; its replies end with an error")
                 batch_processor.handle_batch_error(exc)
                 return True
+            finally:
+                if self.pace is not None and self.current_batch != steps:  # a step ran, not a wait
+                    self.pace.record(time.perf_counter() - started, *self._step_size)
 
     return StepGuardedManager
 
@@ -216,6 +226,10 @@ class LocalEngine:
         self._attention = ""
         self._kv_tokens = 0
         self.counters = _Counters()
+        from training.modeling import device
+
+        self.max_batch_size = batch_rows(config.generation.max_batch_size, device().kind)
+        self.pace = Pace(self.max_batch_size)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -259,7 +273,7 @@ class LocalEngine:
 
         kind = self._device.kind
         tuning = self.tuning
-        rows = self.config.generation.max_batch_size
+        rows = self.max_batch_size
         block = self._block = tuning.block_size or BLOCK_SIZE[kind]
         cuda = kind == "cuda"
         kv_tokens = self.config.engine.kv_cache_tokens or self._default_kv_tokens(rows, block, cuda)
@@ -295,6 +309,7 @@ class LocalEngine:
             per_request_processors=True,
         )
         manager = _manager_class(tuning.graph_max_q if graphs else 0)(inner, generation, batching)
+        manager.pace = self.pace
         if self._penalty:
             penalty.install(manager, rows, self.config.model.max_seq_length, inner.device)
         # The paged cache is allocated uninitialised, and warm-up requests read cache blocks that
@@ -409,7 +424,7 @@ class LocalEngine:
         if (manager is None or self._closing or self._swapping or self._held or not self.config.engine.prefix_sharing
                 or (voice is not None and voice.swapping)
                 or manager.batch_processor is None
-                or len(self._live) + len(self._warming) >= self.config.generation.max_batch_size - 1):
+                or len(self._live) + len(self._warming) >= self.max_batch_size - 1):
             return False
         with self._tokenizer_lock:
             ids = self.tokenizer(prompt, add_special_tokens=self._special if voice is None else voice.special)["input_ids"]
@@ -450,6 +465,7 @@ class LocalEngine:
         reply.admitted = True
         self._live[reply.rid] = reply
         self.counters.prompt_tokens += len(reply.ids)
+        self.pace.note_prompt(len(reply.ids))
         submitted = manager.add_request(reply.ids, request_id=reply.rid, max_new_tokens=gen.max_new_tokens,
                                         streaming=True, eos_token_id=self._eos, **self._sampling(gen))
         if submitted is None:
@@ -505,6 +521,7 @@ class LocalEngine:
         elif reply in self._held:
             self._held.remove(reply)
         if reason in ("stop", "length"):
+            self.pace.note_reply(reply.tokens, reply.gen.max_new_tokens)
             with self._tokenizer_lock:
                 tail = reply.stops.feed(reply.decoder.flush()) + reply.stops.flush()
             if tail and reply.first_s is None:
@@ -518,6 +535,16 @@ class LocalEngine:
         self._released(reply.rid)
         if self._drained is not None and not self._live and not self._warming and not self._drained.done():
             self._drained.set_result(None)
+
+    def forecast(self, max_new_tokens: int, ahead: Sequence[int] = ()) -> Forecast | None:
+        """When a reply of ``max_new_tokens`` submitted now would finish, behind the replies in
+        the engine and ``ahead`` more (their max_new_tokens) about to be submitted (``Pace``)."""
+        pace, typical = self.pace, self.pace.typical_prompt
+        work = [Work(pace.left(r.gen.max_new_tokens, r.tokens), 0 if r.tokens else len(r.ids)) for r in self._live.values()]
+        work += [Work(2, typical) for _ in self._warming]
+        work += [Work(pace.left(r.gen.max_new_tokens), len(r.ids)) for r in self._held]
+        work += [Work(pace.left(tokens), typical) for tokens in ahead]
+        return pace.forecast(work, Work(max_new_tokens, typical))
 
     def _routed(self, rid: str, slot: int) -> None:
         """A request enters the manager with the adapter ``slot`` (bot/engine/cast.py)."""
@@ -588,7 +615,7 @@ class LocalEngine:
     def _batching(self) -> str:
         engine = self.config.engine
         cuda = self._device is not None and self._device.kind == "cuda"
-        parts = [f"continuous batching (transformers), up to {self.config.generation.max_batch_size} rows"]
+        parts = [f"continuous batching (transformers), up to {self.max_batch_size} rows"]
         if engine.prefix_sharing:
             parts.append("shared prompt blocks")
         if cuda and engine.cuda_graphs:

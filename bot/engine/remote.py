@@ -8,6 +8,7 @@ import time
 
 from bot.config import Config, GenerationSettings, secret
 from bot.engine.base import EngineStatus, hygiene_for, prompt_budget, reply_filter
+from bot.engine.pace import Forecast, batch_rows
 from bot.engine.stream import ReplyStats, ReplyStream
 from training.errors import UserError
 from training.prompts import Sample
@@ -42,6 +43,8 @@ class OpenAIEngine:
         self.prefills = 0
         self.tokens = 0
         self.swaps = 0
+        # The server batches as it will; this bounds what rolebot sends it at once.
+        self.max_batch_size = batch_rows(config.generation.max_batch_size, "cuda")
 
     @property
     def adapter_version(self) -> str | None:
@@ -101,7 +104,7 @@ class OpenAIEngine:
         """Ask the server for one token after ``prompt`` and drop it: a server that caches
         prompt prefixes (vLLM's automatic prefix caching) then holds the start of the chat's
         next prompt. Only with fewer requests in flight than [generation] max_batch_size."""
-        if self.client is None or len(self._tasks) >= self.config.generation.max_batch_size:
+        if self.client is None or len(self._tasks) >= self.max_batch_size:
             return False
         task = asyncio.get_running_loop().create_task(self._prefill(prompt))
         self._tasks.add(task)
@@ -194,6 +197,10 @@ class OpenAIEngine:
                                     f"{version.name}={version.path}") from None
         self.version = version
         self.swaps += 1
+
+    def forecast(self, max_new_tokens: int, ahead=()) -> Forecast | None:
+        """None: the server's steps are not seen from here, so every request is admitted."""
+        return None
 
     def status(self) -> EngineStatus:
         return EngineStatus(
