@@ -99,10 +99,12 @@ class App:
             lock = asyncio.Lock()  # one training process at a time, whichever character it trains
             services: dict[str, Service] = {}
             retrainers = []
+            if retraining:  # a run still 'running' whose process is gone was cut off by a crash or a kill
+                await store.fail_unfinished_runs()
             for name, view in views.items():
                 adapters, voice = registries[name], engines[name]
                 adapters.engine = voice  # from now on every activation hot-swaps
-                retrainer = await start_retraining(view, store, adapters, stack, lock=lock, schedule=False) if retraining else None
+                retrainer = await start_retraining(view, store, adapters, stack, lock) if retraining else None
                 retrainers.append(retrainer)
                 coming = train and adapter == ACTIVE and versions[name] is None  # trained in the background
                 services[name] = Service(view, store, voice, adapters=adapters, retrainer=retrainer,
@@ -178,8 +180,7 @@ def check_cast(config: Config) -> None:
             for turn in parse_scripts(list(files)):
                 counts[turn.speaker] = counts.get(turn.speaker, 0) + 1
             scripts[files] = counts
-        view = config.for_character(member.name)
-        check_cast_speaks(replace(view, cast=[member]), scripts[files], ", ".join(str(f.name) for f in files))
+        check_cast_speaks(member, scripts[files], ", ".join(str(f.name) for f in files))
 
 
 def load_canon(config: Config, adapters: Adapters, engine, *, coming: bool = False) -> ServedCanon | None:
@@ -214,15 +215,12 @@ async def train_in_background(config: Config, names: list[str], services: dict[s
 
 
 async def start_retraining(config: Config, store: Store, adapters: Adapters, stack: AsyncExitStack,
-                           lock: asyncio.Lock | None = None, schedule: bool = True):
-    """The retrainer (/retrain, /rollback) and, if [scheduler] enabled, its schedule. At
-    shutdown the schedule stops and a retrain in progress is cancelled (its run recorded as
-    failed, its training process killed) before the engine and the store close."""
+                           lock: asyncio.Lock):
+    """A character's retrainer (/retrain, /rollback), sharing the cast's training ``lock``. At
+    shutdown a retrain in progress is cancelled (its run recorded as failed, its training
+    process killed) before the engine and the store close. The schedule is the cast's (App.start)."""
     from bot.retrain import Retrainer
-    from bot.scheduler import RetrainSchedule
 
-    # A run still 'running' whose process is gone was cut off by a crash or a kill.
-    await store.fail_unfinished_runs()
     retrainer = Retrainer(config, store, adapters, lock=lock)
     await retrainer.load_last_run()
 
@@ -232,10 +230,6 @@ async def start_retraining(config: Config, store: Store, adapters: Adapters, sta
             await asyncio.gather(retrainer.task, return_exceptions=True)
 
     stack.push_async_callback(cancel_run)
-    if schedule and config.scheduler.enabled:
-        scheduled = RetrainSchedule(config.scheduler, retrainer)
-        scheduled.start()
-        stack.callback(scheduled.stop)
     return retrainer
 
 

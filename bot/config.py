@@ -420,14 +420,13 @@ def _distinct(cast: list[CharacterSettings], where, offset: int = 1) -> list[Cha
     return cast
 
 
-def check_cast_speaks(config: Config, speakers: dict[str, int], script: str) -> None:
+def check_cast_speaks(member: CharacterSettings, speakers: dict[str, int], script: str) -> None:
     """A cast member who never speaks in ``script`` (``speakers``: lines per speaker) has
     nothing to learn from: one line naming them and the script's main speakers."""
-    for member in config.members:
-        if not any(speakers.get(name) for name in member.names):
-            top = ", ".join(f"{name} ({n})" for name, n in sorted(speakers.items(), key=lambda kv: -kv[1])[:8])
-            raise UserError(f"[[cast]] {member.name!r}: never speaks in {script} — name a speaker of the script "
-                            f"(its most frequent: {top}) or add the script's name for them to aliases")
+    if not any(speakers.get(name) for name in member.names):
+        top = ", ".join(f"{name} ({n})" for name, n in sorted(speakers.items(), key=lambda kv: -kv[1])[:8])
+        raise UserError(f"[[cast]] {member.name!r}: never speaks in {script} — name a speaker of the script "
+                        f"(its most frequent: {top}) or add the script's name for them to aliases")
 
 
 def _build(cls, table: dict, section: str, where) -> object:
