@@ -25,7 +25,7 @@ class DatasetFiles:
 def dataset_files(config: Config, *, quiet: bool = False) -> DatasetFiles:
     """``[training] data`` if set; else the character's script (or the project's sample
     script) prepared once into ``data/<character>.json`` (and its canon index) with the last
-    episode held out."""
+    episode held out and identity pairs (``training.identity``) from the character's persona."""
     if config.training.data:
         return DatasetFiles(config.path(config.training.data), config.path(config.training.val) if config.training.val else None)
     output = pairs_path(config)
@@ -38,6 +38,7 @@ def dataset_files(config: Config, *, quiet: bool = False) -> DatasetFiles:
         character=Character(config.character.name, tuple(config.character.aliases)),
         output=output,
         val_episodes=1,
+        persona=config.character.persona,
     ))
     if not quiet:
         print(report.render("alpaca"))

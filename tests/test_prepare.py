@@ -118,6 +118,16 @@ def load(path: Path) -> list:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+# The identity pairs prepare adds to every training file by default (--identity 32), after the
+# script's pairs; tests/test_identity.py checks them.
+IDENTITY = 32
+
+
+def script_pairs(path: Path) -> list:
+    """The training file's records made from the script: all but the identity pairs."""
+    return [r for r in load(path) if r.get("source") != "identity"]
+
+
 def alpaca(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
     return [{"instruction": i, "input": "", "output": o} for i, o in pairs]
 
@@ -125,10 +135,14 @@ def alpaca(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
 def test_the_sample_script_gives_the_expected_pairs_and_report(tmp_path, capsys):
     output = tmp_path / "data" / "huanhuan.json"
     assert prepare(SAMPLE_SCRIPT, *CHARACTER, "--output", output) == 0
-    assert load(output) == alpaca(EXPECTED)
+    records = load(output)
+    assert records[:len(EXPECTED)] == alpaca(EXPECTED)
+    assert [r["source"] for r in records[len(EXPECTED):]] == ["identity"] * IDENTITY
     report = capsys.readouterr().out
     assert "3 episodes · 11 scenes · 107 dialogue turns · 49 by 甄嬛 (嬛嬛, 莞贵人)" in report
-    assert f"Wrote 44 pairs (alpaca):\n      44  {output}\n" in report
+    assert f"Wrote 76 pairs (alpaca):\n      76  {output}\n" in report
+    assert "Added 32 identity pairs to the training file, its last records (source: identity; " \
+           "--identity 0 for none)" in report
     for count, reason in [(2, "first line of a scene"), (1, "previous line is the same speaker"),
                           (1, "exact duplicate of an earlier pair"),
                           (1, "reply shorter than 2 characters"),
@@ -140,7 +154,7 @@ def test_the_sample_script_gives_the_expected_pairs_and_report(tmp_path, capsys)
 def test_val_episodes_hold_out_the_last_episodes_in_story_order(tmp_path, capsys):
     output = tmp_path / "huanhuan.json"
     assert prepare(SAMPLE_SCRIPT, *CHARACTER, "--output", output, "--val-episodes", 1) == 0
-    assert load(output) == alpaca(EXPECTED[:EPISODE_3])
+    assert script_pairs(output) == alpaca(EXPECTED[:EPISODE_3])
     assert load(tmp_path / "huanhuan.val.json") == alpaca(EXPECTED[EPISODE_3:])
     assert "huanhuan.val.json  validation: episode(s) 3" in capsys.readouterr().out
 
@@ -164,7 +178,7 @@ def test_sharegpt_keeps_history_as_turns(tmp_path):
                    "--history", 2) == 0
     records = load(output)
     # Two "是。" → "去吧。" exchanges differ once their history is kept: both stay.
-    assert len(records) == len(EXPECTED) + 1
+    assert len(records) == len(EXPECTED) + 1 + IDENTITY
     assert records[7]["conversations"] == [
         {"from": "human", "value": "都起来吧。新来的妹妹们住得可还习惯？"},
         {"from": "gpt",
@@ -180,7 +194,7 @@ def test_jsonl_writes_one_messages_object_a_line_starting_with_the_user(tmp_path
     assert prepare(SAMPLE_SCRIPT, *CHARACTER, "--output", output, "--format", "jsonl",
                    "--history", 3) == 0
     lines = output.read_text(encoding="utf-8").splitlines()
-    assert len(lines) == len(EXPECTED) + 1
+    assert len(lines) == len(EXPECTED) + 1 + IDENTITY
     # The scene opens with 甄嬛's own line: a chat sample cannot start with the assistant.
     assert json.loads(lines[0]) == {"messages": [
         {"role": "user", "content": EXPECTED[0][0]},
@@ -191,10 +205,10 @@ def test_length_filters_apply_to_the_reply(tmp_path, capsys):
     output = tmp_path / "huanhuan.json"
     assert prepare(SAMPLE_SCRIPT, *CHARACTER, "--output", output, "--min-chars", 1) == 0
     assert {"instruction": "那奴婢把灯芯剪短些。", "input": "", "output": "嗯"} in load(output)
-    assert len(load(output)) == len(EXPECTED) + 1
+    assert len(script_pairs(output)) == len(EXPECTED) + 1
     capsys.readouterr()
     assert prepare(SAMPLE_SCRIPT, *CHARACTER, "--output", output, "--max-chars", 10) == 0
-    assert load(output) == alpaca([(i, o) for i, o in EXPECTED if len(o) <= 10])
+    assert script_pairs(output) == alpaca([(i, o) for i, o in EXPECTED if len(o) <= 10])
     assert re.search(r"^ +\d+  reply longer than 10 characters$", capsys.readouterr().out, re.M)
 
 
@@ -206,7 +220,7 @@ def test_several_scripts_are_one_story_in_the_order_given(tmp_path):
     output = tmp_path / "huanhuan.json"
     assert prepare(tmp_path / "ep01-02.txt", tmp_path / "ep03.txt", *CHARACTER,
                    "--output", output, "--val-episodes", 1) == 0
-    assert load(output) == alpaca(EXPECTED[:EPISODE_3])
+    assert script_pairs(output) == alpaca(EXPECTED[:EPISODE_3])
     assert load(tmp_path / "huanhuan.val.json") == alpaca(EXPECTED[EPISODE_3:])
 
 
@@ -216,7 +230,7 @@ def test_a_line_without_a_speaker_is_reported_not_guessed(tmp_path, capsys):
                       "这茶真香啊。\n甄嬛：是新茶。\n", encoding="utf-8")
     output = tmp_path / "out.json"
     assert prepare(script, *CHARACTER, "--output", output) == 0
-    assert load(output) == alpaca([("小主。", "嗯，进来。")])
+    assert script_pairs(output) == alpaca([("小主。", "嗯，进来。")])
     report = capsys.readouterr().out
     assert f"1 spoken line(s) name no speaker and were not used: {script}:6" in report
     assert re.search(r"^ +1  previous line has no speaker$", report, re.M)
@@ -230,7 +244,7 @@ def test_every_encoding_gives_the_same_dataset(tmp_path, encoding, newline):
     text = SAMPLE_SCRIPT.read_text(encoding="utf-8").replace("\n", newline)
     script.write_bytes(text.encode(encoding))
     assert prepare(script, *CHARACTER, "--output", tmp_path / "out.json") == 0
-    assert load(tmp_path / "out.json") == alpaca(EXPECTED)
+    assert script_pairs(tmp_path / "out.json") == alpaca(EXPECTED)
 
 
 # --- bad input: one line on stderr, exit 2, nothing written ---------------------------
@@ -361,7 +375,7 @@ def test_the_report_for_the_real_script(tmp_path, capsys):
     assert prepare(REAL_SCRIPT, *CHARACTER, "--output", output, "--val-episodes", 1) == 0
     report = capsys.readouterr().out
     assert "10 episodes · 213 scenes · 2891 dialogue turns · 559 by 甄嬛" in report
-    assert f"     456  {output}\n      76  {tmp_path / 'huanhuan.val.json'}" in report
+    assert f"     488  {output}\n      76  {tmp_path / 'huanhuan.val.json'}" in report  # 456 + 32 identity
     # The tutorial's own three examples open the dataset.
     assert load(output)[:3] == alpaca([
         ("小姐，别的秀女都在求中选，唯有咱们小姐想被撂牌子，菩萨一定记得真真儿的——",

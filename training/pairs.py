@@ -20,6 +20,8 @@ from pathlib import Path
 
 from training.canon import Record, canon_path, index_text
 from training.errors import UserError
+from training.hygiene import script_language
+from training.identity import identity_pairs
 from training.novel import Novel, detect, read_novel, rule_counts, turns_of
 from training.screenplay import Turn, parse_text, read_script_text
 
@@ -191,13 +193,27 @@ _RECORDS: dict[str, Callable[[Pair, Character], dict]] = {
 
 
 def render(pairs: list[Pair], character: Character, fmt: str,
-           novels: frozenset[str] = frozenset()) -> str:
+           novels: frozenset[str] = frozenset(), extra: list[dict] = ()) -> str:
     """The file's text: a JSON array (alpaca, sharegpt) or one JSON object a line (jsonl).
-    A pair from a novel (a file in ``novels``) says so, with its chapter."""
+    A pair from a novel (a file in ``novels``) says so, with its chapter. ``extra``: alpaca
+    records (the identity pairs) that follow the pairs, in the file's format."""
     records = [_RECORDS[fmt](pair, character) | _origin(pair, novels) for pair in pairs]
+    records += [one_turn_record(record, fmt) for record in extra]
     if fmt == "jsonl":
         return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     return json.dumps(records, ensure_ascii=False, indent=2) + "\n"
+
+
+def one_turn_record(record: dict, fmt: str) -> dict:
+    """An alpaca record with an empty input (an identity pair) in ``fmt``: alpaca keeps its
+    ``source``; ShareGPT and messages JSONL get the question and answer as one exchange."""
+    if fmt == "alpaca":
+        return record
+    if fmt == "sharegpt":
+        return {"conversations": [{"from": "human", "value": record["instruction"]},
+                                  {"from": "gpt", "value": record["output"]}]}
+    return {"messages": [{"role": "user", "content": record["instruction"]},
+                         {"role": "assistant", "content": record["output"]}]}
 
 
 def _origin(pair: Pair, novels: frozenset[str]) -> dict[str, str]:
@@ -247,6 +263,8 @@ class PrepareRequest:
     max_chars: int = 400
     source: str = "auto"  # how to read the files: detected per file, or all as one kind
     narrator: str = ""  # who 我 is in a first-person novel ("" : the character)
+    persona: str = ""  # the character's persona (config.toml), for the identity pairs' facts
+    identity: int = 32  # identity pairs added to the training file (``training.identity``); 0: none
     # The LLM pass over a novel the rule pass has read (``training.novel_llm``), if asked for.
     extract: Callable[[Novel], Novel] | None = dataclasses.field(default=None, compare=False)
 
@@ -331,6 +349,7 @@ class Report:
     canon: tuple[str, int] = ("", 0)  # (path, exchanges) of the canon index
     sources: tuple[str, ...] = ()  # how each file was read (screenplay or novel) and what it found
     unit: str = "episodes"  # "chapters" when every file is a novel
+    identity: int = 0  # identity pairs among the training file's (its last records)
 
     def render(self, fmt: str) -> str:
         """A plain-text report; counts come first so that CJK names need no column padding."""
@@ -350,6 +369,10 @@ class Report:
             held = ", ".join(map(str, self.val_episodes))
             note = f"  validation: {self.unit[:-1]}(s) {held}" if index else ""
             lines.append(f"  {n:6}  {path}{note}")
+        if self.identity:
+            source = "source: identity; " if fmt == "alpaca" else ""
+            lines.append(f"Added {self.identity} identity pairs to the training file, its last records "
+                         f"({source}--identity 0 for none)")
         if self.canon[0]:
             lines.append(f"Canon index: {self.canon[1]} exchanges of the training {self.unit}")
             lines.append(f"  {self.canon[1]:6}  {self.canon[0]}")
@@ -382,15 +405,30 @@ def prepare(request: PrepareRequest) -> Report:
     parts = {request.output: train}
     if request.val_episodes:
         parts[validation_path(request.output)] = val
-    files_text = {path: render(part, request.character, request.format, sources.novels)
+    # Identity pairs go into the training file only: not validation, not the canon index.
+    identity = identity_records(request, turns)
+    files_text = {path: render(part, request.character, request.format, sources.novels,
+                               identity if path == request.output else [])
                   for path, part in parts.items()}
     index = canon_path(request.output)
     files_text[index] = index_text([canon_record(pair) for pair in train])
     write_atomically(files_text)
-    written = tuple((str(path), len(part)) for path, part in parts.items())
+    written = tuple((str(path), len(part) + (len(identity) if path == request.output else 0))
+                    for path, part in parts.items())
     report = _report(request, turns, skipped, kept, written, tuple(e for _, e in held))
     unit = "chapters" if len(sources.novels) == len(request.scripts) else "episodes"
-    return dataclasses.replace(report, canon=(str(index), len(train)), sources=sources.notes, unit=unit)
+    return dataclasses.replace(report, canon=(str(index), len(train)), sources=sources.notes, unit=unit,
+                               identity=len(identity))
+
+
+def identity_records(request: PrepareRequest, turns: list[Turn]) -> list[dict]:
+    """``request.identity`` self-cognition pairs for the character, in the script's language,
+    with the self-reference of the character's own lines and the facts of ``request.persona``."""
+    if not request.identity:
+        return []
+    own = [t.text for t in turns if t.kind == "dialogue" and t.text and request.character.speaks(t.speaker)]
+    return identity_pairs(request.character.name, request.character.aliases, request.persona, own,
+                          script_language(own), request.identity)
 
 
 def canon_record(pair: Pair) -> Record:

@@ -95,6 +95,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-chars", type=count, default=PrepareRequest.max_chars,
                         metavar="N", help="drop replies longer than N characters; 0: no "
                                           "limit (default: %(default)s)")
+    parser.add_argument("--identity", type=count, default=PrepareRequest.identity, metavar="N",
+                        help="add N self-cognition pairs to the training file: questions about who the "
+                             "character is (none of them the evaluation's identity probes), answered in "
+                             "character with the config's persona; \"source\": \"identity\" in alpaca; "
+                             "never in the validation file or the canon index; 0: none (default: %(default)s)")
     novel = parser.add_argument_group("novels")
     novel.add_argument("--from", dest="source", choices=SOURCES, default="auto",
                        help="read the files as screenplays or novels; auto decides per file and "
@@ -152,8 +157,9 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     name = args.character.strip()
     aliases = tuple(a.strip() for a in args.alias)
-    if not aliases and name in (m.name for m in config.members):
-        aliases = tuple(config.member(name).aliases)  # the cast member's, e.g. [[cast]] 皇帝's
+    member = config.member(name) if name in (m.name for m in config.members) else None
+    if not aliases and member:
+        aliases = tuple(member.aliases)  # the cast member's, e.g. [[cast]] 皇帝's
     if (args.dry_run or args.llm) and args.source == "script":
         raise UserError("--llm and --dry-run are for novels — drop --from script, or use --from novel")
     request = PrepareRequest(
@@ -167,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
         max_chars=args.max_chars,
         source=args.source,
         narrator=args.narrator.strip(),
+        persona=member.persona if member else "",  # the identity pairs' facts
+        identity=args.identity,
     )
     settings = llm_settings(args, config, name) if args.llm else None
     if args.dry_run:
