@@ -229,3 +229,20 @@ def test_the_first_runs_dataset_has_them_with_the_configured_persona(tmp_path):
     assert len(identity) == 32
     assert any("大理寺少卿甄远道之女" in r["output"] for r in identity)  # DEFAULT_PERSONA's facts
     assert not any(r.get("source") for r in _load(files.val))
+
+
+def test_augment_keeps_them_but_never_shows_them_as_examples(tmp_path):
+    from training.augment import Augmenter, Job
+    from training.llm import Endpoint
+
+    data = tmp_path / "huanhuan.json"
+    assert main(["prepare", str(SAMPLE_SCRIPT), "--character", "甄嬛", "--output", str(data)]) == 0
+    job = Job(data=data, output=tmp_path / "more.json", character="甄嬛", n=4)
+    augmenter = Augmenter(job, Endpoint("http://127.0.0.1:9/v1", "test"))
+    identity = {r["output"] for r in _load(data) if r.get("source") == "identity"}
+    assert augmenter.report.real == len(_load(data))  # written on unchanged
+    assert len(augmenter.real) == len(_load(data)) - 32 and not {p.output for p in augmenter.real} & identity
+    only = tmp_path / "only.json"
+    only.write_text(json.dumps(_load(data)[-32:], ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(UserError, match="only identity pairs"):
+        Augmenter(Job(data=only, output=tmp_path / "x.json", character="甄嬛", n=4), Endpoint("http://127.0.0.1:9/v1", "test"))

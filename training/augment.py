@@ -32,6 +32,7 @@ from training.bm25 import BM25
 from training.character import breaks_character
 from training.dataset import read_dataset
 from training.errors import UserError
+from training.identity import SOURCE as IDENTITY
 from training.atomic import write_json_atomic
 from training.llm import ChatClient, Endpoint
 
@@ -403,13 +404,19 @@ class Augmenter:
         self.report = Report(job.mode)
         self.source = f"{SOURCE}:{job.mode}"
         self.real_records, samples = read_dataset(job.data)
-        self.real = [Pair(s.instruction, s.output) for s in samples]
-        self.report.real = len(self.real)
+        # The examples: the script's pairs; identity pairs (``training.identity``) are templates,
+        # not the character's voice, so they stay in the output but are never shown as examples.
+        self.real = [Pair(s.instruction, s.output) for s, r in zip(samples, self.real_records)
+                     if not (isinstance(r, dict) and r.get("source") == IDENTITY)]
+        if not self.real:
+            raise UserError(f"{job.data}: it holds only identity pairs — augmenting needs the script's pairs "
+                            "as examples (rolebot prepare writes them)")
+        self.report.real = len(samples)
         self.partial = partial_path(job.output)
         self.kept = _resumed_records(self.partial)
         self.seen = Seen()
-        for pair in self.real:
-            self.seen.add(pair.output, "real")
+        for sample in samples:
+            self.seen.add(sample.output, "real")
         for record in self.kept:
             self.seen.add(record["output"], "generated")
         self._chat: ChatClient | None = None
