@@ -69,6 +69,11 @@ def novel(tmp_path: Path) -> Path:
 
 
 def pairs(tmp_path: Path) -> list[dict]:
+    """The pairs the file's dialogue made: the identity pairs prepare adds after them left out."""
+    return [p for p in written(tmp_path) if p.get("source") != "identity"]
+
+
+def written(tmp_path: Path) -> list[dict]:
     return json.loads((tmp_path / "out" / "pairs.json").read_text(encoding="utf-8"))
 
 
@@ -113,7 +118,7 @@ def test_every_encoding_gives_the_same_pairs(tmp_path, capsys, encoding):
     expected_dir = tmp_path / "expected"
     assert main(["--config", str(tmp_path / "config.toml"), "prepare", str(SAMPLE_NOVEL), *CHARACTER,
                  "--output", str(expected_dir / "pairs.json")]) == 0
-    assert pairs(tmp_path) == json.loads((expected_dir / "pairs.json").read_text(encoding="utf-8"))
+    assert written(tmp_path) == json.loads((expected_dir / "pairs.json").read_text(encoding="utf-8"))
 
 
 # The rule pass
@@ -227,6 +232,7 @@ def test_chapters_are_episodes_for_val_episodes(tmp_path, capsys):
     val = json.loads((tmp_path / "out" / "pairs.val.json").read_text(encoding="utf-8"))
     assert {p["chapter"] for p in val} == {"第九章　归春"}
     assert "第九章　归春" not in {p["chapter"] for p in pairs(tmp_path)}
+    assert len(written(tmp_path)) == len(pairs(tmp_path)) + 32  # and 32 identity pairs, in training only
     canon = [json.loads(line) for line in (tmp_path / "out" / "pairs.canon.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(canon) == len(pairs(tmp_path)) and canon[0]["scene_label"] == "第一章　梧桐"
 
