@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -76,9 +76,10 @@ def main() -> int:
     print(f"converted {', '.join(models)} in {converted:.0f} s", flush=True)
     combos = [(model, fmt) for model in models for fmt in formats]
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        results = list(pool.map(lambda c: run(work / f"{c[0]}-{c[1]}", c[0], c[1], args), combos))
-    for result in results:
-        print(render(result), flush=True)
+        futures = [pool.submit(run, work / f"{model}-{fmt}", model, fmt, args) for model, fmt in combos]
+        for future in as_completed(futures):  # each table as soon as its run is done
+            print(render(future.result()), flush=True)
+    results = [future.result() for future in futures]
     print(summary(results, args))
     print(f"\nwhole run: {time.perf_counter() - started:.0f} s")
     if args.json:
