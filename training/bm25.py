@@ -9,7 +9,9 @@ numpy only); this module only decides what a term is and keeps the top-k small a
 from __future__ import annotations
 
 import logging
+import os
 import re
+import sys
 
 import numpy as np
 
@@ -38,6 +40,12 @@ class BM25:
     K1, B = 1.5, 0.75
 
     def __init__(self, docs: list[str]):
+        if "jax" not in sys.modules:
+            # bm25s runs a JAX top-k when it is imported, where JAX is installed (Colab, many GPU
+            # images): that starts JAX on the GPU, which takes 75% of its memory for itself, and
+            # the model then does not fit. rolebot never uses JAX, nor bm25s's top-k: keep JAX
+            # on the CPU.
+            os.environ.setdefault("JAX_PLATFORMS", "cpu")
         import bm25s
 
         # bm25s sets its own logger to DEBUG on import and logs every index build there.
