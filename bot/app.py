@@ -260,6 +260,7 @@ def train_first_adapter(config: Config, registry: Registry, nice: int = 0) -> Ve
         amount += ", the quick CPU recipe: [training] first_run_steps"
         if settings.max_minutes:
             amount += f", at most {settings.max_minutes:g} minutes"
+        amount += f", learning rate {settings.learning_rate:g}"
     after = "the others are served meanwhile" if nice else "serving starts after"
     print(f"rolebot: {config.character.name} has no adapter yet — preparing the script and "
           f"training the first version on {concrete(config.model.base)} ({amount}); {after}.",
@@ -307,7 +308,8 @@ def _die_with_parent(parent: int, nice: int = 0) -> None:
 def first_run_settings(config: Config) -> TrainSettings:
     """The full recipe on a GPU; without one, a short run of single 512-token rows, so that the
     first `rolebot serve` on a laptop answers within minutes instead of hours."""
-    return recipe_for_device(config.training, config.training.first_run_steps, config.training.first_run_minutes)
+    return recipe_for_device(config.training, config.training.first_run_steps, config.training.first_run_minutes,
+                             config.training.first_run_learning_rate)
 
 
 async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:

@@ -59,11 +59,12 @@ class LoraSettings:
     loftq: bool = opt(False, "LoftQ initialisation (needs an unquantised base)")
 
 
-def recipe_for_device(settings: "TrainSettings", cpu_steps: int, cpu_minutes: float = 0.0) -> "TrainSettings":
+def recipe_for_device(settings: "TrainSettings", cpu_steps: int, cpu_minutes: float = 0.0,
+                      cpu_learning_rate: float = 0.0) -> "TrainSettings":
     """``settings`` on a GPU (or when ``cpu_steps`` is 0); without one, ``cpu_steps`` steps of
-    single 512-token rows, stopping early after ``cpu_minutes`` (0: no limit): what a 2-core
-    machine trains in minutes (about 6 s a step on SmolLM2, 22 s on Qwen2.5-0.5B) where the
-    full recipe takes hours."""
+    single 512-token rows, stopping early after ``cpu_minutes`` (0: no limit), at
+    ``cpu_learning_rate`` (0: the settings' own): what a 2-core machine trains in minutes (about
+    6 s a step on SmolLM2, 22 s on Qwen2.5-0.5B) where the full recipe takes hours."""
     from dataclasses import replace
 
     import torch
@@ -71,7 +72,8 @@ def recipe_for_device(settings: "TrainSettings", cpu_steps: int, cpu_minutes: fl
     if torch.cuda.is_available() or cpu_steps == 0:
         return settings
     return replace(settings, batch_size=1, grad_accum=1, warmup_steps=0, pack_length=512, max_steps=cpu_steps,
-                   max_minutes=cpu_minutes or settings.max_minutes)
+                   max_minutes=cpu_minutes or settings.max_minutes,
+                   learning_rate=cpu_learning_rate or settings.learning_rate)
 
 
 @dataclass
@@ -123,6 +125,13 @@ class TrainSettings:
         "with no GPU, the automatic first training stops after this many minutes of training even "
         "if first_run_steps are not done (2 CPU cores: 24 steps of SmolLM2 take about 2.5 minutes, "
         "Qwen2.5-0.5B makes about 11); 0: no limit",
+        min=0.0,
+    )
+    first_run_learning_rate: float = opt(
+        1e-3,
+        "with no GPU, the automatic first training's peak learning rate: its dozen steps at 1e-3 "
+        "answer identity probes in character where the tutorial's 2e-4 has barely begun "
+        "(bench/fidelity.py, README); 0: learning_rate",
         min=0.0,
     )
     overlong: str = opt(
