@@ -255,3 +255,20 @@ async def test_a_broken_index_is_one_line_and_the_bot_serves_without_canon(engin
         reply = await service.handle(IncomingMessage("web", "c1", "u1", "皇上吉祥"))
         assert isinstance(reply, Reply) and (await reply.result()).status == "complete"
         await service.close()
+
+
+def test_bm25s_is_kept_from_starting_jax_on_the_gpu():
+    """bm25s runs a JAX top-k when it is imported wherever JAX is installed; JAX would then take
+    75% of the GPU's memory. The retriever keeps JAX on the CPU (rolebot never uses JAX)."""
+    code = ("import os, sys; sys.modules.pop('jax', None); os.environ.pop('JAX_PLATFORMS', None)\n"
+            "from training.bm25 import BM25\n"
+            "BM25(['宫中', '御花园'])\n"
+            "print(os.environ.get('JAX_PLATFORMS'))")
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "JAX_PLATFORMS"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "cpu"

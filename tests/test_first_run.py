@@ -51,3 +51,27 @@ def test_the_training_child_dies_with_a_killed_bot(tmp_path):
         parent.kill()
         if marker.exists() and alive(int(marker.read_text())):
             os.kill(int(marker.read_text()), signal.SIGKILL)
+
+
+def test_the_first_run_without_a_gpu_is_short_and_at_its_own_learning_rate(monkeypatch):
+    """No GPU: single 512-token rows, first_run_steps, first_run_minutes and
+    first_run_learning_rate; a GPU (or first_run_steps = 0) keeps the full recipe."""
+    import torch
+
+    from bot.app import first_run_settings
+    from bot.config import parse_config
+
+    def load_config(text: str):
+        return parse_config(text, Path("config.toml"))
+
+    config = load_config("[training]\nfirst_run_steps = 7\nfirst_run_minutes = 2.5\n"
+                         "first_run_learning_rate = 0.003\nlearning_rate = 0.0002\n")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    quick = first_run_settings(config)
+    assert (quick.max_steps, quick.max_minutes, quick.learning_rate) == (7, 2.5, 0.003)
+    assert (quick.batch_size, quick.grad_accum, quick.pack_length, quick.warmup_steps) == (1, 1, 512, 0)
+    # 0 keeps the recipe's own learning rate
+    same = first_run_settings(load_config("[training]\nfirst_run_learning_rate = 0\nlearning_rate = 0.0004\n"))
+    assert same.learning_rate == 0.0004
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert first_run_settings(config) is config.training
