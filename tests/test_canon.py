@@ -38,7 +38,7 @@ def test_prepare_writes_the_training_episodes_exchanges_beside_the_pairs(prepare
     pairs = json.loads(prepared.read_text(encoding="utf-8"))
     # The script's pairs, not the identity pairs prepare adds after them: those are no exchange of the script.
     script = [p for p in pairs if p.get("source") != "identity"]
-    assert len(script) == len(pairs) - 32
+    assert len(script) == len(pairs) - 4  # the sample's training episodes get the least identity pairs
     assert [(r["said"], r["reply"]) for r in records] == [(p["instruction"], p["output"]) for p in script]
     held_out = {r["output"] for r in json.loads(prepared.with_name("huanhuan.val.json").read_text(encoding="utf-8"))}
     assert not held_out & {r["reply"] for r in records}  # the held-out episode stays unseen
@@ -68,9 +68,9 @@ def test_training_never_gets_an_exchange_of_the_samples_own_scene(prepared):
     everything = with_canon(load_samples(prepared), index, style, len)
     scene_of = {(r.speaker, r.said, r.reply): (r.file, r.scene) for r in index.records}
     own_scene = {(r.said, r.reply): (r.file, r.scene) for r in index.records}
-    # The script's samples; the 32 identity pairs come from no scene (they get canon as any message would).
+    # The script's samples; the 4 identity pairs come from no scene (they get canon as any message would).
     samples = [s for s in everything if (s.instruction, s.output) in own_scene]
-    assert len(samples) == len(everything) - 32
+    assert len(samples) == len(everything) - 4
     assert sum(bool(s.canon) for s in samples) > 0.9 * len(samples)
     for sample in samples:
         mine = own_scene[(sample.instruction, sample.output)]

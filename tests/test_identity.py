@@ -180,7 +180,8 @@ def test_identity_0_adds_none_and_the_same_run_writes_the_same_file(tmp_path, ca
     assert not any("source" in r for r in _load(tmp_path / "none.json"))
     assert main([*args, str(tmp_path / "a.json")]) == 0 and main([*args, str(tmp_path / "b.json")]) == 0
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
-    assert len(_load(tmp_path / "a.json")) == len(_load(tmp_path / "none.json")) + 32
+    # the sample script's 44 pairs get the least, 4 (one per 12 pairs, at most --identity)
+    assert len(_load(tmp_path / "a.json")) == len(_load(tmp_path / "none.json")) + 4
 
 
 @pytest.mark.parametrize("fmt", ["sharegpt", "jsonl"])
@@ -217,7 +218,7 @@ def test_a_cast_members_pairs_use_his_persona_and_his_self_reference(tmp_path, c
     assert main(["--config", str(config), "prepare", str(SAMPLE_SCRIPT), "--character", "皇帝",
                  "--output", str(output)]) == 0
     identity = [r["output"] for r in _load(output) if r.get("source") == "identity"]
-    assert len(identity) == 32
+    assert len(identity) == 4  # his 9 pairs get the least
     assert all("皇帝" in a and "甄嬛" not in a for a in identity)
     assert any("朕是皇帝，大清皇帝雍正" in a for a in identity)
 
@@ -226,7 +227,7 @@ def test_the_first_runs_dataset_has_them_with_the_configured_persona(tmp_path):
     config = parse_config('[character]\nname = "甄嬛"\naliases = ["嬛嬛", "莞贵人"]\n', tmp_path / "config.toml")
     files = dataset_files(config, quiet=True)
     identity = [r for r in _load(files.train) if r.get("source") == "identity"]
-    assert len(identity) == 32
+    assert len(identity) == 4
     assert any("大理寺少卿甄远道之女" in r["output"] for r in identity)  # DEFAULT_PERSONA's facts
     assert not any(r.get("source") for r in _load(files.val))
 
@@ -241,8 +242,16 @@ def test_augment_keeps_them_but_never_shows_them_as_examples(tmp_path):
     augmenter = Augmenter(job, Endpoint("http://127.0.0.1:9/v1", "test"))
     identity = {r["output"] for r in _load(data) if r.get("source") == "identity"}
     assert augmenter.report.real == len(_load(data))  # written on unchanged
-    assert len(augmenter.real) == len(_load(data)) - 32 and not {p.output for p in augmenter.real} & identity
+    assert len(augmenter.real) == len(_load(data)) - len(identity) and not {p.output for p in augmenter.real} & identity
     only = tmp_path / "only.json"
-    only.write_text(json.dumps(_load(data)[-32:], ensure_ascii=False), encoding="utf-8")
+    only.write_text(json.dumps(_load(data)[-len(identity):], ensure_ascii=False), encoding="utf-8")
     with pytest.raises(UserError, match="only identity pairs"):
         Augmenter(Job(data=only, output=tmp_path / "x.json", character="甄嬛", n=4), Endpoint("http://127.0.0.1:9/v1", "test"))
+
+
+def test_a_small_script_gets_few_identity_pairs_a_large_one_at_most_32_and_a_number_is_kept():
+    from training.pairs import identity_count
+
+    assert identity_count(None, 9) == 4 and identity_count(None, 44) == 4  # the sample's 皇帝 and 甄嬛
+    assert identity_count(None, 120) == 10 and identity_count(None, 410) == 32 and identity_count(None, 4000) == 32
+    assert identity_count(0, 410) == 0 and identity_count(20, 9) == 20  # --identity N is N

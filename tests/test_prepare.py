@@ -118,9 +118,10 @@ def load(path: Path) -> list:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-# The identity pairs prepare adds to every training file by default (--identity 32), after the
-# script's pairs; tests/test_identity.py checks them.
-IDENTITY = 32
+# The identity pairs prepare adds to the sample script's training file by default (--identity 32
+# at most, one per 12 script pairs, at least 4), after the script's pairs; tests/test_identity.py
+# checks them.
+IDENTITY = 4
 
 
 def script_pairs(path: Path) -> list:
@@ -140,8 +141,8 @@ def test_the_sample_script_gives_the_expected_pairs_and_report(tmp_path, capsys)
     assert [r["source"] for r in records[len(EXPECTED):]] == ["identity"] * IDENTITY
     report = capsys.readouterr().out
     assert "3 episodes · 11 scenes · 107 dialogue turns · 49 by 甄嬛 (嬛嬛, 莞贵人)" in report
-    assert f"Wrote 76 pairs (alpaca):\n      76  {output}\n" in report
-    assert "Added 32 identity pairs to the training file, its last records (source: identity; " \
+    assert f"Wrote 48 pairs (alpaca):\n      48  {output}\n" in report
+    assert "Added 4 identity pairs to the training file, its last records (source: identity; " \
            "--identity 0 for none)" in report
     for count, reason in [(2, "first line of a scene"), (1, "previous line is the same speaker"),
                           (1, "exact duplicate of an earlier pair"),

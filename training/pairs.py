@@ -264,7 +264,9 @@ class PrepareRequest:
     source: str = "auto"  # how to read the files: detected per file, or all as one kind
     narrator: str = ""  # who 我 is in a first-person novel ("" : the character)
     persona: str = ""  # the character's persona (config.toml), for the identity pairs' facts
-    identity: int = 32  # identity pairs added to the training file (``training.identity``); 0: none
+    # identity pairs added to the training file (``training.identity``); None: as many as
+    # ``identity_count`` gives the script's pairs; 0: none
+    identity: int | None = None
     # The LLM pass over a novel the rule pass has read (``training.novel_llm``), if asked for.
     extract: Callable[[Novel], Novel] | None = dataclasses.field(default=None, compare=False)
 
@@ -406,7 +408,7 @@ def prepare(request: PrepareRequest) -> Report:
     if request.val_episodes:
         parts[validation_path(request.output)] = val
     # Identity pairs go into the training file only: not validation, not the canon index.
-    identity = identity_records(request, turns)
+    identity = identity_records(request, turns, len(train))
     files_text = {path: render(part, request.character, request.format, sources.novels,
                                identity if path == request.output else [])
                   for path, part in parts.items()}
@@ -421,14 +423,34 @@ def prepare(request: PrepareRequest) -> Report:
                                identity=len(identity))
 
 
-def identity_records(request: PrepareRequest, turns: list[Turn]) -> list[dict]:
-    """``request.identity`` self-cognition pairs for the character, in the script's language,
-    with the self-reference of the character's own lines and the facts of ``request.persona``."""
-    if not request.identity:
+# Unless told how many, one identity pair for every IDENTITY_SHARE training pairs of the script
+# (bench/fidelity.py measured 32 beside 410: identity probes 10% -> 100% in character, held-out
+# NLL unchanged), at least IDENTITY_MIN and at most IDENTITY_MAX. More, on a small script, and
+# they are most of what the character hears: on the sample script's 44 pairs, 32 made 甄嬛 answer
+# 今日御花园的花开得如何？ with 嫔妾是甄嬛。
+IDENTITY_SHARE = 12
+IDENTITY_MIN = 4
+IDENTITY_MAX = 32
+
+
+def identity_count(asked: int | None, pairs: int) -> int:
+    """How many identity pairs go beside ``pairs`` script pairs: ``asked`` (``--identity N``),
+    else one per IDENTITY_SHARE pairs, between IDENTITY_MIN and IDENTITY_MAX."""
+    if asked is not None:
+        return asked
+    return min(IDENTITY_MAX, max(IDENTITY_MIN, round(pairs / IDENTITY_SHARE)))
+
+
+def identity_records(request: PrepareRequest, turns: list[Turn], pairs: int) -> list[dict]:
+    """Self-cognition pairs for the character (``identity_count`` of them beside ``pairs``
+    training pairs), in the script's language, with the self-reference of the character's own
+    lines and the facts of ``request.persona``."""
+    count = identity_count(request.identity, pairs)
+    if not count:
         return []
     own = [t.text for t in turns if t.kind == "dialogue" and t.text and request.character.speaks(t.speaker)]
     return identity_pairs(request.character.name, request.character.aliases, request.persona, own,
-                          script_language(own), request.identity)
+                          script_language(own), count)
 
 
 def canon_record(pair: Pair) -> Record:

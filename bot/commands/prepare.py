@@ -99,7 +99,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="add N self-cognition pairs to the training file: questions about who the "
                              "character is (none of them the evaluation's identity probes), answered in "
                              "character with the config's persona; \"source\": \"identity\" in alpaca; "
-                             "never in the validation file or the canon index; 0: none (default: %(default)s)")
+                             "never in the validation file or the canon index; 0: none (default: one per "
+                             "12 of the script's training pairs, at least 4, at most 32, so that a small "
+                             "script is not drowned in them)")
     novel = parser.add_argument_group("novels")
     novel.add_argument("--from", dest="source", choices=SOURCES, default="auto",
                        help="read the files as screenplays or novels; auto decides per file and "
