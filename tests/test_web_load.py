@@ -104,11 +104,12 @@ async def test_a_client_that_disconnects_cancels_its_reply_in_the_engine(site):
     assert row["completion_tokens"] < 400  # cut short, not generated to the end
 
 
-async def late_behind_two_hogs(app: App, url: str) -> tuple[int, str | None, dict]:
+async def late_behind_two_hogs(app: App, url: str, tag: str) -> tuple[int, str | None, dict]:
     """Two long replies hold both rows; then, with [service] max_wait_s = 1, a third message
-    comes: its answer. (The test restores max_wait_s.)"""
+    comes: its answer. (The test restores max_wait_s.) ``tag`` names this call's users, so that
+    each call's hogs start new conversations (an earlier call's would be in their history)."""
     async with aiohttp.ClientSession() as http:
-        long = [asyncio.create_task(http.post(url + "/v1/chat/completions", json=body("说个长故事", f"hog{i}",
+        long = [asyncio.create_task(http.post(url + "/v1/chat/completions", json=body("说个长故事", f"hog{i}-{tag}",
                                                                                       max_tokens=200)))
                 for i in range(2)]
         for _ in range(2400):  # until both hold a row (however slow the machine is today)
@@ -118,7 +119,7 @@ async def late_behind_two_hogs(app: App, url: str) -> tuple[int, str | None, dic
         else:
             raise AssertionError(f"the hogs never held both rows: {app.engine.status()}")
         app.service.config.service.max_wait_s = 1.0
-        async with http.post(url + "/v1/chat/completions", json=body("我来晚了", "late")) as response:
+        async with http.post(url + "/v1/chat/completions", json=body("我来晚了", f"late-{tag}")) as response:
             answer = response.status, response.headers.get("Retry-After"), await response.json()
         for task in long:  # their clients leave, which cancels them too
             task.cancel()
@@ -135,12 +136,12 @@ async def test_a_reply_that_would_wait_past_max_wait_is_refused_at_once(site):
     for _ in range(64):  # recent replies ran to their limit: the hogs are planned at their whole 200 tokens
         app.engine.pace.note_reply(200, 200)
     try:
-        status, after, refusal = await late_behind_two_hogs(app, url)
+        status, after, refusal = await late_behind_two_hogs(app, url, "refused")
     finally:
         app.service.config.service.max_wait_s = 60.0
     assert status == 503 and int(after) >= 1 and refusal["error"]["code"] == "busy"
     assert refusal["error"]["type"] == "server_error" and "应接不暇" in refusal["error"]["message"]
-    assert not rows(app, "SELECT 1 FROM messages m JOIN users u ON u.id = m.user_id WHERE u.platform_user_id = 'late'")
+    assert not rows(app, "SELECT 1 FROM messages m JOIN users u ON u.id = m.user_id WHERE u.platform_user_id = 'late-refused'")
     await idle(app)
 
 
@@ -150,13 +151,13 @@ async def test_a_reply_that_waits_past_max_wait_is_dropped_with_a_notice(site):
     app, url = site
     app.service.config.service.max_reply_s = 0
     try:
-        status, after, refusal = await late_behind_two_hogs(app, url)  # it waits for a row: dropped after 1 s
+        status, after, refusal = await late_behind_two_hogs(app, url, "dropped")  # it waits for a row: dropped after 1 s
     finally:
         app.service.config.service.max_wait_s = 60.0
         app.service.config.service.max_reply_s = 120.0
     assert status == 503 and int(after) >= 1 and refusal["error"]["code"] == "busy"
     assert "没能回您这句话" in refusal["error"]["message"]
     [row] = rows(app, "SELECT m.status, m.text FROM messages m JOIN messages q ON q.id = m.reply_to "
-                      "JOIN users u ON u.id = q.user_id WHERE u.platform_user_id = 'late'")
+                      "JOIN users u ON u.id = q.user_id WHERE u.platform_user_id = 'late-dropped'")
     assert row["status"] == "interrupted" and row["text"] == ""  # logged, and never trained on
     await idle(app)
