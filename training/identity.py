@@ -119,6 +119,25 @@ EN: dict[str, tuple[str, ...]] = {
 }
 
 
+# Unless told how many, one identity pair for every IDENTITY_SHARE training pairs of the script
+# (bench/fidelity.py measured 32 beside 410: identity probes 10% -> 100% in character, held-out
+# NLL unchanged), at least IDENTITY_MIN and at most IDENTITY_MAX. More, on a small script, and
+# they are most of what the character hears: on the sample script's 44 pairs, 32 made 甄嬛 answer
+# 今日御花园的花开得如何？ with 嫔妾是甄嬛。
+IDENTITY_SHARE = 12
+IDENTITY_MIN = 4
+IDENTITY_MAX = 32
+
+
+def identity_count(asked: int | None, pairs: int) -> int:
+    """How many identity pairs go beside ``pairs`` script pairs: ``asked`` (``--identity N``),
+    else one per IDENTITY_SHARE pairs, between IDENTITY_MIN and IDENTITY_MAX."""
+    if asked is not None:
+        return asked
+    return min(IDENTITY_MAX, max(IDENTITY_MIN, round(pairs / IDENTITY_SHARE)))
+
+
+
 @dataclass(frozen=True)
 class Identity:
     """Who the answers say the character is."""

@@ -21,7 +21,7 @@ from pathlib import Path
 from training.canon import Record, canon_path, index_text
 from training.errors import UserError
 from training.hygiene import script_language
-from training.identity import identity_pairs
+from training.identity import identity_count, identity_pairs
 from training.novel import Novel, detect, read_novel, rule_counts, turns_of
 from training.screenplay import Turn, parse_text, read_script_text
 
@@ -178,14 +178,20 @@ def _exchange(pair: Pair, character: Character) -> list[tuple[str, str]]:
 
 
 def sharegpt_record(pair: Pair, character: Character) -> dict[str, list[dict[str, str]]]:
-    speaker = {"user": "human", "assistant": "gpt"}
-    return {"conversations": [{"from": speaker[role], "value": text}
-                              for role, text in _exchange(pair, character)]}
+    return _sharegpt(_exchange(pair, character))
 
 
 def messages_record(pair: Pair, character: Character) -> dict[str, list[dict[str, str]]]:
-    return {"messages": [{"role": role, "content": text}
-                         for role, text in _exchange(pair, character)]}
+    return _messages(_exchange(pair, character))
+
+
+def _sharegpt(messages: list[tuple[str, str]]) -> dict[str, list[dict[str, str]]]:
+    speaker = {"user": "human", "assistant": "gpt"}
+    return {"conversations": [{"from": speaker[role], "value": text} for role, text in messages]}
+
+
+def _messages(messages: list[tuple[str, str]]) -> dict[str, list[dict[str, str]]]:
+    return {"messages": [{"role": role, "content": text} for role, text in messages]}
 
 
 _RECORDS: dict[str, Callable[[Pair, Character], dict]] = {
@@ -209,11 +215,8 @@ def one_turn_record(record: dict, fmt: str) -> dict:
     ``source``; ShareGPT and messages JSONL get the question and answer as one exchange."""
     if fmt == "alpaca":
         return record
-    if fmt == "sharegpt":
-        return {"conversations": [{"from": "human", "value": record["instruction"]},
-                                  {"from": "gpt", "value": record["output"]}]}
-    return {"messages": [{"role": "user", "content": record["instruction"]},
-                         {"role": "assistant", "content": record["output"]}]}
+    exchange = [("user", record["instruction"]), ("assistant", record["output"])]
+    return _sharegpt(exchange) if fmt == "sharegpt" else _messages(exchange)
 
 
 def _origin(pair: Pair, novels: frozenset[str]) -> dict[str, str]:
@@ -421,24 +424,6 @@ def prepare(request: PrepareRequest) -> Report:
     unit = "chapters" if len(sources.novels) == len(request.scripts) else "episodes"
     return dataclasses.replace(report, canon=(str(index), len(train)), sources=sources.notes, unit=unit,
                                identity=len(identity))
-
-
-# Unless told how many, one identity pair for every IDENTITY_SHARE training pairs of the script
-# (bench/fidelity.py measured 32 beside 410: identity probes 10% -> 100% in character, held-out
-# NLL unchanged), at least IDENTITY_MIN and at most IDENTITY_MAX. More, on a small script, and
-# they are most of what the character hears: on the sample script's 44 pairs, 32 made 甄嬛 answer
-# 今日御花园的花开得如何？ with 嫔妾是甄嬛。
-IDENTITY_SHARE = 12
-IDENTITY_MIN = 4
-IDENTITY_MAX = 32
-
-
-def identity_count(asked: int | None, pairs: int) -> int:
-    """How many identity pairs go beside ``pairs`` script pairs: ``asked`` (``--identity N``),
-    else one per IDENTITY_SHARE pairs, between IDENTITY_MIN and IDENTITY_MAX."""
-    if asked is not None:
-        return asked
-    return min(IDENTITY_MAX, max(IDENTITY_MIN, round(pairs / IDENTITY_SHARE)))
 
 
 def identity_records(request: PrepareRequest, turns: list[Turn], pairs: int) -> list[dict]:
