@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """What a newcomer hears, measured: each builtin base model in each prompt format, trained on
 episodes 1-8 of the script and scored on the held-out episodes 9-10, base and adapter, each
 without and with canon, in one run.
@@ -49,7 +50,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--script", type=Path, default=REAL_SCRIPT, help="the screenplay (default: the real one in ../shared)")
     parser.add_argument("--character", default="甄嬛")
-    parser.add_argument("--persona", default="", help="the character's persona (default: the shipped config's for 甄嬛)")
+    parser.add_argument("--persona", default="", help="the character's persona (default: the shipped config.toml's for this character)")
     parser.add_argument("--val-episodes", type=int, default=2, help="held-out last episodes (default 2: 9-10)")
     parser.add_argument("--models", default="qwen2.5-coder-0.5b,smollm2-135m", help="builtin models, comma-separated")
     parser.add_argument("--formats", default="chat,alpaca", help="prompt formats, comma-separated")
@@ -146,15 +147,12 @@ enabled = false
 def shipped_persona(name: str) -> str:
     """The persona the shipped config.toml gives ``name`` (so the bench scores what a newcomer
     gets), else the one a cast member without a persona gets."""
-    import tomllib
+    from bot.config import cast_persona, parse_config
 
-    from bot.config import cast_persona
-
-    shipped = tomllib.loads((Path(__file__).resolve().parents[1] / "config.toml").read_text(encoding="utf-8"))
-    for table in [shipped.get("character", {}), *shipped.get("cast", [])]:
-        if table.get("name") == name and table.get("persona"):
-            return table["persona"]
-    return cast_persona(name)
+    path = Path(__file__).resolve().parents[1] / "config.toml"
+    shipped = parse_config(path.read_text(encoding="utf-8"), path)
+    known = any(name in member.names for member in shipped.members)
+    return shipped.member(name).persona if known else cast_persona(name)
 
 
 def rolebot(project: Path, *command: str) -> float:
